@@ -1,0 +1,129 @@
+"""The `diffpano` command: one entry point with sub-commands."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="DiffPano: text to consistent 360° panorama tours.")
+
+DEFAULT_OUT = "outputs/tours"
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """(height, width) of 'HxW', or (None, None) for the model's default."""
+    if not size:
+        return None, None
+    try:
+        h, w = (int(x) for x in size.lower().split("x"))
+    except ValueError:
+        raise typer.BadParameter(f"--size: expected HxW such as 128x256, got {size!r}") from None
+    return h, w
+
+
+def tour_poses(trajectory: str, views: int, spacing: float):
+    """Poses and optional per-view prompts of a named trajectory or a JSON file."""
+    from diffpano.trajectories import load_trajectory, named_trajectory
+
+    if trajectory in ("walk", "orbit"):
+        params = {"spacing": spacing} if trajectory == "walk" else {}
+        return named_trajectory(trajectory, views, params), None
+    return load_trajectory(trajectory, views)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="Text for every view (or the default for views without their own)."),
+    prompts_per_view: list[str] | None = typer.Option(None, "--prompts-per-view", help="One per view, repeated."),
+    views: int = typer.Option(4, "--views", min=1, max=64, help="Number of views in the tour."),
+    trajectory: str = typer.Option("walk", help="walk, orbit, or a JSON file of poses."),
+    spacing: float = typer.Option(1.0, help="Metres between views of a walk."),
+    out: str = typer.Option(DEFAULT_OUT, "--out", help="Output folder or s3:// prefix (SPEC §5)."),
+    seed: int | None = typer.Option(None, help="Seed that reproduces the tour (random when omitted)."),
+    steps: int = typer.Option(30, "--steps", min=1, max=1000, help="Sampler steps."),
+    guidance: float = typer.Option(5.0, "--guidance", min=0.0, help="Classifier-free guidance scale."),
+    size: str | None = typer.Option(None, "--size", help="HxW, W = 2H (default: the model's size)."),
+    no_epipolar: bool = typer.Option(False, "--no-epipolar", help="Switch the EA modules off (views denoised alone)."),
+    num_ref_views: int | None = typer.Option(None, "--num-ref-views", help="K reference views per view."),
+    num_samples: int | None = typer.Option(None, "--num-samples", help="S samples per epipolar arc."),
+    model: str | None = typer.Option(None, "--model", help="Model directory or s3:// URI (default: bundled)."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: automatic)."),
+) -> None:
+    """Generate one multi-view tour and add it to the output (images + Parquet manifest)."""
+    from diffpano.manifest import Tour, commit_tours
+    from diffpano.modelio import resolve_model
+
+    height, width = parse_size(size)
+    poses, file_prompts = tour_poses(trajectory, views, spacing)
+    prompts = list(prompts_per_view or file_prompts or [prompt] * len(poses))
+    if len(prompts) != len(poses):
+        raise typer.BadParameter(f"--prompts-per-view: got {len(prompts)} prompts for {len(poses)} views")
+    started = time.perf_counter()
+    pipe = resolve_model(model, device)
+    typer.echo(f"model {pipe.model_name} on {pipe.device}; {len(poses)} views")
+    try:
+        result = pipe(
+            prompts, poses, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
+            num_ref_views=num_ref_views, num_samples=num_samples, use_epipolar=not no_epipolar,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    tour = Tour(
+        tour_id=f"tour-{uuid.uuid4().hex[:12]}", images=result.images[0], prompts=result.prompts[0],
+        poses=result.poses[0], seed=result.seeds[0], model=pipe.model_name, num_inference_steps=steps,
+        guidance_scale=guidance,
+    )
+    part = commit_tours(out, [tour])
+    h, w = tour.images.shape[1:3]
+    typer.echo(
+        f"tour {tour.tour_id}: {len(tour.images)} views {h}x{w}, seed {tour.seed}, "
+        f"{time.perf_counter() - started:.1f}s -> {out} (manifest part {Path(part).name})"
+    )
+
+
+@app.command()
+def video(
+    output: str = typer.Argument(..., help="Output folder or s3:// prefix holding the tour."),
+    tour: str | None = typer.Option(None, "--tour", help="Tour id (default: the latest tour)."),
+    out: Path = typer.Option(Path("tour.gif"), "--out", help="Video file: .gif or .mp4."),
+    frames_per_view: int = typer.Option(12, min=1, max=240, help="Frames rendered per view."),
+    fov: float = typer.Option(90.0, min=10.0, max=170.0, help="Horizontal field of view, degrees."),
+    fps: int = typer.Option(12, min=1, max=120),
+) -> None:
+    """Render a perspective walk-through of a generated tour as a video."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from diffpano import storage
+    from diffpano.manifest import read_manifest
+    from diffpano.video import walkthrough_frames, write_video
+
+    table = read_manifest(output).to_pandas()
+    if table.empty:
+        raise typer.BadParameter(f"OUT: no tours in {output}")
+    tour_id = tour or table.sort_values("created_at")["tour_id"].iloc[-1]
+    rows = table[table.tour_id == tour_id].sort_values("view_index")
+    if rows.empty:
+        raise typer.BadParameter(f"--tour: no tour {tour_id!r} in {output}")
+    images = [np.asarray(Image.open(io.BytesIO(storage.read_bytes(storage.join(output, u)))).convert("RGB"))
+              for u in rows.image_uri]
+    poses = np.stack([np.asarray(p, dtype=np.float64).reshape(4, 4) for p in rows.pose_c2w])
+    frames = walkthrough_frames(images, poses, frames_per_view=frames_per_view, fov_deg=fov)
+    path = write_video(frames, out, fps=fps)
+    typer.echo(f"tour {tour_id}: {len(frames)} frames -> {path}")
+
+
+def main() -> None:
+    """Entry point of the `diffpano` command."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

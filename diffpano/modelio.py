@@ -1,0 +1,125 @@
+"""Model directories (SPEC §7): save and load DiffPano models from a local path or an s3:// URI, never a hub."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import AutoTokenizer
+
+from diffpano import storage
+from diffpano.epipolar import EpipolarAdapter
+from diffpano.pipelines import MultiViewPanoPipeline
+
+log = logging.getLogger(__name__)
+CACHE_DIR = Path(os.environ.get("DIFFPANO_CACHE", Path.home() / ".cache" / "diffpano"))
+
+
+def save_model(pipe: MultiViewPanoPipeline, uri: str) -> str:
+    """Write the model directory (diffusers layout, safetensors) to a local path or s3:// URI; returns uri."""
+    if not storage.is_remote(uri):
+        pipe.save_pretrained(storage.resolve(uri)[1], safe_serialization=True)
+        return uri
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        storage.copy_tree(tmp, uri)
+    return uri
+
+
+def local_model_dir(uri: str) -> Path:
+    """A local directory holding the model at uri (an s3:// model is downloaded once into the cache)."""
+    if not storage.is_remote(uri):
+        path = Path(storage.resolve(uri)[1])
+        if not (path / "unet").is_dir():
+            raise FileNotFoundError(f"model: {uri} is not a model directory (no unet/ sub-folder)")
+        return path
+    index = storage.read_bytes(storage.join(uri, "model_index.json"))
+    key = hashlib.sha256(uri.encode() + index).hexdigest()[:16]
+    target = CACHE_DIR / "models" / key
+    if not (target / "model_index.json").exists():
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=CACHE_DIR))
+        storage.copy_tree(uri, str(tmp))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    return target
+
+
+def load_model(
+    uri: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> MultiViewPanoPipeline:
+    """Load a DiffPano model (or a plain Stable Diffusion directory, given fresh EA modules) with one call."""
+    root = local_model_dir(str(uri))
+    index = json.loads((root / "model_index.json").read_text()) if (root / "model_index.json").exists() else {}
+    unet = UNet2DConditionModel.from_pretrained(root / "unet")
+    vae = AutoencoderKL.from_pretrained(root / "vae") if (root / "vae").is_dir() else None
+    encoder_cls = getattr(transformers, index.get("text_encoder", [None, "AutoModel"])[1])
+    text_encoder = encoder_cls.from_pretrained(root / "text_encoder")
+    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+    scheduler = DDIMScheduler.from_pretrained(root / "scheduler")
+    if (root / "epipolar").is_dir():
+        epipolar = EpipolarAdapter.from_pretrained(root / "epipolar")
+    else:
+        log.warning("model: %s has no epipolar/ modules; adding fresh zero-initialised ones", uri)
+        epipolar = EpipolarAdapter.for_unet(unet)
+    pipe = MultiViewPanoPipeline(unet, scheduler, text_encoder, tokenizer, vae=vae, epipolar=epipolar.eval())
+    pipe.model_name = f"{Path(str(uri).rstrip('/')).name}@{model_digest(pipe)[:12]}"
+    return pipe.to(device=pick_device(device), dtype=dtype or default_dtype(pick_device(device)))
+
+
+def model_digest(pipe: MultiViewPanoPipeline) -> str:
+    """sha256 over the weights of every model component (names and values), identifying a checkpoint."""
+    h = hashlib.sha256()
+    for name in ("unet", "vae", "text_encoder", "epipolar"):
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        for key, tensor in sorted(module.state_dict().items()):
+            h.update(f"{name}.{key}".encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """The requested device, else CUDA when available, else CPU."""
+    if device not in (None, "auto"):
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 (or fp16) on CUDA, fp32 on CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+BUNDLED_MODEL = Path(__file__).parent / "assets" / "model"
+
+
+def resolve_model(
+    uri: str | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> MultiViewPanoPipeline:
+    """The model at uri; without one, the bundled model, or (until it exists) a tiny random model, said loudly."""
+    if uri:
+        return load_model(uri, device, dtype)
+    if (BUNDLED_MODEL / "model_index.json").exists():
+        return load_model(BUNDLED_MODEL, device, dtype)
+    from diffpano.factory import build_tiny_pipeline
+
+    log.warning("model: no bundled model is installed; using a TINY RANDOM model (output is noise). Pass --model.")
+    pipe = build_tiny_pipeline(latent=False)
+    pipe.model_name = f"tiny-random@{model_digest(pipe)[:12]}"
+    dev = pick_device(device)
+    return pipe.to(device=dev, dtype=dtype or default_dtype(dev))

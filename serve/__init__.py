@@ -1,0 +1,1 @@
+"""Ray Serve application (issue: serve). Empty until that issue lands."""

@@ -1,0 +1,74 @@
+"""Shared fixtures: a real S3 endpoint on 127.0.0.1 (moto's server mode) and tiny models built in seconds."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """An S3 HTTP server on 127.0.0.1 with bucket 'diffpano-test'; AWS_* variables point at it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3").create_bucket(Bucket="diffpano-test")
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _tiny(latent: bool):
+    """A tiny random model whose EA modules are switched on (non-zero output projections)."""
+    from diffpano.factory import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(latent=latent, seed=0)
+    torch.manual_seed(1)
+    for block in pipe.epipolar.blocks.values():
+        torch.nn.init.normal_(block.to_out.weight, std=0.2)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """Pixel-space tiny multi-view model."""
+    return _tiny(latent=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_latent_pipe():
+    """Latent-space (VAE) tiny multi-view model."""
+    return _tiny(latent=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_pipe, tmp_path_factory):
+    """The pixel-space tiny model saved as a model directory."""
+    from diffpano.modelio import save_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    save_model(tiny_pipe, str(path))
+    return path

@@ -1,0 +1,1 @@
+"""Ray Train two-stage training (issue: trainer). Empty until that issue lands."""
