@@ -161,7 +161,7 @@ class EpipolarAdapter(ModelMixin, ConfigMixin):
         self.blocks = nn.ModuleDict(
             {
                 _key(t): EpipolarAttention(c, max(1, min(max_heads, c // head_dim)), min(head_dim, c), pe_dim)
-                for t, c in zip(targets, channels)
+                for t, c in zip(targets, channels, strict=True)
             }
         )
         self.enabled = True

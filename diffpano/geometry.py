@@ -192,7 +192,6 @@ def epipolar_samples(
     n = poses.shape[-3]
     if ref_index.shape[:-1] != poses.shape[:-2] or ref_index.shape != ref_valid.shape:
         raise ValueError(f"ref_index: expected shape (..., {n}, K), got {tuple(ref_index.shape)}")
-    k = ref_index.shape[-1]
     ref_poses = torch.gather(
         poses.unsqueeze(-4).expand(*poses.shape[:-3], n, n, 4, 4),  # [..., t, m] = pose of view m
         -3,

@@ -61,6 +61,7 @@ def load_model(
 ) -> MultiViewPanoPipeline:
     """Load a DiffPano model (or a plain Stable Diffusion directory, given fresh EA modules) with one call."""
     root = local_model_dir(str(uri))
+    transformers.utils.logging.disable_progress_bar()
     index = json.loads((root / "model_index.json").read_text()) if (root / "model_index.json").exists() else {}
     unet = UNet2DConditionModel.from_pretrained(root / "unet")
     vae = AutoencoderKL.from_pretrained(root / "vae") if (root / "vae").is_dir() else None
@@ -75,7 +76,15 @@ def load_model(
         epipolar = EpipolarAdapter.for_unet(unet)
     pipe = MultiViewPanoPipeline(unet, scheduler, text_encoder, tokenizer, vae=vae, epipolar=epipolar.eval())
     pipe.model_name = f"{Path(str(uri).rstrip('/')).name}@{model_digest(pipe)[:12]}"
-    return pipe.to(device=pick_device(device), dtype=dtype or default_dtype(pick_device(device)))
+    return place(pipe, device, dtype)
+
+
+def place(pipe: MultiViewPanoPipeline, device=None, dtype: torch.dtype | None = None) -> MultiViewPanoPipeline:
+    """Move a pipeline to the chosen device and dtype (fp32 weights stay as they are on the CPU)."""
+    dev = pick_device(device)
+    dtype = dtype or default_dtype(dev)
+    pipe.to(dev)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
 def model_digest(pipe: MultiViewPanoPipeline) -> str:
@@ -121,5 +130,4 @@ def resolve_model(
     log.warning("model: no bundled model is installed; using a TINY RANDOM model (output is noise). Pass --model.")
     pipe = build_tiny_pipeline(latent=False)
     pipe.model_name = f"tiny-random@{model_digest(pipe)[:12]}"
-    dev = pick_device(device)
-    return pipe.to(device=dev, dtype=dtype or default_dtype(dev))
+    return place(pipe, device, dtype)

@@ -238,7 +238,7 @@ class MultiViewPanoPipeline(PanoPipeline):
         window_views: int | None = None,
         window_context: int | None = None,
     ) -> TourOutput:
-        """Generate B tours of N views: poses (N, 4, 4) or (B, N, 4, 4); prompts one, one per view, or per tour and view.
+        """Generate B tours of N views from poses (N, 4, 4) or (B, N, 4, 4) and prompts (one, per view, per tour).
 
         known_views maps view indices to given images (H, W, 3) that are kept fixed while the other views are generated
         consistent with them (one dict, or one per tour with the same keys). Tours longer than window_views are
@@ -258,8 +258,10 @@ class MultiViewPanoPipeline(PanoPipeline):
         window = int(window_views or self.epipolar.config.get("window_views", 8))
         context_n = window // 2 if window_context is None else int(window_context)
         if window < 1 or not 0 <= context_n < window:
-            raise ValueError(f"window_views/window_context: need window_views >= 1 and 0 <= context < window, "
-                             f"got {window}/{context_n}")
+            raise ValueError(
+                "window_views/window_context: need window_views >= 1 and 0 <= window_context < window_views, "
+                f"got {window}/{context_n}"
+            )
         self.epipolar.context(poses_t[:1, :1], num_ref_views, num_samples)  # validates K and S early
         known, clean = self._known(known_views, b, n, height, width)
 
@@ -271,16 +273,14 @@ class MultiViewPanoPipeline(PanoPipeline):
         plan = self._plan_windows(poses_t, done, window, context_n)
         with self.progress_bar(total=len(plan) * num_inference_steps) as bar:
             for idx, _ in plan:
-                gather = lambda t: t[torch.arange(b).view(-1, 1), idx]  # noqa: E731
+                sel = (torch.arange(b).view(-1, 1), idx)  # each tour's views of this window
                 fixed = done[idx[0]]  # context views and user-given views stay as they are
-                ctx = None
-                if use_epipolar:
-                    ctx = self.epipolar.context(gather(poses_t), num_ref_views, num_samples)
+                ctx = self.epipolar.context(poses_t[sel], num_ref_views, num_samples) if use_epipolar else None
                 x = self._denoise(
-                    gather(x_t), gather(cond), uncond, num_inference_steps, guidance_scale, ctx,
-                    fixed.to(self.device).expand(b, -1) if fixed.any() else None, gather(result), bar,
+                    x_t[sel], cond[sel], uncond, num_inference_steps, guidance_scale, ctx,
+                    fixed.to(self.device).expand(b, -1) if fixed.any() else None, result[sel], bar,
                 )
-                result[torch.arange(b).view(-1, 1), idx] = x
+                result[sel] = x
                 done[idx[0]] = True
         images = self._decode(result.flatten(0, 1)).reshape(b, n, height, width, 3)
         return TourOutput(images=images, poses=poses_t.cpu().numpy(), prompts=prompts, seeds=seeds)

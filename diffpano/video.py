@@ -143,7 +143,7 @@ def walkthrough_frames(
     c = _check_int(crossfade, "crossfade", 0, f)
     size = _check_size(size)
     ranges = view_heading_ranges(pose_arr)
-    tensors = [torch.from_numpy(p).permute(2, 0, 1).float().div(255) for p in panoramas]
+    tensors = [torch.from_numpy(np.array(p, dtype=np.uint8)).permute(2, 0, 1).float().div(255) for p in panoramas]
     frames: list[np.ndarray] = []
     for i in range(n):
         headings = _frame_headings(ranges[i, 0], ranges[i, 1], f)

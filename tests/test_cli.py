@@ -1,0 +1,99 @@
+"""The `diffpano generate` and `diffpano video` commands, end to end on a tiny model directory."""
+
+from __future__ import annotations
+
+import io
+
+import duckdb
+import pandas as pd
+import pyarrow.dataset as pads
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from diffpano import storage
+from diffpano.cli import app
+from diffpano.manifest import TOUR_SCHEMA, read_manifest
+
+runner = CliRunner()
+
+
+def generate(model_dir, out, *extra):
+    """Run `diffpano generate` with fast settings."""
+    args = ["generate", "a red bedroom", "--views", "3", "--steps", "2", "--size", "16x32", "--seed", "5",
+            "--model", str(model_dir), "--out", str(out), *extra]
+    return runner.invoke(app, args, catch_exceptions=False)
+
+
+def plain(output: str) -> str:
+    """CLI output with rich's box drawing and line wrapping removed."""
+    return " ".join(output.replace("│", " ").split())
+
+
+def check_tours(out: str, tours: int, views: int):
+    """The manifest under out has tours x views rows, each image a complete 2:1 PNG."""
+    table = read_manifest(out)
+    assert table.schema.equals(TOUR_SCHEMA) and table.num_rows == tours * views
+    df = table.to_pandas()
+    assert df.tour_id.nunique() == tours and not df.duplicated(["tour_id", "view_index"]).any()
+    for uri in df.image_uri:
+        img = Image.open(io.BytesIO(storage.read_bytes(storage.join(out, uri))))
+        img.load()
+        assert img.size == (32, 16)
+    return df
+
+
+def test_generate_writes_a_tour_and_adds_more(tiny_model_dir, tmp_path):
+    out = tmp_path / "tours"
+    result = generate(tiny_model_dir, out)
+    assert result.exit_code == 0, result.output
+    assert "3 views 16x32" in result.output
+    df = check_tours(str(out), 1, 3)
+    assert set(df.seed) == {5} and df.model.iloc[0].startswith("tiny@") and set(df.num_inference_steps) == {2}
+    assert generate(tiny_model_dir, out, "--no-epipolar").exit_code == 0
+    check_tours(str(out), 2, 3)
+    # the manifest reads with pyarrow.dataset, pandas and DuckDB
+    assert pads.dataset(str(out / "manifest"), format="parquet").count_rows() == 6
+    assert len(pd.read_parquet(out / "manifest")) == 6
+    assert duckdb.sql(f"select count(*) from read_parquet('{out}/manifest/*.parquet')").fetchall()[0][0] == 6
+
+
+def test_prompts_per_view_and_trajectory_file(tiny_model_dir, tmp_path):
+    traj = tmp_path / "traj.json"
+    traj.write_text('{"kind": "orbit", "radius": 2.0}')
+    prompts = ["--prompts-per-view", "a red bedroom", "--prompts-per-view", "a red bedroom",
+               "--prompts-per-view", "a blue kitchen"]
+    result = generate(tiny_model_dir, tmp_path / "o", "--trajectory", str(traj), *prompts)
+    assert result.exit_code == 0, result.output
+    df = check_tours(str(tmp_path / "o"), 1, 3).sort_values("view_index")
+    assert df.prompt.tolist() == ["a red bedroom", "a red bedroom", "a blue kitchen"]
+
+
+def test_video_of_a_tour(tiny_model_dir, tmp_path):
+    out = tmp_path / "tours"
+    assert generate(tiny_model_dir, out).exit_code == 0
+    gif = tmp_path / "tour.gif"
+    result = runner.invoke(app, ["video", str(out), "--out", str(gif), "--frames-per-view", "4"])
+    assert result.exit_code == 0, result.output
+    assert gif.exists() and Image.open(gif).n_frames >= 2
+    bad = runner.invoke(app, ["video", str(out), "--tour", "nope", "--out", str(gif)])
+    assert bad.exit_code != 0 and "--tour" in plain(bad.output)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--size", "16x16"], "width = 2"), (["--size", "abc"], "--size"), (["--size", "18x36"], "multiples of 4"),
+     (["--prompts-per-view", "one"], "--prompts-per-view"), (["--num-samples", "0"], "num_samples")],
+)
+def test_bad_input_is_a_clear_error(tiny_model_dir, tmp_path, extra, message):
+    out = tmp_path / "o"
+    result = generate(tiny_model_dir, out, *extra)
+    assert result.exit_code != 0 and message in plain(result.output)
+    assert not storage.list_files(str(out / "manifest"))  # nothing half-written
+
+
+def test_generate_to_s3(tiny_model_dir, s3_endpoint):
+    out = "s3://diffpano-test/tours"
+    result = generate(tiny_model_dir, out)
+    assert result.exit_code == 0, result.output
+    check_tours(out, 1, 3)
