@@ -175,7 +175,7 @@ def skip_reason(pred_bytes: float, pred_s: float | None, args: argparse.Namespac
     if args.force_dense:
         return None
     if pred_bytes > args.mem_limit_gb * 2**30:
-        return f"predicted peak {pred_bytes / 2**30:.1f} GB > --mem-limit-gb {args.mem_limit_gb}"
+        return f"predicted peak {pred_bytes / 2**30:.2f} GB > --mem-limit-gb {args.mem_limit_gb}"
     calls = max(1, args.warmup) + args.repeats + 1
     if pred_s is not None and pred_s * calls > args.dense_time_budget:
         return f"predicted {pred_s:.1f} s/call x {calls} calls > --dense-time-budget {args.dense_time_budget:.0f} s"
