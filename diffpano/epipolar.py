@@ -53,16 +53,8 @@ class EpipolarContext:
         """Views per group (N)."""
         return self.poses.shape[1]
 
-    def repeat(self, times: int) -> EpipolarContext:
-        """The same layout for `times` stacked copies of the batch (classifier-free guidance)."""
-        rep = (times, 1, 1)
-        return EpipolarContext(
-            self.poses.repeat(times, 1, 1, 1), self.ref_index.repeat(*rep), self.ref_valid.repeat(*rep),
-            self.num_samples, self.near, self.far, self.pe_freqs,
-        )
-
     def sampling(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Grid (G*N*K, hw, S, 2), mask (G*N, hw, K, S) and geometry encoding (G*N*K, P, hw, S) at one size."""
+        """Grid (G*N*K, hw, S, 2), mask (G*N, K, hw, S) and geometry encoding (G*N*K, P, hw, S) at one size."""
         key = (height, width)
         if key not in self._cache:
             s = epipolar_samples(
@@ -82,7 +74,7 @@ class EpipolarContext:
             pe = fourier_features(feats, self.pe_freqs).reshape(g * n * k, hw, ns, -1).permute(0, 3, 1, 2)
             self._cache[key] = (
                 s.grid.reshape(g * n * k, hw, ns, 2),
-                s.mask.reshape(g * n, k, hw, ns).transpose(1, 2),
+                s.mask.reshape(g * n, k, hw, ns),
                 pe.contiguous(),
             )
         return self._cache[key]
@@ -114,25 +106,35 @@ class EpipolarAttention(nn.Module):
         return ctx._cache[key]
 
     def forward(self, x: torch.Tensor, ctx: EpipolarContext) -> torch.Tensor:
-        """x (G*N, C, h, w) plus attention over the epipolar samples of each pixel's reference views."""
-        b, c, h, w = x.shape
+        """x (c*G*N, C, h, w): c stacked copies of the context's views (c = 2 under CFG), plus epipolar attention."""
+        b, _, h, w = x.shape
+        gn = ctx.poses.shape[0] * ctx.num_views
+        if b % gn:
+            raise ValueError(f"batch: {b} feature maps are not a whole number of copies of {gn} views")
+        copies, hw = b // gn, h * w
         grid, mask, pe = ctx.sampling(h, w)
         k, s = ctx.ref_index.shape[-1], grid.shape[2]
         heads, hd = self.num_heads, self.head_dim
         xn = self.norm(x)
-        q = self.to_q(xn).view(b, heads, hd, h * w) * hd**-0.5
-        kv = self.to_kv(xn)
+        q = self.to_q(xn).view(copies, gn, heads, hd, hw) * hd**-0.5
+        kv = self.to_kv(xn).view(copies, gn, -1, h, w).transpose(0, 1)
         groups = torch.arange(ctx.poses.shape[0], device=x.device).view(-1, 1, 1) * ctx.num_views
-        kv_ref = kv[(groups + ctx.ref_index).reshape(-1)]  # (G*N*K, 2I, h, w): features of each reference view
-        # Projections commute with bilinear sampling, so keys/values are sampled after projecting.
-        kv_s = circular_grid_sample(kv_ref, grid) + self._encode_geometry(pe.to(x.dtype), ctx)  # (G*N*K, 2I, hw, S)
-        key, value = kv_s.view(b, k, 2, heads, hd, h * w, s).unbind(2)
-        logits = torch.einsum("bhdp,bkhdps->bhpks", q, key)
-        logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf")).flatten(3)
-        null = torch.einsum("bhdp,hd->bhp", q, self.null_key.to(x.dtype)).unsqueeze(-1)
-        weights = torch.cat((logits, null), -1).softmax(-1)[..., :-1].view(b, heads, h * w, k, s)
-        out = torch.einsum("bhpks,bkhdps->bhdp", weights, value)  # the null token's value is zero
-        return x + self.to_out(out.reshape(b, heads * hd, h, w))
+        kv_ref = kv[(groups + ctx.ref_index).reshape(-1)].flatten(1, 2)  # (G*N*K, copies*2I, h, w)
+        # Projections commute with bilinear sampling, so keys/values are sampled after projecting; the copies ride
+        # along as channels so the grids (the same for every copy) are used once.
+        kv_s = circular_grid_sample(kv_ref, grid).view(gn, k, copies, 2, heads, hd, hw, s)
+        kv_s = kv_s.add_(self._encode_geometry(pe.to(x.dtype), ctx).view(gn, k, 1, 2, heads, hd, hw, s))
+        key, value = kv_s.unbind(3)  # (G*N, K, copies, heads, hd, hw, S)
+        q = q.transpose(0, 1)  # (G*N, copies, heads, hd, hw)
+        logits = (q[:, None, ..., None] * key).sum(4)  # (G*N, K, copies, heads, hw, S)
+        logits = logits.masked_fill_(~mask[:, :, None, None], float("-inf"))
+        null = torch.einsum("gchdp,hd->gchp", q, self.null_key.to(x.dtype))  # the null token's logit; its value is 0
+        # softmax over the K*S samples and the null token, written out because K and S are not adjacent dims
+        top = torch.maximum(logits.amax(dim=(1, 5)), null)
+        weights = (logits - top[:, None, ..., None]).exp()
+        weights = weights / (weights.sum((1, 5)) + (null - top).exp())[:, None, ..., None]
+        out = (weights.unsqueeze(4) * value).sum((1, 6))  # (G*N, copies, heads, hd, hw)
+        return x + self.to_out(out.transpose(0, 1).reshape(b, heads * hd, h, w))
 
 
 class EpipolarAdapter(ModelMixin, ConfigMixin):

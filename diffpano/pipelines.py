@@ -21,6 +21,7 @@ from diffpano.text import encode_prompts
 
 MAX_SEED = 2**63 - 1
 DECODE_CHUNK = 8
+DEFAULT_WINDOW_VIEWS = 8  # views denoised jointly per window of a long tour
 
 Prompts = str | Sequence[str] | Sequence[Sequence[str]]
 
@@ -151,8 +152,7 @@ class PanoPipeline(DiffusionPipeline):
         cfg = guidance > 1.0
         emb = cond.flatten(0, 1)
         if cfg:
-            emb = torch.cat((uncond.expand(b * v, *uncond.shape[-2:]), emb))
-            ctx = ctx.repeat(2) if ctx is not None else None
+            emb = torch.cat((uncond.expand(b * v, *uncond.shape[-2:]), emb))  # the EA modules see 2 copies of ctx
         x = (x_t * sched.init_noise_sigma).flatten(0, 1)
         keep = None if known is None else known.flatten().view(-1, 1, 1, 1)
         for t in sched.timesteps:
@@ -255,7 +255,7 @@ class MultiViewPanoPipeline(PanoPipeline):
         height, width = self.check_size(height, width)
         self.check_sampling(num_inference_steps, guidance_scale)
         seeds = resolve_seeds(seed, b)
-        window = int(window_views or self.epipolar.config.get("window_views", 8))
+        window = int(window_views or DEFAULT_WINDOW_VIEWS)
         context_n = window // 2 if window_context is None else int(window_context)
         if window < 1 or not 0 <= context_n < window:
             raise ValueError(
