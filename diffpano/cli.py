@@ -11,6 +11,9 @@ import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="DiffPano: text to consistent 360° panorama tours.")
 
+dataset_app = typer.Typer(no_args_is_help=True, help="Build and import training datasets (SPEC §4).")
+app.add_typer(dataset_app, name="dataset")
+
 DEFAULT_OUT = "outputs/tours"
 
 

@@ -1,4 +1,4 @@
-"""The tour manifest (SPEC §5): schema, rows, and committing tours so that readers never see a partial one."""
+"""Manifests of Parquet parts: committing units (tours, clips) so readers never see a partial one; the tour schema."""
 
 from __future__ import annotations
 
@@ -75,26 +75,36 @@ def tour_table(tours: list[Tour], created_at: datetime | None = None) -> pa.Tabl
     return pa.Table.from_pylist(rows, schema=TOUR_SCHEMA)
 
 
-def manifest_part_name(tour_ids: list[str]) -> str:
-    """Deterministic file name of the manifest part that commits these tours."""
-    return f"part-{hashlib.sha256(chr(0).join(sorted(tour_ids)).encode()).hexdigest()[:20]}.parquet"
+def manifest_part_name(ids: list[str]) -> str:
+    """Deterministic file name of the manifest part that commits the units (tours, clips) with these ids."""
+    return f"part-{hashlib.sha256(chr(0).join(sorted(ids)).encode()).hexdigest()[:20]}.parquet"
 
 
-def commit_tours(root: str, tours: list[Tour]) -> str:
-    """Write the tours' images, then one manifest part naming them, in one atomic put; returns the part's URI."""
-    for t in tours:
-        for i, image in enumerate(t.images):
-            storage.write_bytes(storage.join(root, image_path(t.tour_id, i)), png_bytes(image))
+def commit_part(root: str, files: dict[str, bytes], table: pa.Table, ids: list[str]) -> str:
+    """Write files (path relative to root -> bytes), then the manifest part naming them in one atomic put."""
+    for rel, data in files.items():
+        storage.write_bytes(storage.join(root, rel), data)
     buf = pa.BufferOutputStream()
-    pq.write_table(tour_table(tours), buf)
-    uri = storage.join(root, "manifest", manifest_part_name([t.tour_id for t in tours]))
+    pq.write_table(table, buf)
+    uri = storage.join(root, "manifest", manifest_part_name(ids))
     storage.write_bytes(uri, buf.getvalue().to_pybytes())
     return uri
 
 
-def read_manifest(root: str) -> pa.Table:
-    """All manifest rows under root (an empty table when there are none)."""
+def read_parts(root: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+    """All manifest rows under root with this schema (an empty table when there are none)."""
     fs, path = storage.resolve(storage.join(root, "manifest"))
     if not storage.list_files(storage.join(root, "manifest"), ".parquet"):
-        return TOUR_SCHEMA.empty_table()
-    return pads.dataset(path, filesystem=fs, format="parquet", schema=TOUR_SCHEMA).to_table()
+        return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+    return pads.dataset(path, filesystem=fs, format="parquet", schema=schema).to_table(columns=columns)
+
+
+def commit_tours(root: str, tours: list[Tour]) -> str:
+    """Write the tours' images, then one manifest part naming them; returns the part's URI."""
+    files = {image_path(t.tour_id, i): png_bytes(image) for t in tours for i, image in enumerate(t.images)}
+    return commit_part(root, files, tour_table(tours), [t.tour_id for t in tours])
+
+
+def read_manifest(root: str) -> pa.Table:
+    """All tour manifest rows under root (an empty table when there are none)."""
+    return read_parts(root, TOUR_SCHEMA)
