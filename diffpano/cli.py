@@ -122,6 +122,23 @@ def video(
     typer.echo(f"tour {tour_id}: {len(frames)} frames -> {path}")
 
 
+@dataset_app.command("import")
+def dataset_import(
+    images_dir: str = typer.Argument(..., help="Folder (or s3:// prefix) of equirectangular images, W = 2H."),
+    poses_file: str = typer.Argument(..., help="JSON or CSV records: image, caption, pose_c2w[, depth, scene_id, "
+                                     "clip_id, frame_index]."),
+    out: str = typer.Option(..., "--out", help="Dataset folder or s3:// prefix (SPEC §4)."),
+) -> None:
+    """Import existing panoramas with poses and captions as a training dataset; clips already there are skipped."""
+    from diffpano.data.importer import import_dataset
+
+    try:
+        summary = import_dataset(images_dir, poses_file, out)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    typer.echo(summary.line())
+
+
 def main() -> None:
     """Entry point of the `diffpano` command."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
