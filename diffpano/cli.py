@@ -122,6 +122,34 @@ def video(
     typer.echo(f"tour {tour_id}: {len(frames)} frames -> {path}")
 
 
+@dataset_app.command("build")
+def dataset_build(
+    scenes: int = typer.Option(8, "--scenes", help="Number of procedural scenes."),
+    clips_per_scene: int = typer.Option(2, "--clips-per-scene", help="Walks (clips) per scene."),
+    frames: int = typer.Option(8, "--frames", help="Keyframes per clip."),
+    size: str = typer.Option("256x512", "--size", help="HxW of the panoramas, W = 2H."),
+    spacing: float = typer.Option(0.5, "--spacing", help="Metres between keyframes."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the whole dataset (scenes, walks, captions)."),
+    out: str = typer.Option("outputs/dataset", "--out", help="Dataset folder or s3:// prefix (SPEC §4)."),
+    no_depth: bool = typer.Option(False, "--no-depth", help="Do not write depth panoramas."),
+    captioner: str | None = typer.Option(None, "--captioner", help="Local BLIP2 directory for face captions."),
+    summariser: str | None = typer.Option(None, "--summariser", help="Local LLM directory to merge captions."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Render a procedural panoramic video-text dataset on Ray; a re-run completes what is missing."""
+    from diffpano.data.build import BuildSpec
+    from trainer.dataset_builder import build_dataset
+
+    height, width = parse_size(size)
+    spec = BuildSpec(scenes=scenes, clips_per_scene=clips_per_scene, frames=frames, height=height, width=width,
+                     spacing=spacing, seed=seed, depth=not no_depth, captioner=captioner, summariser=summariser)
+    try:
+        summary = build_dataset(spec, out, progress=not quiet)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    typer.echo(summary.line())
+
+
 @dataset_app.command("import")
 def dataset_import(
     images_dir: str = typer.Argument(..., help="Folder (or s3:// prefix) of equirectangular images, W = 2H."),

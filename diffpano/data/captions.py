@@ -59,7 +59,7 @@ def frame_facts(renderer: SceneRenderer, cube: View, room_index: int) -> FrameFa
             if own and counts[i] >= MIN_SHARE * n and (item.noun != "ceiling light" or FACE_NAMES[k] == "up"):
                 items.append(item)
                 area[id(item)] = (area.get(id(item), (0, item))[0] + int(counts[i]), item)
-        other, other_counts = np.unique(rooms[rooms != room_index], return_counts=True)
+        other, other_counts = np.unique(rooms[(rooms != room_index) & (rooms < len(scene.rooms))], return_counts=True)
         next_rooms = [scene.rooms[int(r)].kind for r, c in zip(other, other_counts) if c >= 3 * MIN_SHARE * n]
         faces.append(FaceFacts(items, bool((label == WINDOW).mean() >= MIN_SHARE),
                                bool((label == DOOR).mean() >= MIN_SHARE), next_rooms))
@@ -212,7 +212,7 @@ def caption_frame(
 ) -> tuple[str, list[str]]:
     """(panorama caption, six face captions) of a keyframe."""
     cube = renderer.render_cube(pose, face_size)
-    room = renderer.scene.room_at(float(pose[0, 3]), float(pose[2, 3]))
+    room = renderer.scene.locate(float(pose[0, 3]), float(pose[2, 3]))[0]
     facts = frame_facts(renderer, cube, room)
     faces = captioner.caption_faces(cube.rgb, facts)
     return summariser.summarise(faces, facts), faces

@@ -68,7 +68,7 @@ def bed(w: float, d: float, c: str, rng) -> list[Part]:
 def cabinet(w: float, d: float, c: str, rng, h: float = 0.6) -> list[Part]:
     """A closed box with a darker top (nightstands, wardrobes, shoe cabinets)."""
     m = _mat(c)
-    return [(0.0, w, 0.0, d, 0.0, h - 0.03, m), (-0.01, w + 0.01, -0.01, d + 0.01, h - 0.03, h, _mat("wooden"))]
+    return [(0.0, w, 0.0, d - 0.02, 0.0, h - 0.03, m), (0.0, w, 0.0, d, h - 0.03, h, _mat("wooden"))]
 
 
 def sofa(w: float, d: float, c: str, rng) -> list[Part]:
@@ -274,11 +274,9 @@ def door_zones(room: Room, scene: Scene) -> tuple[list[tuple], list[np.ndarray]]
     for o in room_openings(scene, room):
         if o.kind == "window":
             continue
-        mid = (o.lo + o.hi) / 2
-        lo_wall = room.x0 if o.axis == 0 else room.z0
-        inward = 1.0 if abs(o.coord - lo_wall) < 1e-6 else -1.0
-        a, b = sorted((o.coord, o.coord + inward * DOOR_CLEARANCE))
-        depth_point = o.coord + inward * 0.5
+        mid, wall, inward = (o.lo + o.hi) / 2, room.wall_coord(o), room.inward(o)
+        a, b = sorted((wall, wall + inward * DOOR_CLEARANCE))
+        depth_point = wall + inward * 0.5
         if o.axis == 0:
             rects.append((a, b, o.lo - 0.2, o.hi + 0.2))
             approaches.append(np.array([depth_point, mid]))
@@ -305,7 +303,7 @@ def _segment_hits_rect(p: np.ndarray, q: np.ndarray, rect: tuple, radius: float)
 def _against(o, side: str, room: Room) -> bool:
     """True when opening o is in the wall on the given side of the room."""
     coord = {"x0": room.x0, "x1": room.x1, "z0": room.z0, "z1": room.z1}.get(side)
-    return coord is not None and o.axis == (0 if side[0] == "x" else 2) and abs(o.coord - coord) < 1e-6
+    return coord is not None and o.axis == (0 if side[0] == "x" else 2) and room.wall_coord(o) == coord
 
 
 def _propose(spec: Spec, room: Room, scene: Scene, placed: list[tuple], door_rects: list[tuple], rng):

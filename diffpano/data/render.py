@@ -11,10 +11,12 @@ import numpy as np
 from diffpano.data.furniture import Item
 from diffpano.data.materials import FIXED, FLOOR_PATTERN, FLOORS, PATTERNS, WALL_COLOURS, Material, MaterialTable, pattern_factor
 from diffpano.data.scenes import Scene
+from diffpano.geometry import check_panorama_size
+from diffpano.projection import cube_face_rays
 
 WALL, FLOOR, CEILING, WINDOW, DOOR = 0, 1, 2, 3, 4
 FIRST_ITEM_LABEL = 5  # labels >= 5 are items: label - 5 indexes SceneRenderer.items
-MAX_HOPS = 6  # rooms a ray may cross through doorways
+MAX_HOPS = 9  # rooms and doorway passages a ray may cross
 OPENING_CODES = {"doorway": 0, "window": 1, "door": 2}
 AMBIENT, DIFFUSE, FALLOFF = 0.38, 0.75, 0.04
 
@@ -35,8 +37,15 @@ def erp_directions(height: int, width: int) -> np.ndarray:
     theta = (2 * np.pi * (np.arange(width) + 0.5) / width - np.pi)[None, :]
     phi = (np.pi / 2 - np.pi * (np.arange(height) + 0.5) / height)[:, None]
     d = np.stack(np.broadcast_arrays(np.cos(phi) * np.sin(theta), -np.sin(phi), np.cos(phi) * np.cos(theta)), -1)
+    d = d.astype(np.float32)
     d.setflags(write=False)
-    return d.astype(np.float32)
+    return d
+
+
+@lru_cache(maxsize=4)
+def cube_directions(face_size: int) -> np.ndarray:
+    """Camera-frame unit directions (6, s, s, 3) float32 of the cube faces (cached per size)."""
+    return cube_face_rays(face_size).numpy()
 
 
 @dataclass
@@ -68,15 +77,19 @@ class SceneRenderer:
         self.ceiling_mat = self.table.add(Material("ceiling", FIXED["ceiling"]))
         self.window_mat = self.table.add(Material("window", FIXED["window"], "window"))
         self.door_mat = self.table.add(Material("door", FIXED["door"], "grain"))
-        self.rooms = [self._compile_room(r) for r in scene.rooms]
+        self.frame_mat = self.table.add(Material("frame", FIXED["ceiling"]))
+        self.doors = scene.doorways()
+        self.rooms = [self._compile_room(r) for r in scene.rooms] + [self._compile_doorway(d) for d in self.doors]
         self.rgb, self.pattern = self.table.arrays()
 
     def _compile_room(self, room) -> _RoomArrays:
         """Arrays of one room."""
         ops = [o for o in self.scene.openings if room.index in o.rooms]
-        openings = np.array([[o.axis, o.coord, o.lo, o.hi, o.top, o.bottom] for o in ops], np.float32).reshape(-1, 6)
+        rows = [[o.axis, room.wall_coord(o), o.lo, o.hi, o.top, o.bottom] for o in ops]
+        openings = np.array(rows, np.float32).reshape(-1, 6)
         kinds = np.array([OPENING_CODES[o.kind] for o in ops], np.int8)
-        to = np.array([o.rooms[1] if o.rooms[0] == room.index else o.rooms[0] for o in ops], np.int32)
+        passage = {id(d): len(self.scene.rooms) + k for k, d in enumerate(self.doors)}
+        to = np.array([passage.get(id(o), -1) for o in ops], np.int32)
         parts, ids = [], []
         for item in room.items:
             ids.append(len(self.items))
@@ -98,24 +111,47 @@ class SceneRenderer:
             item_ids=np.array(ids, np.int32), parts=parts,
             wall_mat=self.table.add(Material(room.wall, WALL_COLOURS[room.wall])),
             floor_mat=self.table.add(Material(floor_name, FLOORS[floor_name][1], FLOOR_PATTERN[floor_name])),
-            light=np.array([*room.centre[:1], -self.scene.height + 0.35, room.centre[1]], np.float32),
+            light=self.rooms_light(room),
         )
+
+    def _compile_doorway(self, door) -> _RoomArrays:
+        """The passage through a doorway's wall thickness: a small room open at both ends, framed inside."""
+        lo, hi = self.scene.doorway_box(door)
+        a, b = (self.scene.rooms[r] for r in door.rooms)
+        ends = [[door.axis, face, door.lo, door.hi, door.top, 0.0] for face in (lo[door.axis], hi[door.axis])]
+        # Each end opens onto the room whose wall face is there.
+        to = [min((a, b), key=lambda r, f=f[1]: abs(r.wall_coord(door) - f)).index for f in ends]
+        empty = np.zeros((0, 3), np.float32)
+        return _RoomArrays(
+            lo=lo.astype(np.float32), hi=hi.astype(np.float32), openings=np.array(ends, np.float32),
+            opening_kind=np.zeros(2, np.int8), opening_to=np.array(to, np.int32), item_lo=empty, item_hi=empty,
+            item_ids=np.zeros(0, np.int32), parts=[], wall_mat=self.frame_mat, floor_mat=self.frame_mat,
+            light=self.rooms_light(a),
+        )
+
+    def rooms_light(self, room) -> np.ndarray:
+        """Position of a room's ceiling light."""
+        return np.array([room.centre[0], -self.scene.height + 0.35, room.centre[1]], np.float32)
+
+    def locate(self, x: float, z: float) -> int:
+        """Compiled room index (rooms, then doorway passages) of a floor point, -1 outside."""
+        room, door = self.scene.locate(x, z)
+        return room if door is None else len(self.scene.rooms) + next(k for k, d in enumerate(self.doors) if d is door)
 
     def render(self, pose: np.ndarray, height: int, width: int) -> View:
         """Equirectangular view (H, W) from a camera-to-world pose (SPEC §1-2)."""
+        check_panorama_size(height, width, field="size")
         return self.render_directions(pose, erp_directions(height, width))
 
     def render_cube(self, pose: np.ndarray, face_size: int) -> View:
         """Six cube faces (6, s, s) in projection.CUBE_FACES order."""
-        from diffpano.projection import cube_face_rays
-
-        return self.render_directions(pose, cube_face_rays(face_size).numpy())
+        return self.render_directions(pose, cube_directions(face_size))
 
     def render_directions(self, pose: np.ndarray, dirs: np.ndarray) -> View:
         """View along camera-frame unit directions (..., 3) from a pose."""
         pose = np.asarray(pose, dtype=np.float64)
         origin = pose[:3, 3].astype(np.float32)
-        start = self.scene.room_at(float(origin[0]), float(origin[2]))
+        start = self.locate(float(origin[0]), float(origin[2]))
         if start < 0 or not -self.scene.height < origin[1] < 0:
             raise ValueError(f"pose: camera centre {origin.tolist()} is outside the scene's rooms")
         world = (dirs.reshape(-1, 3) @ pose[:3, :3].T.astype(np.float32)).astype(np.float32)

@@ -26,6 +26,7 @@ DOOR_HEIGHT = 2.1
 DOOR_WIDTH = (0.9, 1.3)
 WINDOW_SILL, WINDOW_TOP = 0.9, 2.1
 MIN_ROOM = 2.4
+WALL_THICKNESS = 0.1  # walls have two sides: a point seen from one room is never the same point seen from the next
 HALL_WIDTH = (1.4, 1.9)
 
 
@@ -68,6 +69,16 @@ class Room:
         """(width along x, depth along z)."""
         return self.x1 - self.x0, self.z1 - self.z0
 
+    def wall_coord(self, opening: Opening) -> float:
+        """Coordinate of this room's wall face that holds the opening."""
+        faces = (self.x0, self.x1) if opening.axis == 0 else (self.z0, self.z1)
+        return min(faces, key=lambda f: abs(f - opening.coord))
+
+    def inward(self, opening: Opening) -> float:
+        """+1 when the room lies on the positive side of the opening's wall, else -1."""
+        low = self.x0 if opening.axis == 0 else self.z0
+        return 1.0 if self.wall_coord(opening) == low else -1.0
+
     def contains(self, x: float, z: float, margin: float = 0.0) -> bool:
         """True when (x, z) lies inside, at least margin from the walls."""
         return self.x0 + margin <= x <= self.x1 - margin and self.z0 + margin <= z <= self.z1 - margin
@@ -93,6 +104,24 @@ class Scene:
     def doorways(self) -> list[Opening]:
         """Passable openings between two rooms."""
         return [o for o in self.openings if o.kind == "doorway"]
+
+    def doorway_box(self, door: Opening) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi) of the passage through the wall's thickness at a doorway."""
+        half = WALL_THICKNESS / 2
+        if door.axis == 0:
+            return np.array([door.coord - half, -door.top, door.lo]), np.array([door.coord + half, 0.0, door.hi])
+        return np.array([door.lo, -door.top, door.coord - half]), np.array([door.hi, 0.0, door.coord + half])
+
+    def locate(self, x: float, z: float) -> tuple[int, Opening | None]:
+        """(room index, None) of a floor point, (the first room of the doorway, doorway) inside a doorway, (-1, None)."""
+        room = self.room_at(x, z)
+        if room >= 0:
+            return room, None
+        for door in self.doorways():
+            lo, hi = self.doorway_box(door)
+            if lo[0] <= x <= hi[0] and lo[2] <= z <= hi[2]:
+                return door.rooms[0], door
+        return -1, None
 
 
 def _split(rect: tuple[float, float, float, float], rng: np.random.Generator) -> list[tuple] | None:
@@ -236,6 +265,9 @@ def generate_scene(seed: int) -> Scene:
         assert room.floor in FLOORS
     footprint = (min(r.x0 for r in rooms), max(r.x1 for r in rooms), min(r.z0 for r in rooms), max(r.z1 for r in rooms))
     openings = _connect(rooms, rng) + _windows_and_door(rooms, footprint, rng)
+    half = WALL_THICKNESS / 2
+    for room in rooms:  # rooms tile the plan up to here; now the walls take their thickness
+        room.x0, room.x1, room.z0, room.z1 = room.x0 + half, room.x1 - half, room.z0 + half, room.z1 - half
     scene = Scene(seed=seed, height=float(np.round(rng.uniform(2.5, 3.0), 2)), rooms=rooms, openings=openings)
     for room in rooms:
         room.items, room.hub = furniture.furnish(room, scene, rng)

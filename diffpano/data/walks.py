@@ -14,9 +14,7 @@ APPROACH = 0.5  # metres from a doorway where the walk lines up to pass through 
 
 def _door_points(door: Opening, room: Room) -> tuple[np.ndarray, np.ndarray]:
     """(approach point inside room, doorway centre) as (x, z)."""
-    mid = (door.lo + door.hi) / 2
-    lo_wall = room.x0 if door.axis == 0 else room.z0
-    inward = 1.0 if abs(door.coord - lo_wall) < 1e-6 else -1.0
+    mid, inward = (door.lo + door.hi) / 2, room.inward(door)
     if door.axis == 0:
         return np.array([door.coord + inward * APPROACH, mid]), np.array([door.coord, mid])
     return np.array([mid, door.coord + inward * APPROACH]), np.array([mid, door.coord])

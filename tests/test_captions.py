@@ -1,0 +1,86 @@
+"""Captions: per-face then merged, naming the room type and wall colour of the room the camera stands in."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diffpano.data.captions import (
+    FACE_NAMES,
+    LLMSummariser,
+    SceneGraphCaptioner,
+    TemplateSummariser,
+    caption_frame,
+)
+from diffpano.data.render import SceneRenderer
+from diffpano.data.scenes import generate_scene
+from diffpano.data.walks import clip_poses
+
+
+@pytest.fixture(scope="module")
+def captioned():
+    """(room kind, wall colour, caption, face captions) of keyframes from ten scenes."""
+    out = []
+    for seed in range(10):
+        scene = generate_scene(seed)
+        renderer = SceneRenderer(scene)
+        summariser = TemplateSummariser(seed)
+        for pose in clip_poses(scene, 3, 1.0, np.random.default_rng(seed)):
+            room = scene.rooms[scene.locate(pose[0, 3], pose[2, 3])[0]]
+            caption, faces = caption_frame(renderer, pose, SceneGraphCaptioner(), summariser, face_size=48)
+            out.append((room.kind, room.wall, caption, faces))
+    return out
+
+
+def test_captions_name_room_type_and_wall_colour(captioned):
+    for kind, wall, caption, faces in captioned:
+        assert kind in caption and f"{wall} " in caption, caption
+        assert len(faces) == len(FACE_NAMES)
+        assert faces[4].startswith("the ceiling") and ("floor" in faces[5] or "carpet" in faces[5])
+        assert 2 <= caption.count(".") <= 3 and caption[0].isupper()
+
+
+def test_captions_are_varied_english(captioned):
+    captions = [c for _, _, c, _ in captioned]
+    openings = {" ".join(c.split()[:2]) for c in captions}
+    assert len(set(captions)) == len(captions)
+    assert len(openings) >= 4
+    assert not any(" a office" in c or " a a" in c or "an " + "b" in c for c in captions)
+
+
+def test_captions_mention_visible_furniture_of_the_room():
+    scene = generate_scene(3)
+    renderer = SceneRenderer(scene)
+    room = next(r for r in scene.rooms if r.kind == "kitchen")
+    from diffpano.data.render import camera_pose
+
+    caption, _ = caption_frame(renderer, camera_pose(*room.hub, 0.0, scene.eye_height), SceneGraphCaptioner(),
+                               TemplateSummariser(0))
+    nouns = [i.noun for i in room.items if i.noun != "ceiling light"]
+    assert sum(n in caption for n in nouns) >= 1, (caption, nouns)
+
+
+def test_scene_graph_pair_needs_facts():
+    with pytest.raises(ValueError, match="facts"):
+        SceneGraphCaptioner().caption_faces(np.zeros((6, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="facts"):
+        TemplateSummariser().summarise(["a"] * 6)
+
+
+def test_llm_summariser_loads_a_local_directory(tmp_path):
+    """The model path of the paper's summariser: a (tiny, random) causal LM and tokenizer from a local folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "a", "room", "with", "blue", "walls", "bed", "caption", ":", "."]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<unk>").save_pretrained(tmp_path)
+    config = LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    summariser = LLMSummariser(str(tmp_path), max_new_tokens=5)
+    assert "1. a room with blue walls" in summariser.prompt(["a room with blue walls"] * 6)
+    assert isinstance(summariser.summarise(["a room with blue walls"] * 6), str)
