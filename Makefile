@@ -27,6 +27,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/ea_overhead.py
 	$(PY) bench/ea_vs_dense.py
+	$(PY) bench/render_speed.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -72,3 +72,14 @@ def tiny_model_dir(tiny_pipe, tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "tiny"
     save_model(tiny_pipe, str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray cluster on 127.0.0.1 for the session (2 CPUs, no dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

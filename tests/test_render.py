@@ -77,14 +77,14 @@ def test_yaw_and_flip_augmentation_keep_geometry_truth(clips, flip):
     renderer, poses, views = clips[1]
     rng = np.random.default_rng(0)
     aug = []
-    for pose, view in zip(poses, views):
+    for pose, view in zip(poses, views, strict=False):
         shift = int(rng.integers(W))
         rgb, depth = np.roll(view.rgb, shift, axis=1), np.roll(view.depth, shift, axis=1)
         pose = yaw_roll_pose(pose, shift, W)
         if flip:
             rgb, depth, pose = rgb[:, ::-1], depth[:, ::-1], flip_pose(pose)
         aug.append((rgb, depth, pose))
-    for (rgb_i, d_i, p_i), (rgb_j, d_j, p_j) in zip(aug, aug[1:]):
+    for (rgb_i, d_i, p_i), (rgb_j, d_j, p_j) in zip(aug, aug[1:], strict=False):
         moved = warp(d_i, p_i, p_j, d_j)
         assert colour_agreement(rgb_i, rgb_j, moved) >= 0.85
     # And an augmented view matches a fresh rendering from its augmented pose (unflipped: same world).

@@ -49,7 +49,7 @@ def frame_facts(renderer: SceneRenderer, cube: View, room_index: int) -> FrameFa
     scene = renderer.scene
     room = scene.rooms[room_index]
     faces, area = [], {}
-    for k, (label, rooms) in enumerate(zip(cube.label, cube.room)):
+    for k, (label, rooms) in enumerate(zip(cube.label, cube.room, strict=True)):
         n = label.size
         ids, counts = np.unique(label[label >= FIRST_ITEM_LABEL], return_counts=True)
         items = []
@@ -60,7 +60,8 @@ def frame_facts(renderer: SceneRenderer, cube: View, room_index: int) -> FrameFa
                 items.append(item)
                 area[id(item)] = (area.get(id(item), (0, item))[0] + int(counts[i]), item)
         other, other_counts = np.unique(rooms[(rooms != room_index) & (rooms < len(scene.rooms))], return_counts=True)
-        next_rooms = [scene.rooms[int(r)].kind for r, c in zip(other, other_counts) if c >= 3 * MIN_SHARE * n]
+        seen = zip(other, other_counts, strict=True)
+        next_rooms = [scene.rooms[int(r)].kind for r, c in seen if c >= 3 * MIN_SHARE * n]
         faces.append(FaceFacts(items, bool((label == WINDOW).mean() >= MIN_SHARE),
                                bool((label == DOOR).mean() >= MIN_SHARE), next_rooms))
     ranked = [item for _, item in sorted(area.values(), key=lambda x: -x[0]) if item.noun != "ceiling light"]
@@ -97,7 +98,7 @@ class SceneGraphCaptioner:
         if facts is None:
             raise ValueError("facts: SceneGraphCaptioner needs the frame's scene-graph facts")
         out = []
-        for name, face in zip(FACE_NAMES, facts.faces):
+        for name, face in zip(FACE_NAMES, facts.faces, strict=True):
             if name == "up":
                 light = " with a ceiling light" if any(i.noun == "ceiling light" for i in face.items) else ""
                 out.append(f"the ceiling of {a(facts.room)}{light}")

@@ -93,7 +93,8 @@ def chair(u: float, v: float, m: Material, back_v: float) -> list[Part]:
     """A 0.45 m chair at (u, v) whose back is on the side v + back_v."""
     s = 0.45
     back = (u, u + s, v + s - 0.05, v + s, 0.45, 0.95, m) if back_v > 0 else (u, u + s, v, v + 0.05, 0.45, 0.95, m)
-    legs = [(a, a + 0.04, b, b + 0.04, 0.0, 0.42, m) for a in (u + 0.02, u + s - 0.06) for b in (v + 0.02, v + s - 0.06)]
+    corners = [(a, b) for a in (u + 0.02, u + s - 0.06) for b in (v + 0.02, v + s - 0.06)]
+    legs = [(a, a + 0.04, b, b + 0.04, 0.0, 0.42, m) for a, b in corners]
     return [(u, u + s, v, v + s, 0.42, 0.47, m), back, *legs]
 
 
@@ -131,7 +132,8 @@ def bookshelf(w: float, d: float, c: str, rng) -> list[Part]:
     for k, h in enumerate(np.linspace(0.02, 1.88, 5)):
         parts.append((0, w, 0, d, float(h), float(h) + 0.03, m))
         if k < 4:
-            parts.append((0.05, w - 0.05, 0.05, d - 0.05, float(h) + 0.03, float(h) + 0.3, books[(k + int(w * 10)) % 4]))
+            book = books[(k + int(w * 10)) % 4]
+            parts.append((0.05, w - 0.05, 0.05, d - 0.05, float(h) + 0.03, float(h) + 0.3, book))
     return parts
 
 
@@ -184,8 +186,8 @@ def plant(w: float, d: float, c: str, rng) -> list[Part]:
 def floor_lamp(w: float, d: float, c: str, rng) -> list[Part]:
     """Base, pole and shade."""
     m = _mat(c)
-    return [(0.05, w - 0.05, 0.05, d - 0.05, 0, 0.04, m), (w / 2 - 0.02, w / 2 + 0.02, d / 2 - 0.02, d / 2 + 0.02, 0, 1.4, m),
-            (0.0, w, 0.0, d, 1.4, 1.7, _mat("beige"))]
+    pole = (w / 2 - 0.02, w / 2 + 0.02, d / 2 - 0.02, d / 2 + 0.02, 0, 1.4, m)
+    return [(0.05, w - 0.05, 0.05, d - 0.05, 0, 0.04, m), pole, (0.0, w, 0.0, d, 1.4, 1.7, _mat("beige"))]
 
 
 def bench(w: float, d: float, c: str, rng) -> list[Part]:

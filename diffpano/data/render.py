@@ -9,7 +9,16 @@ from functools import lru_cache
 import numpy as np
 
 from diffpano.data.furniture import Item
-from diffpano.data.materials import FIXED, FLOOR_PATTERN, FLOORS, PATTERNS, WALL_COLOURS, Material, MaterialTable, pattern_factor
+from diffpano.data.materials import (
+    FIXED,
+    FLOOR_PATTERN,
+    FLOORS,
+    PATTERNS,
+    WALL_COLOURS,
+    Material,
+    MaterialTable,
+    pattern_factor,
+)
 from diffpano.data.scenes import Scene
 from diffpano.geometry import check_panorama_size
 from diffpano.projection import cube_face_rays
@@ -191,13 +200,15 @@ class SceneRenderer:
         ax = np.argmin(far, axis=1).astype(np.int8)
         t_exit = far[np.arange(len(idx)), ax]
         best, best_ax = t_exit.copy(), ax
-        best_mat = np.where(ax == 1, np.where(di[:, 1] > 0, ra.floor_mat, self.ceiling_mat), ra.wall_mat).astype(np.int32)
+        down = di[:, 1] > 0
+        best_mat = np.where(ax == 1, np.where(down, ra.floor_mat, self.ceiling_mat), ra.wall_mat).astype(np.int32)
         best_label = np.where(ax == 1, np.where(di[:, 1] > 0, FLOOR, CEILING), WALL).astype(np.int32)
         passing = np.zeros(len(idx), bool)
         wall = ax != 1
         if len(ra.openings) and wall.any():
             p = o + di * t_exit[:, None]
-            for (o_ax, coord, lo, hi, top, bottom), kind, to in zip(ra.openings, ra.opening_kind, ra.opening_to):
+            openings = zip(ra.openings, ra.opening_kind, ra.opening_to, strict=True)
+            for (o_ax, coord, lo, hi, top, bottom), kind, to in openings:
                 along = p[:, 2] if o_ax == 0 else p[:, 0]
                 h = -p[:, 1]
                 inside = (ax == o_ax) & (np.abs(p[:, int(o_ax)] - coord) < 1e-3) & (along > lo) & (along < hi)

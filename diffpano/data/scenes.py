@@ -113,7 +113,7 @@ class Scene:
         return np.array([door.lo, -door.top, door.coord - half]), np.array([door.hi, 0.0, door.coord + half])
 
     def locate(self, x: float, z: float) -> tuple[int, Opening | None]:
-        """(room index, None) of a floor point, (the first room of the doorway, doorway) inside a doorway, (-1, None)."""
+        """(room, None) of a floor point; (the doorway's first room, doorway) in a doorway; (-1, None) outside."""
         room = self.room_at(x, z)
         if room >= 0:
             return room, None
@@ -249,7 +249,8 @@ def _windows_and_door(rooms: list[Room], footprint: tuple, rng: np.random.Genera
             width = float(rng.uniform(0.9, min(2.0, hi - lo - 0.8))) if hi - lo > 1.8 else 0.0
             if width > 0:
                 start = float(rng.uniform(lo + 0.4, hi - 0.4 - width))
-                out.append(Opening("window", axis, coord, start, start + width, WINDOW_TOP, WINDOW_SILL, (room.index, -1)))
+                window = Opening("window", axis, coord, start, start + width, WINDOW_TOP, WINDOW_SILL, (room.index, -1))
+                out.append(window)
     return out
 
 

@@ -79,4 +79,5 @@ def clip_poses(scene: Scene, frames: int, spacing: float, rng: np.random.Generat
     look = float(rng.normal(0, 0.3))  # the camera does not always face exactly along the walk
     yaws = np.arctan2(heading[:, 0], heading[:, 1]) + look + rng.normal(0, 0.05, frames)
     eye = scene.eye_height + float(rng.uniform(-0.05, 0.05))
-    return np.stack([camera_pose(x, z, float(math.remainder(y, 2 * math.pi)), eye) for (x, z), y in zip(xz, yaws)])
+    yaws = np.remainder(yaws + math.pi, 2 * math.pi) - math.pi
+    return np.stack([camera_pose(x, z, float(y), eye) for (x, z), y in zip(xz, yaws, strict=True)])

@@ -1,0 +1,139 @@
+"""`diffpano dataset build` on a local Ray cluster: SPEC §4 output, idempotent re-runs, resume, S3, bad input."""
+
+from __future__ import annotations
+
+import re
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
+import pytest
+from typer.testing import CliRunner
+
+from diffpano import storage
+from diffpano.cli import app
+from diffpano.data.build import BuildSpec, clip_id, render_clips
+from diffpano.data.loaders import ClipDataset
+from diffpano.data.manifest import DATASET_SCHEMA, decode_depth, decode_rgb, read_dataset
+from diffpano.geometry import validate_poses
+from trainer.dataset_builder import build_dataset
+
+ARGS = ["dataset", "build", "--scenes", "2", "--clips-per-scene", "2", "--frames", "3", "--size", "32x64", "--quiet"]
+
+
+def plain(text: str) -> str:
+    """CLI output without rich's boxes and line breaks."""
+    return re.sub(r"[\s│╭╮╰╯─]+", " ", text)
+
+
+def build(out, *extra) -> tuple[int, str]:
+    result = CliRunner().invoke(app, [*ARGS, "--out", str(out), *extra])
+    return result.exit_code, plain(result.output)
+
+
+def files(root) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def built(ray_local, tmp_path_factory):
+    """A small dataset built once through the CLI."""
+    out = tmp_path_factory.mktemp("ds") / "procedural"
+    code, text = build(out)
+    assert code == 0, text
+    return out, text
+
+
+def test_build_writes_spec_manifest_images_and_depth(built):
+    out, text = built
+    assert "4 clips / 12 keyframes written" in text
+    table = pads.dataset(str(out / "manifest"), format="parquet").to_table()
+    assert table.schema.equals(DATASET_SCHEMA, check_metadata=False)
+    df = pd.read_parquet(out / "manifest")
+    rows = duckdb.sql(f"select count(*), count(distinct clip_id || '/' || frame_index) from "
+                      f"read_parquet('{out}/manifest/*.parquet')").fetchall()
+    assert len(df) == table.num_rows == rows[0][0] == rows[0][1] == 12
+    assert set(df.clip_id) == {clip_id(BuildSpec(2, 2, 3, 32, 64), s, c) for s in range(2) for c in range(2)}
+    for row in df.itertuples():
+        rgb = decode_rgb((out / row.rgb_uri).read_bytes())
+        depth = decode_depth((out / row.depth_uri).read_bytes())
+        assert rgb.shape == (32, 64, 3) and depth.shape == (32, 64) and row.height == 32 and row.width == 64
+        assert 0.2 < depth[depth > 0].min() and depth.max() < 20 and (depth > 0).mean() > 0.99
+        assert row.caption.endswith(".") and len(row.caption.split()) >= 8
+    validate_poses(np.stack(df.pose_c2w.to_numpy()).reshape(-1, 4, 4), "pose_c2w")
+    assert sorted(df.groupby("clip_id").frame_index.apply(list).iloc[0]) == [0, 1, 2]
+
+
+def test_build_is_deterministic_and_loads_for_training(built):
+    out, _ = built
+    again = render_clips(BuildSpec(2, 2, 3, 32, 64), 1, [1])[0]
+    df = read_dataset(str(out)).to_pandas()
+    rows = df[df.clip_id == again.clip_id].sort_values("frame_index")
+    assert rows.caption.tolist() == again.captions
+    assert np.array_equal(decode_rgb((out / rows.rgb_uri.iloc[2]).read_bytes()), again.rgb[2])
+    clips = ClipDataset(str(out), num_views=3, num_ref_views=2)
+    sample = clips[0]
+    assert len(clips) == 4 and sample["images"].shape == (3, 3, 32, 64) and sample["ref_index"].shape == (3, 2)
+
+
+def test_rerun_adds_nothing_and_growing_adds_only_new_scenes(built, tmp_path):
+    out, _ = built
+    before = files(out)
+    code, text = build(out)
+    assert code == 0 and "0 clips / 0 keyframes written (4 clips already there)" in text
+    assert files(out) == before
+    code, text = build(out, "--scenes", "3")
+    assert code == 0 and "2 clips / 6 keyframes written (4 clips already there)" in text
+    df = read_dataset(str(out)).to_pandas()
+    assert len(df) == 18 and not df.duplicated(["clip_id", "frame_index"]).any()
+
+
+def test_crash_between_images_and_manifest_resumes_without_duplicates(ray_local, tmp_path):
+    spec = BuildSpec(scenes=2, clips_per_scene=1, frames=2, height=32, width=64)
+    out = str(tmp_path / "ds")
+    build_dataset(spec, out, progress=False)
+    parts = storage.list_files(storage.join(out, "manifest"), ".parquet")
+    (tmp_path / "ds" / "manifest" / parts[0].rsplit("/", 1)[1]).unlink()  # images written, manifest part lost
+    assert read_dataset(out).num_rows == 2
+    summary = build_dataset(spec, out, progress=False)
+    assert (summary.clips_written, summary.clips_present) == (1, 1)
+    df = read_dataset(out).to_pandas()
+    assert len(df) == 4 and not df.duplicated(["clip_id", "frame_index"]).any()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--size", "64x129"], "size"),
+        (["--size", "33x65"], "size"),
+        (["--size", "big"], "--size"),
+        (["--frames", "0"], "frames"),
+        (["--spacing", "-1"], "spacing"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, extra, message):
+    out = tmp_path / "ds"
+    code, text = build(out, *extra)
+    assert code == 2 and message in text
+    assert not out.exists()
+
+
+def test_changed_settings_on_an_existing_dataset_are_refused(built):
+    out, _ = built
+    before = files(out)
+    code, text = build(out, "--frames", "4")
+    assert code == 2 and "frames" in text and "built with frames=3" in text
+    assert files(out) == before
+
+
+def test_build_to_s3(ray_local, s3_endpoint):
+    spec = BuildSpec(scenes=1, clips_per_scene=2, frames=2, height=32, width=64, seed=5)
+    out = "s3://diffpano-test/datasets/proc"
+    summary = build_dataset(spec, out, progress=False)
+    assert summary.frames_written == 4
+    table = read_dataset(out)
+    assert table.num_rows == 4
+    rgb = decode_rgb(storage.read_bytes(storage.join(out, table.column("rgb_uri")[0].as_py())))
+    assert rgb.shape == (32, 64, 3)
+    assert build_dataset(spec, out, progress=False).frames_written == 0
