@@ -98,13 +98,10 @@ def video(
     fps: int = typer.Option(12, min=1, max=120),
 ) -> None:
     """Render a perspective walk-through of a generated tour as a video."""
-    import io
-
     import numpy as np
-    from PIL import Image
 
     from diffpano import storage
-    from diffpano.manifest import read_manifest
+    from diffpano.manifest import decode_rgb, read_manifest
     from diffpano.video import walkthrough_frames, write_video
 
     table = read_manifest(output).to_pandas()
@@ -114,8 +111,7 @@ def video(
     rows = table[table.tour_id == tour_id].sort_values("view_index")
     if rows.empty:
         raise typer.BadParameter(f"--tour: no tour {tour_id!r} in {output}")
-    images = [np.asarray(Image.open(io.BytesIO(storage.read_bytes(storage.join(output, u)))).convert("RGB"))
-              for u in rows.image_uri]
+    images = [decode_rgb(storage.read_bytes(storage.join(output, u))) for u in rows.image_uri]
     poses = np.stack([np.asarray(p, dtype=np.float64).reshape(4, 4) for p in rows.pose_c2w])
     frames = walkthrough_frames(images, poses, frames_per_view=frames_per_view, fov_deg=fov)
     path = write_video(frames, out, fps=fps)

@@ -59,6 +59,12 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def decode_rgb(data: bytes) -> np.ndarray:
+    """(H, W, 3) uint8 of an image file's bytes."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
 def tour_table(tours: list[Tour], created_at: datetime | None = None) -> pa.Table:
     """Manifest rows of tours, one per view."""
     now = created_at or datetime.now(timezone.utc)

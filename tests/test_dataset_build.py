@@ -15,8 +15,9 @@ from diffpano import storage
 from diffpano.cli import app
 from diffpano.data.build import BuildSpec, clip_id, render_clips
 from diffpano.data.loaders import ClipDataset
-from diffpano.data.manifest import DATASET_SCHEMA, decode_depth, decode_rgb, read_dataset
+from diffpano.data.manifest import DATASET_SCHEMA, decode_depth, read_dataset
 from diffpano.geometry import validate_poses
+from diffpano.manifest import decode_rgb
 from trainer.dataset_builder import build_dataset
 
 ARGS = ["dataset", "build", "--scenes", "2", "--clips-per-scene", "2", "--frames", "3", "--size", "32x64", "--quiet"]

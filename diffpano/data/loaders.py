@@ -14,8 +14,9 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from diffpano import storage
-from diffpano.data.manifest import decode_depth, decode_rgb, read_dataset
+from diffpano.data.manifest import decode_depth, read_dataset
 from diffpano.geometry import check_panorama_size, nearest_views, yaw_matrix
+from diffpano.manifest import decode_rgb
 
 FLIP = np.diag([-1.0, 1.0, 1.0, 1.0])  # mirrors camera and world x (SPEC §1: u -> W-1-u maps theta to -theta)
 

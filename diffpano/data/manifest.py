@@ -66,12 +66,6 @@ def decode_depth(data: bytes) -> np.ndarray:
         return np.asarray(im, dtype=np.float32) / DEPTH_SCALE
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    """(H, W, 3) uint8 of an image file's bytes."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
-
-
 def clip_table(clips: list[Clip]) -> pa.Table:
     """Manifest rows of clips, one per keyframe."""
     rows = [
