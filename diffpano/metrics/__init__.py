@@ -1,0 +1,1 @@
+"""Evaluation metrics: distribution (FID, IS, CLIP score, FAED), paired, multi-view consistency, seam, adherence."""
