@@ -1,0 +1,125 @@
+"""Multi-view consistency of a tour: along spherical epipolar arcs (no depth), and by reprojection with depth."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+from diffpano.geometry import circular_grid_sample, epipolar_samples, nearest_views
+from diffpano.reprojection import warp
+
+EVAL_SIZE = (64, 128)
+NULL_EPS = 1e-4  # below this the images have no texture to match: no evidence of consistency
+
+
+def as_unit_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) float in [0, 1] of uint8 (N, H, W, 3) arrays or float (N, 3, H, W) tensors."""
+    x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    if x.ndim != 4:
+        raise ValueError(f"images: expected 4 dimensions (N, H, W, 3) or (N, 3, H, W), got {tuple(x.shape)}")
+    if x.shape[-1] == 3 and x.shape[1] != 3:
+        x = x.permute(0, 3, 1, 2)
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Area-averaged resize (a low-pass, so sampling the arcs does not alias)."""
+    return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode="area")
+
+
+def epipolar_error(
+    targets: torch.Tensor, references: torch.Tensor, poses: torch.Tensor, num_samples: int = 64,
+    near: float = 0.3, far: float = 15.0, size: tuple[int, int] = EVAL_SIZE,
+) -> float:
+    """Mean over target pixels of the best colour match (L1, [0, 1]) among S points of its arc in its nearest view.
+
+    targets and references are (N, 3, H, W) in [0, 1]; view t is compared with references[nearest(t)], so passing
+    unrelated images as references measures the same number for views that share no scene.
+    """
+    poses = torch.as_tensor(np.asarray(poses), dtype=torch.float32)
+    n = poses.shape[0]
+    if n < 2 or targets.shape[0] != n or references.shape[0] != n:
+        raise ValueError(f"poses: need N >= 2 views with one pose and one image each, got {n} poses, "
+                         f"{targets.shape[0]} targets, {references.shape[0]} references")
+    h, w = size
+    tgt, ref = _resize(targets, size), _resize(references, size)
+    idx, valid = nearest_views(poses, 1)
+    samples = epipolar_samples(poses, idx, valid, h, w, num_samples, near, far)
+    grid = samples.grid[:, 0]  # (N, hw, S, 2)
+    picked = circular_grid_sample(ref[idx[:, 0]], grid)  # (N, 3, hw, S)
+    diff = (picked - tgt.flatten(2).unsqueeze(-1)).abs().mean(1)  # (N, hw, S)
+    diff = torch.where(samples.mask[:, 0], diff, torch.full_like(diff, math.inf))
+    best = diff.min(-1).values
+    return float(best[torch.isfinite(best)].mean())
+
+
+def epipolar_consistency(images, poses, num_samples: int = 64, size: tuple[int, int] = EVAL_SIZE,
+                         unrelated=None) -> dict:
+    """Epipolar error of a tour, the same error against a null (references rolled by half a turn), and the score.
+
+    score = 1 - error / error_null: near 1 when colours agree along the arcs, near 0 for views that do not show
+    one scene, and 0 (no evidence) for textureless images whose null error vanishes. With `unrelated` images
+    (views of other scenes at the same positions) their error is reported too.
+    """
+    x = as_unit_images(images)
+    err = epipolar_error(x, x, poses, num_samples, size=size)
+    err_null = epipolar_error(x, torch.roll(x, x.shape[-1] // 2, dims=-1), poses, num_samples, size=size)
+    out = {"epipolar_error": err, "epipolar_error_null": err_null,
+           "epipolar_score": 0.0 if err_null < NULL_EPS else max(0.0, 1.0 - err / err_null)}
+    if unrelated is not None:
+        out["epipolar_error_unrelated"] = epipolar_error(x, as_unit_images(unrelated), poses, num_samples, size=size)
+    return out
+
+
+def _masked_psnr_ssim(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """PSNR and SSIM of (3, H, W) images in [0, 1] over mask pixels (SSIM map averaged over the mask)."""
+    mse = float(((a - b) ** 2).mean(0)[mask].mean())
+    psnr = math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+    filled = torch.where(mask, b, a)  # outside the mask the SSIM window sees the image itself, not a hole
+    _, ssim_map = structural_similarity_index_measure(
+        filled[None], a[None], data_range=1.0, return_full_image=True
+    )
+    return psnr, float(ssim_map[0].mean(0)[mask].mean())
+
+
+def reprojection_scores(images, depths: np.ndarray, poses: np.ndarray, min_overlap: float = 0.05) -> dict:
+    """PSNR/SSIM between neighbouring views over pixels that ground-truth depth maps onto each other, unoccluded.
+
+    images (N, ...) are the views to score; depths (N, H, W) metres and poses (N, 4, 4) are the ground truth.
+    Pairs (i, i+1) both ways; PSNR of identical overlaps is infinite and is capped at 100 dB for the mean.
+    """
+    x = as_unit_images(images)
+    depths, poses = np.asarray(depths, np.float32), np.asarray(poses, np.float64)
+    if x.shape[-2:] != depths.shape[-2:]:
+        x = F.interpolate(x, size=depths.shape[-2:], mode="area")
+    psnrs, ssims = [], []
+    for i in range(len(x) - 1):
+        for s, t in ((i, i + 1), (i + 1, i)):
+            moved = warp(depths[s], poses[s], poses[t], depths[t])
+            mask = torch.from_numpy(moved.visible)
+            if mask.float().mean() < min_overlap:
+                continue
+            sampled = x[t][:, torch.from_numpy(moved.v), torch.from_numpy(moved.u)]
+            p, q = _masked_psnr_ssim(x[s], sampled, mask)
+            psnrs.append(min(p, 100.0))
+            ssims.append(q)
+    if not psnrs:
+        return {"reprojection_psnr": None, "reprojection_ssim": None, "reprojection_pairs": 0}
+    return {"reprojection_psnr": float(np.mean(psnrs)), "reprojection_ssim": float(np.mean(ssims)),
+            "reprojection_pairs": len(psnrs)}
+
+
+def normalised_reprojection(generated, ground_truth, depths, poses) -> dict:
+    """Reprojection PSNR/SSIM of generated views and their ratio to the same scores of the ground-truth views."""
+    gen = reprojection_scores(generated, depths, poses)
+    ref = reprojection_scores(ground_truth, depths, poses)
+    out = dict(gen)
+    out["reprojection_psnr_gt"], out["reprojection_ssim_gt"] = ref["reprojection_psnr"], ref["reprojection_ssim"]
+    for key in ("psnr", "ssim"):
+        a, b = gen[f"reprojection_{key}"], ref[f"reprojection_{key}"]
+        out[f"reprojection_{key}_ratio"] = None if a is None or not b else a / b
+    return out
