@@ -163,6 +163,118 @@ def dataset_import(
     typer.echo(summary.line())
 
 
+def _eval_tools(inception, clip, faed, adherence, lpips_weights):
+    """The metric networks from local files, or a clear error naming the option."""
+    from diffpano.evaluation import load_tools
+
+    try:
+        return load_tools(inception, clip, faed, adherence or "bundled", lpips_weights)
+    except (OSError, ValueError) as err:
+        raise typer.BadParameter(f"metric weights: {err}") from None
+
+
+EVAL_WEIGHTS = dict(
+    inception=typer.Option(None, "--inception", help="TorchScript Inception for FID/IS (inception-2015-12-05.pt)."),
+    clip=typer.Option(None, "--clip", help="Local CLIP directory for CLIP score."),
+    faed=typer.Option(None, "--faed", help="Panorama autoencoder directory for FAED."),
+    adherence=typer.Option(None, "--adherence", help="Adherence classifier directory (default: the bundled one)."),
+    lpips_weights=typer.Option(None, "--lpips-weights", help="torchvision backbone weights for LPIPS."),
+)
+
+
+@app.command("eval")
+def evaluate(
+    out: str = typer.Option("outputs/eval", "--out", help="Report folder or s3:// prefix."),
+    model: str | None = typer.Option(None, "--model", help="Model directory or s3:// URI (default: bundled)."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Dataset (SPEC §4) with the test clips."),
+    tours: str | None = typer.Option(None, "--tours", help="Score already generated tours (SPEC §5) instead."),
+    num_tours: int = typer.Option(8, "--num-tours", min=1, help="Test tours drawn from the dataset."),
+    views: int = typer.Option(4, "--views", min=1, max=64, help="Views per test tour."),
+    steps: int = typer.Option(20, "--steps", min=1, max=1000),
+    guidance: float = typer.Option(5.0, "--guidance", min=0.0),
+    size: str | None = typer.Option(None, "--size", help="HxW to generate at (default: the model's size)."),
+    replicas: int = typer.Option(2, "--replicas", min=1, help="Model replicas (Ray actors) generating tours."),
+    seed: int = typer.Option(0, "--seed"),
+    inception: str | None = EVAL_WEIGHTS["inception"],
+    clip: str | None = EVAL_WEIGHTS["clip"],
+    faed: str | None = EVAL_WEIGHTS["faed"],
+    adherence: str | None = EVAL_WEIGHTS["adherence"],
+    lpips_weights: str | None = EVAL_WEIGHTS["lpips_weights"],
+) -> None:
+    """Evaluate a model on a dataset's test clips (or score given tours): metrics.json, report.md, pictures."""
+    from trainer.evaluate import evaluate_model, evaluate_tours
+
+    if not tours and not dataset:
+        raise typer.BadParameter("--dataset: give a dataset to evaluate a model on, or --tours to score outputs")
+    tools = _eval_tools(inception, clip, faed, adherence, lpips_weights)
+    try:
+        if tours:
+            metrics = evaluate_tours(tours, out, tools, dataset, seed)
+        else:
+            metrics = evaluate_model(model, dataset, out, tools, num_tours, views, steps, guidance, parse_size(size)
+                                     if size else None, replicas, seed)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    _print_metrics(metrics, out)
+
+
+@app.command()
+def ablate(
+    study: str = typer.Argument(..., help="sk (samples S x reference views K), ea (with/without EA), stages."),
+    dataset: str = typer.Option(..., "--dataset", help="Dataset (SPEC §4) with the test clips."),
+    out: str = typer.Option("outputs/ablation", "--out", help="Report folder or s3:// prefix."),
+    model: str | None = typer.Option(None, "--model", help="Model (the two-stage one for 'stages')."),
+    one_stage_model: str | None = typer.Option(None, "--one-stage-model", help="One-stage model for 'stages'."),
+    samples: str = typer.Option("2,4,8", "--samples", help="S values for 'sk'."),
+    refs: str = typer.Option("1,2", "--refs", help="K values for 'sk'."),
+    num_tours: int = typer.Option(4, "--num-tours", min=1),
+    views: int = typer.Option(4, "--views", min=2, max=64),
+    steps: int = typer.Option(20, "--steps", min=1, max=1000),
+    replicas: int = typer.Option(2, "--replicas", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    inception: str | None = EVAL_WEIGHTS["inception"],
+    clip: str | None = EVAL_WEIGHTS["clip"],
+    faed: str | None = EVAL_WEIGHTS["faed"],
+    adherence: str | None = EVAL_WEIGHTS["adherence"],
+    lpips_weights: str | None = EVAL_WEIGHTS["lpips_weights"],
+) -> None:
+    """Reproduce the shape of the paper's ablation tables on a procedural benchmark: a table and a plot."""
+    from trainer.evaluate import run_ablation
+
+    def ints(text: str, name: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"{name}: expected comma-separated integers, got {text!r}") from None
+        if not values or min(values) < 1:
+            raise typer.BadParameter(f"{name}: expected positive integers, got {text!r}")
+        return values
+
+    tools = _eval_tools(inception, clip, faed, adherence, lpips_weights)
+    try:
+        rows = run_ablation(study, model, dataset, out, tools, ints(samples, "--samples"), ints(refs, "--refs"),
+                            one_stage_model, num_tours=num_tours, views=views, steps=steps, replicas=replicas,
+                            seed=seed)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    for row in rows:
+        typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                            if v is not None))
+    typer.echo(f"report: {out}/report.md")
+
+
+def _print_metrics(metrics: dict, out: str) -> None:
+    """Summary lines of an evaluation."""
+    from diffpano.evaluation import SUMMARY_KEYS
+
+    for key in SUMMARY_KEYS:
+        if isinstance(metrics.get(key), float):
+            typer.echo(f"{key:28s} {metrics[key]:.4g}")
+    for line in metrics.get("missing", []):
+        typer.echo(f"not measured: {line}")
+    typer.echo(f"report: {out}/report.md, {out}/metrics.json")
+
+
 def main() -> None:
     """Entry point of the `diffpano` command."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
