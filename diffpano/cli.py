@@ -168,7 +168,7 @@ def _eval_tools(inception, clip, faed, adherence, lpips_weights):
     from diffpano.evaluation import load_tools
 
     try:
-        return load_tools(inception, clip, faed, adherence or "bundled", lpips_weights)
+        return load_tools(inception, clip, faed or "bundled", adherence or "bundled", lpips_weights)
     except (OSError, ValueError) as err:
         raise typer.BadParameter(f"metric weights: {err}") from None
 
@@ -176,7 +176,7 @@ def _eval_tools(inception, clip, faed, adherence, lpips_weights):
 EVAL_WEIGHTS = dict(
     inception=typer.Option(None, "--inception", help="TorchScript Inception for FID/IS (inception-2015-12-05.pt)."),
     clip=typer.Option(None, "--clip", help="Local CLIP directory for CLIP score."),
-    faed=typer.Option(None, "--faed", help="Panorama autoencoder directory for FAED."),
+    faed=typer.Option(None, "--faed", help="Panorama autoencoder directory for FAED (default: the bundled one)."),
     adherence=typer.Option(None, "--adherence", help="Adherence classifier directory (default: the bundled one)."),
     lpips_weights=typer.Option(None, "--lpips-weights", help="torchvision backbone weights for LPIPS."),
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -130,9 +131,12 @@ class EvalTools:
     horizontal: int = 8
 
 
-def load_tools(inception: str | None = None, clip: str | None = None, faed: str | None = None,
+BUNDLED_FAED = Path(__file__).parent / "assets" / "metrics" / "faed"
+
+
+def load_tools(inception: str | None = None, clip: str | None = None, faed: str | None = "bundled",
                adherence: str | None = "bundled", lpips_weights: str | None = None, device: str = "cpu") -> EvalTools:
-    """Load the metric networks from local files; adherence 'bundled' is the classifier shipped with diffpano."""
+    """Load the metric networks from local files; 'bundled' picks the FAED autoencoder or classifier shipped here."""
     from diffpano.metrics import adherence as adh
     from diffpano.metrics.faed import load_autoencoder
     from diffpano.metrics.features import ClipScorer, TorchScriptInception
@@ -140,7 +144,7 @@ def load_tools(inception: str | None = None, clip: str | None = None, faed: str 
     return EvalTools(
         extractor=TorchScriptInception(inception, device) if inception else None,
         clip=ClipScorer(clip, device) if clip else None,
-        faed=load_autoencoder(faed) if faed else None,
+        faed=load_autoencoder(str(BUNDLED_FAED) if faed == "bundled" else faed) if faed else None,
         adherence=(adh.load_classifier(device=device) if adherence == "bundled" else adh.load_classifier(adherence))
         if adherence else None,
         lpips_weights=lpips_weights,
@@ -223,7 +227,7 @@ def score_tours(generated: list[GeneratedTour], truth: list[EvalTour] | None, to
         metrics["faed"] = faed(tools.faed, _resize_to(real_t.permute(0, 2, 3, 1).numpy(), faed_size),
                                _resize_to(fake.permute(0, 2, 3, 1).numpy(), faed_size))
     elif tools.faed is None:
-        missing.append("FAED needs a panorama autoencoder: pass --faed DIR (train one with "
+        missing.append("FAED needs a panorama autoencoder: pass --faed DIR or keep the bundled one (train one with "
                        "`python bench/train_faed.py --dataset DATASET`)")
     metrics["missing"] = missing
     return metrics
