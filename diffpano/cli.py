@@ -263,6 +263,38 @@ def ablate(
     typer.echo(f"report: {out}/report.md")
 
 
+@app.command()
+def train(
+    stages: str = typer.Argument(..., help="stage1, stage2 or all."),
+    config: str = typer.Option(..., "--config", help="YAML training config (see trainer/configs/)."),
+    name: str = typer.Option(..., "--name", help="Run name; running the same name again resumes it."),
+    storage_root: str = typer.Option("outputs/runs", "--storage", help="Folder or s3:// prefix for runs."),
+    overrides: list[str] | None = typer.Option(None, "--set", help="Override a config key: key.path=value."),
+) -> None:
+    """Train on Ray Train (stage 1: Pano-SD; stage 2: EA modules); the model lands in STORAGE/NAME/model."""
+    import re as _re
+
+    from trainer.config import load_config
+
+    chosen = {"stage1": [1], "stage2": [2], "all": [1, 2]}.get(stages)
+    if chosen is None:
+        raise typer.BadParameter(f"STAGES: expected stage1, stage2 or all, got {stages!r}")
+    if not _re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
+        raise typer.BadParameter(f"--name: letters, digits, '.', '_' and '-' only, got {name!r}")
+    try:
+        cfg = load_config(config, overrides)
+        from trainer.run import run_paths
+        from trainer.run import train as run_training
+
+        results = run_training(cfg, chosen, name, storage_root)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    for r in results:
+        loss = "—" if r.loss is None else f"{r.loss:.4f}"
+        typer.echo(f"stage{r.stage}: {r.steps} steps, final loss {loss}, {r.seconds:.1f}s -> {r.export}")
+    typer.echo(f"model: {run_paths(storage_root, name)['model']}")
+
+
 def _print_metrics(metrics: dict, out: str) -> None:
     """Summary lines of an evaluation."""
     from diffpano.evaluation import SUMMARY_KEYS

@@ -46,6 +46,15 @@ def tiny_vae_config() -> dict:
     )
 
 
+def sd_vae_config() -> dict:
+    """The VAE configuration of Stable Diffusion 1.x/2.x (factor 8, 4 latent channels)."""
+    return dict(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=0.18215,
+    )
+
+
 def tiny_text_encoder(hidden_size: int = 32, vocab_size: int | None = None) -> tuple[BertModel, object]:
     """A two-layer BERT text encoder over the scene vocabulary, and its tokenizer."""
     tokenizer = build_word_tokenizer()

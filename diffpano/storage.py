@@ -25,6 +25,10 @@ def s3_filesystem() -> pafs.S3FileSystem:
         connect_timeout=10,
         request_timeout=60,
     )
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        # Explicit keys travel with the pickled filesystem to Ray processes started before they were set.
+        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+                      session_token=os.environ.get("AWS_SESSION_TOKEN"))
     if endpoint:
         kwargs["endpoint_override"] = endpoint
         kwargs["scheme"] = "http" if endpoint.startswith("http://") else "https"

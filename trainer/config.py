@@ -1,0 +1,163 @@
+"""Training configuration: YAML files validated on load (unknown keys and bad values rejected, naming the key)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    """A config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Strict):
+    """Where the model starts: a model directory (SPEC §7), or a fresh architecture trained from scratch."""
+
+    base: str | None = None  # model directory or s3:// URI; None builds `arch` from scratch
+    arch: Literal["tiny", "tiny-latent", "sd15", "sd21"] = "tiny"
+    text_encoder: Literal["tiny-bert", "minilm"] = "tiny-bert"  # for arch builds only
+    num_ref_views: int = Field(2, ge=1, le=16)
+    num_samples: int = Field(8, ge=1, le=64)
+
+
+class DataConfig(Strict):
+    """The dataset (SPEC §4) and how samples are drawn from it."""
+
+    dataset: str
+    size: tuple[int, int] = (32, 64)
+    caption_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    yaw_augment: bool = True
+    flip_prob: float = Field(0.0, ge=0.0, le=1.0)
+    loader_workers: int = Field(0, ge=0, le=64)
+    cache_actors: int = Field(1, ge=1, le=256)
+
+    @field_validator("size")
+    @classmethod
+    def _panorama(cls, v: tuple[int, int]) -> tuple[int, int]:
+        """W = 2H, positive."""
+        if v[0] < 8 or v[1] != 2 * v[0]:
+            raise ValueError(f"must be [H, 2H] with H >= 8, got {list(v)}")
+        return v
+
+
+class EmaConfig(Strict):
+    """Exponential moving average of the trainable weights."""
+
+    enabled: bool = False
+    decay: float = Field(0.999, gt=0.0, lt=1.0)
+
+
+class StageConfig(Strict):
+    """One training stage."""
+
+    steps: int = Field(100, ge=0)
+    batch_size: int = Field(4, ge=1)  # per worker; stage 2: tours (clips) per worker
+    lr: float = Field(1e-4, gt=0.0, le=1.0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_accum: int = Field(1, ge=1, le=1024)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    lora_rank: int = Field(0, ge=0, le=1024)  # 0: train the whole UNet (stage 1) / keep it frozen (stage 2)
+    lora_alpha: float | None = None
+    views: int = Field(4, ge=2, le=64)  # stage 2: views per clip window
+    ema: EmaConfig = EmaConfig()
+
+
+class OptimConfig(Strict):
+    """The diffusion objective and numerics."""
+
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    min_snr_gamma: float | None = Field(None, gt=0.0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    allow_tf32: bool = True
+
+
+class ScalingSection(Strict):
+    """Ray Train workers."""
+
+    num_workers: int = Field(2, ge=1, le=4096)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(1.0, ge=0.0)
+
+
+class RunSection(Strict):
+    """Checkpoints, fault tolerance, logging, samples."""
+
+    seed: int = 0
+    checkpoint_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(1, ge=-1)
+    log_every: int = Field(1, ge=1)
+    sample_every: int = Field(0, ge=0)  # 0: only at the end of a stage
+    sample_steps: int = Field(10, ge=1, le=1000)
+    fail_at_step: int | None = None  # testing: one worker raises once at this step (fault-injection)
+
+
+class TrainConfig(Strict):
+    """A whole two-stage training run."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    stage1: StageConfig = StageConfig()
+    stage2: StageConfig = StageConfig(batch_size=1)
+    optim: OptimConfig = OptimConfig()
+    scaling: ScalingSection = ScalingSection()
+    run: RunSection = RunSection()
+
+    @model_validator(mode="after")
+    def _lora_needs_base(self) -> TrainConfig:
+        """LoRA in stage 1 adapts a pretrained UNet; training from scratch trains all of it."""
+        if self.stage1.lora_rank and self.model.base is None:
+            raise ValueError("stage1.lora_rank: LoRA needs a pretrained model.base; use 0 to train from scratch")
+        return self
+
+
+def _set(tree: dict, dotted: str, value: object) -> None:
+    """tree[a][b][c] = value for 'a.b.c', creating sections."""
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+        if not isinstance(tree, dict):
+            raise ValueError(f"{dotted}: {key} is not a section")
+    tree[leaf] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, object]]:
+    """'key.path=value' strings as (key, YAML-parsed value)."""
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set: expected key=value, got {item!r}")
+        out.append((key.strip(), yaml.safe_load(raw)))
+    return out
+
+
+def describe(err: ValidationError) -> str:
+    """One line per problem, each naming the dotted key."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors())
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """The config in a YAML file with --set overrides applied, validated; ValueError names every bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config: no such file: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"--config: {path} is not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ValueError(f"--config: {path} must hold a mapping of sections")
+    for key, value in parse_overrides(overrides or []):
+        _set(tree, key, value)
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ValueError(describe(err)) from None

@@ -1,0 +1,132 @@
+"""Runs the training stages on Ray Train: the initial model, the caches, one TorchTrainer per stage, the export."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from diffpano import storage
+from diffpano.data.manifest import read_dataset
+from trainer.cache import build_latent_cache, build_text_cache
+from trainer.config import TrainConfig
+from trainer.dataset_builder import ensure_ray, worker_env
+from trainer.loop import train_stage
+
+
+@dataclass
+class StageResult:
+    """What one stage did."""
+
+    stage: int
+    steps: int
+    loss: float | None
+    seconds: float
+    export: str
+
+
+def run_paths(storage_root: str, name: str) -> dict[str, str]:
+    """Where a run keeps its pieces below STORAGE/NAME."""
+    root = storage.join(storage_root, name)
+    return {"root": root, "init": storage.join(root, "init-model"), "stage1": storage.join(root, "stage1-model"),
+            "model": storage.join(root, "model")}
+
+
+def check_dataset(cfg: TrainConfig) -> None:
+    """A clear error before any worker starts when the dataset has no manifest rows."""
+    if read_dataset(cfg.data.dataset, ["clip_id"]).num_rows == 0:
+        raise ValueError(f"data.dataset: no manifest (or no keyframes) at {cfg.data.dataset}; build one with "
+                         "`diffpano dataset build` or `diffpano dataset import`")
+
+
+def initial_model(cfg: TrainConfig, target: str) -> str:
+    """The model stage 1 starts from: model.base as given, or a fresh `arch` written once to target."""
+    if cfg.model.base:
+        return cfg.model.base
+    if storage.exists(storage.join(target, "model_index.json")):
+        return target
+    from diffpano.factory import (
+        build_pipeline,
+        minilm_text_encoder,
+        sd_unet_config,
+        sd_vae_config,
+        tiny_unet_config,
+        tiny_vae_config,
+    )
+    from diffpano.modelio import save_model
+
+    text_encoder, tokenizer = minilm_text_encoder() if cfg.model.text_encoder == "minilm" else (None, None)
+    dim = text_encoder.config.hidden_size if text_encoder is not None else 32
+    arch = cfg.model.arch
+    if arch.startswith("tiny"):
+        unet_cfg = tiny_unet_config(4 if arch == "tiny-latent" else 3, cross_attention_dim=dim)
+        vae_cfg = tiny_vae_config() if arch == "tiny-latent" else None
+    else:
+        unet_cfg = sd_unet_config("1.5" if arch == "sd15" else "2.1") | {"cross_attention_dim": dim}
+        vae_cfg = sd_vae_config()
+    h = cfg.data.size[0]
+    factor = 1 if vae_cfg is None else 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    unet_cfg["sample_size"] = h // factor
+    pipe = build_pipeline(unet_cfg, text_encoder, tokenizer, vae_cfg, seed=cfg.run.seed,
+                          epipolar={"num_ref_views": cfg.model.num_ref_views, "num_samples": cfg.model.num_samples})
+    pipe.model_name = f"{arch}-init"
+    save_model(pipe, target)
+    return target
+
+
+def stage_trainer(cfg: TrainConfig, stage: int, paths: dict, init_model: str, caches: tuple) -> TorchTrainer:
+    """The TorchTrainer of one stage; RunConfig(name=stageN) under the run root, so re-running resumes it."""
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker} | ({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})
+    export = paths["stage1"] if stage == 1 else paths["model"]
+    loop_config = {"cfg": cfg.model_dump(mode="json"), "stage": stage, "run_root": paths["root"],
+                   "init_model": init_model, "text_cache": caches[0], "latent_cache": caches[1], "export": export}
+    return TorchTrainer(
+        train_stage, train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"stage{stage}", storage_path=_ray_storage(paths["root"])[0],
+            storage_filesystem=_ray_storage(paths["root"])[1],
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            worker_runtime_env={"env_vars": worker_env()},
+        ),
+    )
+
+
+def _ray_storage(uri: str) -> tuple[str, object]:
+    """(storage_path, storage_filesystem) for Ray Train; S3 gets a configured filesystem, so Ray's own processes
+    need no AWS variables of their own (an endpoint set after the cluster started would not reach them)."""
+    fs, path = storage.resolve(uri)
+    return path, (fs if storage.is_remote(uri) else None)
+
+
+def train(cfg: TrainConfig, stages: list[int], name: str, storage_root: str) -> list[StageResult]:
+    """Run the given stages (1, 2 or both) of a named run; a re-run with the same name resumes where it stopped."""
+    check_dataset(cfg)
+    paths = run_paths(storage_root, name)
+    ensure_ray()
+    results = []
+    for stage in stages:
+        if stage == 1:
+            start = initial_model(cfg, paths["init"])
+        elif storage.exists(storage.join(paths["stage1"], "model_index.json")):
+            start = paths["stage1"]
+        elif cfg.model.base:
+            start = cfg.model.base
+        else:
+            raise ValueError(f"model.base: stage 2 needs a stage-1 model; run stage1 first (none at {paths['stage1']})"
+                             " or set model.base")
+        caches = (build_text_cache(cfg.data.dataset, start, cfg.data.cache_actors),
+                  build_latent_cache(cfg.data.dataset, start, tuple(cfg.data.size), cfg.data.cache_actors))
+        started = time.perf_counter()
+        result = stage_trainer(cfg, stage, paths, start, caches).fit()
+        metrics = result.metrics or {}
+        results.append(StageResult(stage, int(metrics.get("step", 0)), metrics.get("loss"),
+                                   time.perf_counter() - started, paths["stage1"] if stage == 1 else paths["model"]))
+    if stages == [1]:
+        storage.copy_tree(paths["stage1"], paths["model"])
+    return results
