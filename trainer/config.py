@@ -19,7 +19,7 @@ class ModelConfig(Strict):
     """Where the model starts: a model directory (SPEC §7), or a fresh architecture trained from scratch."""
 
     base: str | None = None  # model directory or s3:// URI; None builds `arch` from scratch
-    arch: Literal["tiny", "tiny-latent", "sd15", "sd21"] = "tiny"
+    arch: Literal["tiny", "tiny-latent", "small-latent", "sd15", "sd21"] = "tiny"
     text_encoder: Literal["tiny-bert", "minilm"] = "tiny-bert"  # for arch builds only
     num_ref_views: int = Field(2, ge=1, le=16)
     num_samples: int = Field(8, ge=1, le=64)
@@ -39,10 +39,15 @@ class DataConfig(Strict):
     @field_validator("size")
     @classmethod
     def _panorama(cls, v: tuple[int, int]) -> tuple[int, int]:
-        """W = 2H, positive."""
-        if v[0] < 8 or v[1] != 2 * v[0]:
-            raise ValueError(f"must be [H, 2H] with H >= 8, got {list(v)}")
-        return v
+        """W = 2H, H >= 8."""
+        return check_size(v)
+
+
+def check_size(v: tuple[int, int] | None) -> tuple[int, int] | None:
+    """A panorama size [H, 2H] with H >= 8 (None passes)."""
+    if v is not None and (v[0] < 8 or v[1] != 2 * v[0]):
+        raise ValueError(f"must be [H, 2H] with H >= 8, got {list(v)}")
+    return v
 
 
 class EmaConfig(Strict):
@@ -65,7 +70,25 @@ class StageConfig(Strict):
     lora_rank: int = Field(0, ge=0, le=1024)  # 0: train the whole UNet (stage 1) / keep it frozen (stage 2)
     lora_alpha: float | None = None
     views: int = Field(4, ge=2, le=64)  # stage 2: views per clip window
+    size: tuple[int, int] | None = None  # [H, W] of this stage; None: data.size
     ema: EmaConfig = EmaConfig()
+
+    @field_validator("size")
+    @classmethod
+    def _panorama(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        """W = 2H, H >= 8."""
+        return check_size(v)
+
+
+class VaeStageConfig(Strict):
+    """Stage 0: train the VAE of a fresh latent architecture on the dataset's panoramas (reconstruction + KL)."""
+
+    steps: int = Field(0, ge=0)  # 0: no VAE stage (a base model's VAE, or a pixel-space model)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    warmup_steps: int = Field(0, ge=0)
+    kl_weight: float = Field(1e-6, ge=0.0)
+    strip_rows: int | None = Field(None, ge=8)  # train on random full-width strips of this many rows (cheaper)
 
 
 class OptimConfig(Strict):
@@ -80,7 +103,7 @@ class OptimConfig(Strict):
 class ScalingSection(Strict):
     """Ray Train workers."""
 
-    num_workers: int = Field(2, ge=1, le=4096)
+    num_workers: int = Field(2, ge=0, le=4096)  # 0: in this process without a Ray cluster (debugging, benchmarks)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(1.0, ge=0.0)
@@ -104,17 +127,24 @@ class TrainConfig(Strict):
 
     model: ModelConfig = ModelConfig()
     data: DataConfig
+    vae: VaeStageConfig = VaeStageConfig()
     stage1: StageConfig = StageConfig()
     stage2: StageConfig = StageConfig(batch_size=1)
     optim: OptimConfig = OptimConfig()
     scaling: ScalingSection = ScalingSection()
     run: RunSection = RunSection()
 
+    def size(self, stage: int) -> tuple[int, int]:
+        """(H, W) the given stage trains at."""
+        return tuple((self.stage2 if stage == 2 else self.stage1).size or self.data.size)
+
     @model_validator(mode="after")
     def _lora_needs_base(self) -> TrainConfig:
         """LoRA in stage 1 adapts a pretrained UNet; training from scratch trains all of it."""
         if self.stage1.lora_rank and self.model.base is None:
             raise ValueError("stage1.lora_rank: LoRA needs a pretrained model.base; use 0 to train from scratch")
+        if self.vae.steps and (self.model.base is not None or "latent" not in self.model.arch):
+            raise ValueError("vae.steps: only a fresh latent model.arch (no model.base) has a VAE to train; use 0")
         return self
 
 

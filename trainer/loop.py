@@ -73,9 +73,9 @@ def _seed(seed: int) -> None:
 def make_dataset(cfg: TrainConfig, stage: int, latents: dict | None, factor: int):
     """The stage's torch dataset: images, or cached latents when the model works in latent space."""
     d = cfg.data
-    common = dict(size=tuple(d.size), yaw_augment=d.yaw_augment, flip_prob=d.flip_prob,
+    common = dict(size=cfg.size(stage), yaw_augment=d.yaw_augment, flip_prob=d.flip_prob,
                   caption_dropout=d.caption_dropout, seed=cfg.run.seed)
-    if stage == 1:
+    if stage in (0, 1):  # stage 0 (the VAE) reads panoramas as stage 1 does
         if latents is not None:
             return LatentPanoramaDataset(d.dataset, latents=latents, factor=factor, **common)
         return PanoramaDataset(d.dataset, **common)
@@ -163,9 +163,10 @@ class RunLog:
             if new:
                 w.writeheader()
             w.writerow({"step": step, **metrics})
-        for key, value in metrics.items():
+        shown = {k: v for k, v in metrics.items() if k != "time"}  # wall-clock time only goes to the CSV
+        for key, value in shown.items():
             self.writer.add_scalar(f"stage{self.stage}/{key}", value, step)
-        print(f"stage{self.stage} step {step}/{total} " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+        print(f"stage{self.stage} step {step}/{total} " + " ".join(f"{k} {v:.4g}" for k, v in shown.items()),
               flush=True)
 
     def sync(self) -> None:
@@ -216,13 +217,13 @@ def maybe_fail(cfg: TrainConfig, step: int, rank: int, world: int, run_root: str
     raise RuntimeError(f"injected worker failure at step {step}")
 
 
-def sample_tour(pipe, cfg: TrainConfig, captions: list[str], uri: str) -> None:
+def sample_tour(pipe, cfg: TrainConfig, stage: int, captions: list[str], uri: str) -> None:
     """A small sample tour from the current weights, saved as one PNG strip."""
     from diffpano.manifest import png_bytes
     from diffpano.trajectories import walk
 
     views = len(captions)
-    h, w = cfg.data.size
+    h, w = cfg.size(stage)
     out = pipe(captions, walk(views, spacing=0.5), height=h, width=w, num_inference_steps=cfg.run.sample_steps,
                guidance_scale=3.0, seed=cfg.run.seed)
     storage.write_bytes(uri, png_bytes(np.concatenate(list(out.images[0]), axis=0)))
@@ -263,6 +264,7 @@ def train_stage(config: dict) -> None:
                    cfg.run.seed, cfg.data.loader_workers, stage, consumed)
     log = RunLog(run_root, stage) if rank == 0 else None
     amp = DTYPES[cfg.optim.mixed_precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 gradients need loss scaling
     generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + rank * 104729 + step)
     while step < stage_cfg.steps:
         maybe_fail(cfg, step, rank, world, run_root)
@@ -289,18 +291,21 @@ def train_stage(config: dict) -> None:
                     out = ddp(noisy, t, emb, epi)
                 loss = diffusion_loss(out, x0, noise, t, noise_sched, cfg.optim.prediction_type,
                                       cfg.optim.min_snr_gamma)
-                (loss / stage_cfg.grad_accum).backward()
-            total_loss += float(loss) / stage_cfg.grad_accum
+                scaler.scale(loss / stage_cfg.grad_accum).backward()
+            total_loss += loss.item() / stage_cfg.grad_accum
             samples += b
+        scaler.unscale_(optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, stage_cfg.max_grad_norm))
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.step(params)
         step += 1
         metrics = {"loss": total_loss, "lr": lr_sched.get_last_lr()[0], "grad_norm": grad_norm,
-                   "samples_per_s": samples * world / (time.perf_counter() - started), "step": step}
+                   "samples_per_s": samples * world / (time.perf_counter() - started), "step": step,
+                   "time": time.time()}
         if log is not None and (step % cfg.run.log_every == 0 or step == stage_cfg.steps):
             log.step(step, stage_cfg.steps, {k: v for k, v in metrics.items() if k != "step"})
         if step % cfg.run.checkpoint_every == 0 or step == stage_cfg.steps:
@@ -320,7 +325,8 @@ def _sample(pipe, cfg: TrainConfig, batch: dict, stage: int, run_root: str, step
     captions = [c or "a room" for c in (batch["captions"][0] if stage == 2 else batch["caption"][:2])]
     pipe.unet.eval()
     try:
-        sample_tour(pipe, cfg, captions, storage.join(run_root, "samples", f"stage{stage}-step{step:06d}.png"))
+        uri = storage.join(run_root, "samples", f"stage{stage}-step{step:06d}.png")
+        sample_tour(pipe, cfg, stage, captions, uri)
     finally:
         pipe.unet.train()
 
@@ -341,5 +347,5 @@ def finish(pipe, cfg: TrainConfig, stage: int, stage_cfg, params, ema, export: s
                                    indent=2).encode())
     captions = ["a bedroom with blue walls", "a kitchen with white walls"]
     with contextlib.suppress(Exception):  # a sample is a courtesy; the export is what matters
-        sample_tour(pipe, cfg, captions, storage.join(run_root, "samples", f"stage{stage}-final.png"))
+        sample_tour(pipe, cfg, stage, captions, storage.join(run_root, "samples", f"stage{stage}-final.png"))
     print(f"stage{stage}: exported {export}", flush=True)

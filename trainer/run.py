@@ -14,6 +14,7 @@ from trainer.cache import build_latent_cache, build_text_cache
 from trainer.config import TrainConfig
 from trainer.dataset_builder import ensure_ray, worker_env
 from trainer.loop import train_stage
+from trainer.vae import train_vae
 
 
 @dataclass
@@ -30,8 +31,8 @@ class StageResult:
 def run_paths(storage_root: str, name: str) -> dict[str, str]:
     """Where a run keeps its pieces below STORAGE/NAME."""
     root = storage.join(storage_root, name)
-    return {"root": root, "init": storage.join(root, "init-model"), "stage1": storage.join(root, "stage1-model"),
-            "model": storage.join(root, "model")}
+    return {"root": root, "init": storage.join(root, "init-model"), "vae": storage.join(root, "vae-model"),
+            "stage1": storage.join(root, "stage1-model"), "model": storage.join(root, "model")}
 
 
 def check_dataset(cfg: TrainConfig) -> None:
@@ -52,6 +53,8 @@ def initial_model(cfg: TrainConfig, target: str) -> str:
         minilm_text_encoder,
         sd_unet_config,
         sd_vae_config,
+        small_unet_config,
+        small_vae_config,
         tiny_unet_config,
         tiny_vae_config,
     )
@@ -63,10 +66,12 @@ def initial_model(cfg: TrainConfig, target: str) -> str:
     if arch.startswith("tiny"):
         unet_cfg = tiny_unet_config(4 if arch == "tiny-latent" else 3, cross_attention_dim=dim)
         vae_cfg = tiny_vae_config() if arch == "tiny-latent" else None
+    elif arch == "small-latent":
+        unet_cfg, vae_cfg = small_unet_config(4, cross_attention_dim=dim), small_vae_config()
     else:
         unet_cfg = sd_unet_config("1.5" if arch == "sd15" else "2.1") | {"cross_attention_dim": dim}
         vae_cfg = sd_vae_config()
-    h = cfg.data.size[0]
+    h = cfg.size(1)[0]
     factor = 1 if vae_cfg is None else 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     unet_cfg["sample_size"] = h // factor
     pipe = build_pipeline(unet_cfg, text_encoder, tokenizer, vae_cfg, seed=cfg.run.seed,
@@ -80,11 +85,11 @@ def stage_trainer(cfg: TrainConfig, stage: int, paths: dict, init_model: str, ca
     """The TorchTrainer of one stage; RunConfig(name=stageN) under the run root, so re-running resumes it."""
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker} | ({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})
-    export = paths["stage1"] if stage == 1 else paths["model"]
+    export = export_of(paths, stage)
     loop_config = {"cfg": cfg.model_dump(mode="json"), "stage": stage, "run_root": paths["root"],
                    "init_model": init_model, "text_cache": caches[0], "latent_cache": caches[1], "export": export}
     return TorchTrainer(
-        train_stage, train_loop_config=loop_config,
+        train_vae if stage == 0 else train_stage, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -104,29 +109,43 @@ def _ray_storage(uri: str) -> tuple[str, object]:
     return path, (fs if storage.is_remote(uri) else None)
 
 
+def export_of(paths: dict, stage: int) -> str:
+    """The model directory a stage writes."""
+    return {0: paths["vae"], 1: paths["stage1"], 2: paths["model"]}[stage]
+
+
+def stage_start(cfg: TrainConfig, stage: int, paths: dict) -> str:
+    """The model directory a stage starts from: the previous stage's export, model.base, or a fresh arch."""
+    done = {k: storage.exists(storage.join(paths[k], "model_index.json")) for k in ("vae", "stage1")}
+    if stage == 0:
+        return initial_model(cfg, paths["init"])
+    if stage == 1:
+        return paths["vae"] if done["vae"] else initial_model(cfg, paths["init"])
+    if done["stage1"]:
+        return paths["stage1"]
+    if cfg.model.base:
+        return cfg.model.base
+    raise ValueError(f"model.base: stage 2 needs a stage-1 model; run stage1 first (none at {paths['stage1']}) "
+                     "or set model.base")
+
+
 def train(cfg: TrainConfig, stages: list[int], name: str, storage_root: str) -> list[StageResult]:
-    """Run the given stages (1, 2 or both) of a named run; a re-run with the same name resumes where it stopped."""
+    """Run the given stages (0: VAE, 1, 2) of a named run; a re-run with the same name resumes where it stopped."""
     check_dataset(cfg)
     paths = run_paths(storage_root, name)
-    ensure_ray()
+    if cfg.scaling.num_workers:
+        ensure_ray()
     results = []
     for stage in stages:
-        if stage == 1:
-            start = initial_model(cfg, paths["init"])
-        elif storage.exists(storage.join(paths["stage1"], "model_index.json")):
-            start = paths["stage1"]
-        elif cfg.model.base:
-            start = cfg.model.base
-        else:
-            raise ValueError(f"model.base: stage 2 needs a stage-1 model; run stage1 first (none at {paths['stage1']})"
-                             " or set model.base")
-        caches = (build_text_cache(cfg.data.dataset, start, cfg.data.cache_actors),
-                  build_latent_cache(cfg.data.dataset, start, tuple(cfg.data.size), cfg.data.cache_actors))
+        start = stage_start(cfg, stage, paths)
+        caches = (None, None) if stage == 0 else (
+            build_text_cache(cfg.data.dataset, start, cfg.data.cache_actors),
+            build_latent_cache(cfg.data.dataset, start, cfg.size(stage), cfg.data.cache_actors))
         started = time.perf_counter()
         result = stage_trainer(cfg, stage, paths, start, caches).fit()
         metrics = result.metrics or {}
         results.append(StageResult(stage, int(metrics.get("step", 0)), metrics.get("loss"),
-                                   time.perf_counter() - started, paths["stage1"] if stage == 1 else paths["model"]))
+                                   time.perf_counter() - started, export_of(paths, stage)))
     if stages == [1]:
         storage.copy_tree(paths["stage1"], paths["model"])
     return results

@@ -1,0 +1,107 @@
+"""Stage 0, the loop each Ray Train worker runs to train the VAE of a fresh latent model on the dataset's panoramas."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
+from torch import nn
+
+from diffpano.modelio import load_model, save_model
+from trainer.config import TrainConfig
+from trainer.loop import Batches, RunLog, _seed, load_state, make_dataset, maybe_fail, save_state
+
+SCALE_SAMPLES = 64  # panoramas whose latents set the VAE's scaling_factor (unit variance for the UNet)
+
+
+class Reconstruct(nn.Module):
+    """The VAE as one module for DDP: reconstruction and KL of a batch."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction, mean KL per latent element) of images in [-1, 1]."""
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(x.device)
+        return self.vae.decode(z).sample, posterior.kl().mean() / posterior.mean[0].numel()
+
+
+def strips(x: torch.Tensor, rows: int | None, generator: torch.Generator) -> torch.Tensor:
+    """Random full-width strips of `rows` rows (the longitude stays a whole circle), or x when rows is None."""
+    if rows is None or rows >= x.shape[-2]:
+        return x
+    top = torch.randint(0, x.shape[-2] - rows + 1, (x.shape[0],), generator=generator)
+    return torch.stack([img[:, t : t + rows] for img, t in zip(x, top.tolist(), strict=True)])
+
+
+def train_vae(config: dict) -> None:
+    """train_loop_per_worker of stage 0: L1 reconstruction + KL, then the scaling factor, then the export."""
+    cfg = TrainConfig.model_validate(config["cfg"])
+    vcfg, run_root = cfg.vae, config["run_root"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    _seed(cfg.run.seed * 1000 + rank)
+    pipe = load_model(config["init_model"], device, torch.float32)
+    for module in (pipe.unet, pipe.text_encoder, pipe.epipolar):
+        module.requires_grad_(False)
+    params = list(pipe.vae.parameters())
+    model = Reconstruct(pipe.vae).train()
+    ddp = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    optimizer = torch.optim.AdamW(params, lr=vcfg.lr)
+    lr_sched = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=vcfg.warmup_steps)
+    step, consumed = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            step, consumed = load_state(Path(d), params, optimizer, lr_sched, None, rank)
+    dataset = make_dataset(cfg, 0, None, 1)
+    data = Batches(dataset, vcfg.batch_size, rank, world, cfg.run.seed, cfg.data.loader_workers, 1, consumed)
+    log = RunLog(run_root, 0) if rank == 0 else None
+    generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + rank * 104729 + step)
+    while step < vcfg.steps:
+        maybe_fail(cfg, step, rank, world, run_root)
+        started = time.perf_counter()
+        x = strips(next(data)["image"], vcfg.strip_rows, generator).to(device)
+        recon, kl = ddp(x, generator)
+        l1 = F.l1_loss(recon, x)
+        loss = l1 + vcfg.kl_weight * kl
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        optimizer.step()
+        lr_sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        metrics = {"loss": loss.item(), "l1": l1.item(), "kl": kl.item(), "lr": lr_sched.get_last_lr()[0],
+                   "grad_norm": grad_norm, "samples_per_s": x.shape[0] * world / (time.perf_counter() - started),
+                   "step": step, "time": time.time()}
+        if log is not None and (step % cfg.run.log_every == 0 or step == vcfg.steps):
+            log.step(step, vcfg.steps, {k: v for k, v in metrics.items() if k != "step"})
+        if step % cfg.run.checkpoint_every == 0 or step == vcfg.steps:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_state(Path(tmp), params, optimizer, lr_sched, None, step, data.consumed, rank)
+                if log is not None:
+                    log.sync()
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    if rank == 0:
+        pipe.vae.eval()
+        pipe.vae.register_to_config(scaling_factor=latent_scale(pipe, dataset))
+        pipe.model_name = f"{Path(run_root).name}-vae@{step}"
+        save_model(pipe, config["export"])
+        print(f"vae: exported {config['export']} (scaling_factor {pipe.vae.config.scaling_factor:.4f})", flush=True)
+
+
+@torch.no_grad()
+def latent_scale(pipe, dataset) -> float:
+    """1 / std of the latent means of up to SCALE_SAMPLES panoramas (Stable Diffusion's 0.18215, measured)."""
+    images = torch.stack([dataset[i]["image"] for i in range(min(len(dataset), SCALE_SAMPLES))])
+    means = torch.cat([pipe.vae.encode(chunk.to(pipe.device)).latent_dist.mean for chunk in images.split(8)])
+    return float(1.0 / means.std().clamp_min(1e-6))
