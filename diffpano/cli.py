@@ -298,6 +298,32 @@ def train(
     typer.echo(f"model: {run_paths(storage_root, name)['model']}")
 
 
+@app.command("serve")
+def serve_command(
+    config: str | None = typer.Option(None, "--config", help="Serve config YAML (default: the packaged one)."),
+    host: str | None = typer.Option(None, "--host", help="Address to listen on (config default 127.0.0.1)."),
+    port: int | None = typer.Option(None, "--port", min=1, max=65535),
+    model: str | None = typer.Option(None, "--model", help="Model directory or s3:// URI (default: bundled)."),
+    output_root: str | None = typer.Option(None, "--output-root", help="Where output=store writes (SPEC §5)."),
+) -> None:
+    """Serve the HTTP API (SPEC §8) and the 360° viewer on Ray Serve until interrupted."""
+    from ray import serve
+
+    from serve.run import start
+
+    try:
+        url = start(config, host, port, {"model": model, "output_root": output_root})
+    except (ValueError, OSError) as err:
+        raise typer.BadParameter(str(err)) from None
+    typer.echo(f"DiffPano API at {url}/v1/tours and {url}/v1/panoramas; viewer at {url}/viewer; docs at {url}/docs")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        typer.echo("shutting down")
+        serve.shutdown()
+
+
 def _print_metrics(metrics: dict, out: str) -> None:
     """Summary lines of an evaluation."""
     from diffpano.evaluation import SUMMARY_KEYS

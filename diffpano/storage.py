@@ -45,6 +45,12 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 
+def absolute(uri: str | os.PathLike) -> str:
+    """s3:// URIs as they are; local paths and file:// URIs as absolute paths (Ray workers run in other folders)."""
+    uri = str(uri)
+    return uri.rstrip("/") if is_remote(uri) else resolve(uri)[1]
+
+
 def join(uri: str, *parts: str) -> str:
     """URI of a path below `uri`."""
     base = str(uri).rstrip("/")

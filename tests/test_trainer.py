@@ -222,3 +222,10 @@ def test_pack_model_references_the_text_encoder_package_and_halves_weights(tmp_p
     emb = loaded.text_encoder(**loaded.tokenizer(["a red room"], return_tensors="pt")).last_hidden_state
     ref = encoder(**tokenizer(["a red room"], return_tensors="pt")).last_hidden_state
     torch.testing.assert_close(emb, ref)
+
+
+def test_run_paths_are_absolute_for_workers_in_other_folders():
+    from trainer.run import run_paths
+
+    assert run_paths("outputs/runs", "r")["model"] == str(Path("outputs/runs/r/model").resolve())
+    assert run_paths("s3://b/runs/", "r")["model"] == "s3://b/runs/r/model"

@@ -53,13 +53,13 @@ LATENT_SCHEMA = pa.schema(
 
 def text_cache_uri(dataset: str, model_dir: str) -> str:
     """Where the text-embedding cache of a model's text encoder lives for this dataset."""
-    return _text_uri(_absolute(dataset), text_digest(model_dir))
+    return _text_uri(storage.absolute(dataset), text_digest(model_dir))
 
 
 def latent_cache_uri(dataset: str, model_dir: str, size: tuple[int, int]) -> str:
     """Where the VAE-latent cache of a latent model at this image size lives for this dataset."""
     h, w = _check_size(model_dir, size)
-    return _latent_uri(_absolute(dataset), (h, w), latent_digest(model_dir, (h, w)))
+    return _latent_uri(storage.absolute(dataset), (h, w), latent_digest(model_dir, (h, w)))
 
 
 def _text_uri(dataset: str, digest: str) -> str:
@@ -91,24 +91,18 @@ def latent_digest(model_dir: str, size: tuple[int, int]) -> str:
 
 def has_vae(model_dir: str) -> bool:
     """True for a latent-space model directory (it has a vae/ component)."""
-    return storage.exists(storage.join(_absolute(model_dir), "vae", "config.json"))
-
-
-def _absolute(uri: str) -> str:
-    """s3:// URIs as they are; local paths and file:// URIs as absolute paths (Ray workers may run elsewhere)."""
-    uri = str(uri)
-    return uri.rstrip("/") if storage.is_remote(uri) else storage.resolve(uri)[1]
+    return storage.exists(storage.join(storage.absolute(model_dir), "vae", "config.json"))
 
 
 def _model_index(model_dir: str) -> dict:
     """The model directory's model_index.json ({} when absent)."""
-    uri = storage.join(_absolute(model_dir), "model_index.json")
+    uri = storage.join(storage.absolute(model_dir), "model_index.json")
     return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else {}
 
 
 def _hash_component(h, model_dir: str, name: str) -> None:
     """Feed the relative names and contents of a component folder's files into h (JSON canonicalised)."""
-    base = storage.join(_absolute(model_dir), name)
+    base = storage.join(storage.absolute(model_dir), name)
     files = [u for u in storage.list_files(base) if not u.rsplit("/", 1)[-1].startswith(".")]
     if not files:
         raise FileNotFoundError(f"model: {model_dir} has no {name}/ files")
@@ -136,7 +130,7 @@ def _canonical_json(data: bytes) -> bytes:
 
 def _vae_factor(model_dir: str) -> int:
     """Pixels per latent cell, from the VAE config."""
-    config = json.loads(storage.read_bytes(storage.join(_absolute(model_dir), "vae", "config.json")))
+    config = json.loads(storage.read_bytes(storage.join(storage.absolute(model_dir), "vae", "config.json")))
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
@@ -217,7 +211,7 @@ def build_text_cache(
     num_gpus: float = 0.0,
 ) -> str:
     """Embed the dataset's unique captions and "" with the model's text encoder once; returns the cache URI."""
-    dataset, model_dir = _absolute(dataset), _absolute(model_dir)
+    dataset, model_dir = storage.absolute(dataset), storage.absolute(model_dir)
     digest = text_digest(model_dir)
     uri = _text_uri(dataset, digest)
     captions = sorted({c or "" for c in read_dataset(dataset, ["caption"]).column("caption").to_pylist()} | {""})
@@ -236,7 +230,7 @@ def build_latent_cache(
     progress: bool = True, num_gpus: float = 0.0,
 ) -> str | None:
     """Encode every keyframe, resized to size, with the model's VAE once; the cache URI, or None for pixel models."""
-    dataset, model_dir = _absolute(dataset), _absolute(model_dir)
+    dataset, model_dir = storage.absolute(dataset), storage.absolute(model_dir)
     if not has_vae(model_dir):
         return None
     h, w = _check_size(model_dir, size)

@@ -19,10 +19,10 @@ def worker_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
 
 
-def ensure_ray() -> None:
-    """Join the cluster in RAY_ADDRESS, or start a local one."""
+def ensure_ray(log_to_driver: bool = False) -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local one (workers' prints shown here when log_to_driver)."""
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, include_dashboard=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=log_to_driver, include_dashboard=False)
 
 
 @dataclass

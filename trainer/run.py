@@ -30,7 +30,7 @@ class StageResult:
 
 def run_paths(storage_root: str, name: str) -> dict[str, str]:
     """Where a run keeps its pieces below STORAGE/NAME."""
-    root = storage.join(storage_root, name)
+    root = storage.join(storage.absolute(storage_root), name)
     return {"root": root, "init": storage.join(root, "init-model"), "vae": storage.join(root, "vae-model"),
             "stage1": storage.join(root, "stage1-model"), "model": storage.join(root, "model")}
 
@@ -132,9 +132,10 @@ def stage_start(cfg: TrainConfig, stage: int, paths: dict) -> str:
 def train(cfg: TrainConfig, stages: list[int], name: str, storage_root: str) -> list[StageResult]:
     """Run the given stages (0: VAE, 1, 2) of a named run; a re-run with the same name resumes where it stopped."""
     check_dataset(cfg)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dataset": storage.absolute(cfg.data.dataset)})})
     paths = run_paths(storage_root, name)
     if cfg.scaling.num_workers:
-        ensure_ray()
+        ensure_ray(log_to_driver=True)  # the workers' progress lines
     results = []
     for stage in stages:
         start = stage_start(cfg, stage, paths)

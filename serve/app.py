@@ -1,0 +1,243 @@
+"""The HTTP API (SPEC §8): a FastAPI ingress deployment in front of the PanoGenerator model deployment."""
+# No `from __future__ import annotations`: FastAPI reads the route annotations at run time.
+
+import asyncio
+import base64
+import hmac
+import os
+import re
+import secrets
+import uuid
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from diffpano import storage
+from diffpano.manifest import read_manifest
+from serve.generator import PanoGenerator
+from serve.schemas import (
+    MAX_SEED,
+    GenerationJob,
+    GenerationResult,
+    PanoramaRequest,
+    TourRequest,
+    TourResponse,
+    View,
+    error_detail,
+)
+
+TOUR_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+OPEN_PATHS = ("/healthz", "/viewer", "/docs", "/openapi.json", "/redoc", "/favicon.ico")
+
+
+class ServerSettings(BaseModel):
+    """The application's arguments (Serve config YAML `args`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None  # model directory or s3:// URI; None: the bundled model
+    device: str | None = None
+    output_root: str = "outputs/served"  # where output="store" writes (SPEC §5); clients never choose the path
+    api_key_env: str = "DIFFPANO_API_KEY"  # when this variable (or api_key_file) is set, /v1 needs the key
+    api_key_file: str | None = None
+    max_body_bytes: int = Field(256 * 1024, ge=1024)
+    max_height: int = Field(512, ge=8)
+    default_steps: int = Field(30, ge=1)
+    default_guidance: float = Field(5.0, ge=0.0)
+    retry_after_s: int = Field(5, ge=1)
+    max_batch_views: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.1, ge=0.0)
+
+    def api_key(self) -> str | None:
+        """The configured API key, if any."""
+        if self.api_key_file:
+            return Path(self.api_key_file).read_text().strip() or None
+        return os.environ.get(self.api_key_env) or None
+
+
+api = FastAPI(title="DiffPano", version="0.1.0",
+              description="Text and camera poses in, consistent multi-view 360° panoramas out (SPEC §8).")
+
+
+@api.middleware("http")
+async def guard(request: Request, call_next):
+    """Body size limit (413) and API key (401) before any route runs."""
+    settings: ServerSettings | None = getattr(request.app.state, "settings", None)
+    if settings is None:
+        return await call_next(request)
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+        return JSONResponse({"detail": f"body: larger than {settings.max_body_bytes} bytes"}, status_code=413)
+    if length is None and request.method in ("POST", "PUT", "PATCH"):
+        if len(await request.body()) > settings.max_body_bytes:
+            return JSONResponse({"detail": f"body: larger than {settings.max_body_bytes} bytes"}, status_code=413)
+    key = request.app.state.api_key
+    if key and not request.url.path.startswith(OPEN_PATHS):
+        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            return JSONResponse({"detail": "api key: missing or wrong (header X-API-Key)"}, status_code=401,
+                                headers={"WWW-Authenticate": "ApiKey"})
+    return await call_next(request)
+
+
+def unprocessable(field: str, message: str) -> HTTPException:
+    """422 naming the field."""
+    return HTTPException(422, detail=error_detail(field, message))
+
+
+def viewer_asset(name: str) -> str:
+    """A file of the viewer shipped in the package."""
+    return resources.files("serve").joinpath("viewer", name).read_text()
+
+
+def read_stored_tour(root: str, tour_id: str) -> TourResponse:
+    """The views of a stored tour with their images inline; 404 when the manifest has no such tour."""
+    table = read_manifest(root).to_pandas()
+    rows = table[table.tour_id == tour_id].sort_values("view_index")
+    if rows.empty:
+        raise HTTPException(404, detail=f"tour_id: no stored tour {tour_id!r}")
+    views = [View(view_index=int(r.view_index), prompt=r.prompt, pose_c2w=[float(x) for x in r.pose_c2w],
+                  height=int(r.height), width=int(r.width), image_uri=storage.join(root, r.image_uri),
+                  image_png_base64=base64.b64encode(storage.read_bytes(storage.join(root, r.image_uri))).decode())
+             for r in rows.itertuples()]
+    return TourResponse(tour_id=tour_id, model=str(rows.iloc[0].model), views=views,
+                        manifest_uri=storage.join(root, "manifest"))
+
+
+# Helpers the ingress calls sit above it: Serve captures the class with the module state of this point.
+@serve.deployment(name="DiffPanoAPI", max_ongoing_requests=64)
+@serve.ingress(api)
+class DiffPanoAPI:
+    """Validates requests, asks the model deployment, answers per SPEC §8."""
+
+    def __init__(self, generator: DeploymentHandle, settings: dict) -> None:
+        self.generator = generator
+        self.settings = ServerSettings.model_validate(settings)
+        api.state.settings = self.settings
+        api.state.api_key = self.settings.api_key()
+        self._info: dict | None = None
+
+    async def info(self) -> dict:
+        """The model's name and sizes (asked once)."""
+        if self._info is None:
+            self._info = await self.generator.info.remote()
+        return self._info
+
+    async def _size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """Validated (height, width): W = 2H, multiples of the model's factor, H <= max_height."""
+        info = await self.info()
+        h = height or (width // 2 if width else info["default_size"][0])
+        w = width or 2 * h
+        m = info["size_multiple"]
+        if w != 2 * h:
+            raise unprocessable("width", f"must be twice the height (equirectangular), got {h}x{w}")
+        if h % m or h > self.settings.max_height:
+            raise unprocessable("height", f"must be a multiple of {m} and at most {self.settings.max_height}, got {h}")
+        return h, w
+
+    async def _generate(self, req: PanoramaRequest | TourRequest, prompts: list[str], poses) -> GenerationResult:
+        """One tour from the model deployment; overload answers 503 with Retry-After."""
+        h, w = await self._size(req.height, req.width)
+        job = GenerationJob(
+            tour_id=f"tour-{uuid.uuid4().hex[:16]}", prompts=prompts, poses=[p.reshape(16).tolist() for p in poses],
+            seed=req.seed if req.seed is not None else secrets.randbelow(MAX_SEED), height=h, width=w,
+            num_inference_steps=req.num_inference_steps or self.settings.default_steps,
+            guidance_scale=self.settings.default_guidance if req.guidance_scale is None else req.guidance_scale,
+            store_root=storage.absolute(self.settings.output_root) if req.output == "store" else None,
+        )
+        retry = {"Retry-After": str(self.settings.retry_after_s)}
+        try:
+            return await self.generator.generate.remote(job)
+        except BackPressureError:
+            raise HTTPException(503, detail="overloaded: too many requests queued; retry", headers=retry) from None
+        except ValueError as err:
+            raise unprocessable("height", str(err)) from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # a replica that died mid-request: the client's input was fine
+            raise HTTPException(503, detail=f"model replica unavailable ({type(err).__name__}); retry later",
+                                headers=retry) from None
+
+    @staticmethod
+    def _response(result: GenerationResult, prompts: list[str], poses) -> TourResponse:
+        """SPEC §8 tour body: inline PNGs, or stored URIs."""
+        stored = result.image_uris is not None
+        views = [View(view_index=i, prompt=prompts[i], pose_c2w=[float(x) for x in poses[i].reshape(16)],
+                      height=result.height, width=result.width,
+                      image_png_base64=None if stored else base64.b64encode(png).decode(),
+                      image_uri=result.image_uris[i] if stored else None)
+                 for i, png in enumerate(result.pngs)]
+        return TourResponse(tour_id=result.tour_id, model=result.model, views=views, manifest_uri=result.manifest_uri)
+
+    @api.post("/v1/tours", response_model=TourResponse, response_model_exclude_none=False)
+    async def tours(self, req: TourRequest) -> TourResponse:
+        """Generate a multi-view tour: N consistent panoramas along poses or a named trajectory."""
+        prompts, poses = req.prompt_list(), req.pose_array()
+        return self._response(await self._generate(req, prompts, poses), prompts, poses)
+
+    @api.post("/v1/panoramas", response_model=None,
+              responses={200: {"content": {"image/png": {}}, "description": "the panorama (inline)"}})
+    async def panoramas(self, req: PanoramaRequest) -> Response:
+        """Generate one panorama: image/png, or (output="store") the stored tour's JSON."""
+        import numpy as np
+
+        poses = np.eye(4)[None]
+        result = await self._generate(req, [req.prompt], poses)
+        if req.output == "store":
+            return JSONResponse(self._response(result, [req.prompt], poses).model_dump())
+        return Response(content=result.pngs[0], media_type="image/png")
+
+    @api.get("/v1/tours/{tour_id}", response_model=TourResponse)
+    async def stored_tour(self, tour_id: str) -> TourResponse:
+        """A tour stored under the server's output root, images inline (what the viewer loads by id)."""
+        if not TOUR_ID.fullmatch(tour_id):
+            raise HTTPException(422, detail=[{"loc": ["path", "tour_id"], "msg": "letters, digits, '-', '_' only",
+                                              "type": "value_error"}])
+        return await asyncio.to_thread(read_stored_tour, storage.absolute(self.settings.output_root), tour_id)
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """200 when the model deployment answers."""
+        try:
+            info = await asyncio.wait_for(self.generator.info.remote(), timeout=10)
+        except Exception as err:  # noqa: BLE001 - any failure means not healthy
+            return JSONResponse({"status": "unavailable", "detail": type(err).__name__}, status_code=503)
+        return JSONResponse({"status": "ok", "model": info["model"], "default_size": info["default_size"]})
+
+    @api.get("/v1/stats")
+    async def stats(self) -> dict:
+        """Recent batch sizes (in views) of the model replica that answers."""
+        return await self.generator.stats.remote()
+
+    @api.get("/viewer", response_class=HTMLResponse)
+    async def viewer(self) -> HTMLResponse:
+        """The 360° tour viewer page (no external scripts)."""
+        return HTMLResponse(viewer_asset("index.html"))
+
+    @api.get("/favicon.ico", include_in_schema=False)
+    async def favicon(self) -> Response:
+        """No icon (answered, so browsers log no error)."""
+        return Response(status_code=204)
+
+    @api.get("/viewer/viewer.js")
+    async def viewer_js(self) -> Response:
+        """The viewer's script."""
+        return Response(viewer_asset("viewer.js"), media_type="text/javascript")
+
+
+def build_app(args: dict | None = None, deployments: list[dict] | None = None):
+    """The Serve application (import path `serve.app:build_app`; `args` are ServerSettings).
+
+    `deployments` (the config YAML's per-deployment options, by name) are applied here when the app is started
+    from Python; `serve run`/`serve deploy` apply them themselves.
+    """
+    settings = ServerSettings.model_validate(args or {})
+    options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in deployments or []}
+    generator = PanoGenerator.options(**options.get("PanoGenerator", {})).bind(
+        settings.model, settings.device, settings.max_batch_views, settings.batch_wait_timeout_s)
+    return DiffPanoAPI.options(**options.get("DiffPanoAPI", {})).bind(generator, settings.model_dump())

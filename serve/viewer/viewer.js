@@ -1,0 +1,117 @@
+// DiffPano tour viewer: perspective views of equirectangular panoramas (SPEC §1 conventions), no dependencies.
+"use strict";
+
+const state = { views: [], index: 0, yaw: 0, pitch: 0, fov: 90, pixels: [], sizes: [] };
+const canvas = document.getElementById("view");
+const ctx = canvas.getContext("2d");
+const $ = (id) => document.getElementById(id);
+
+function setStatus(text) { $("status").textContent = text; }
+
+function headers() {
+  const key = $("key").value || sessionStorage.getItem("diffpano-key") || "";
+  if ($("key").value) sessionStorage.setItem("diffpano-key", $("key").value);
+  const h = { "Content-Type": "application/json" };
+  if (key) h["X-API-Key"] = key;
+  return h;
+}
+
+// Decode each view's PNG into an ImageData we can sample from.
+async function decodeViews(views) {
+  const out = [];
+  for (const v of views) {
+    const img = new Image();
+    img.src = "data:image/png;base64," + v.image_png_base64;
+    await img.decode();
+    const c = document.createElement("canvas");
+    c.width = img.width; c.height = img.height;
+    const cx = c.getContext("2d");
+    cx.drawImage(img, 0, 0);
+    out.push(cx.getImageData(0, 0, img.width, img.height));
+  }
+  return out;
+}
+
+async function showTour(tour) {
+  state.views = tour.views;
+  state.pixels = await decodeViews(tour.views);
+  state.index = 0;
+  setStatus(`${tour.tour_id}: ${tour.views.length} views (${tour.model})`);
+  draw();
+}
+
+// Render the current view: per canvas pixel, a camera ray (x right, y down, z forward) rotated by yaw and
+// pitch, then longitude atan2(x, z) and latitude asin(-y) index the panorama (column W-1 wraps to 0).
+function draw() {
+  const w = canvas.width, h = canvas.height;
+  const out = ctx.createImageData(w, h);
+  const src = state.pixels[state.index];
+  if (!src) { ctx.fillStyle = "#000"; ctx.fillRect(0, 0, w, h); return; }
+  const f = (w / 2) / Math.tan((state.fov * Math.PI) / 360);
+  const cy = Math.cos(state.yaw), sy = Math.sin(state.yaw), cp = Math.cos(state.pitch), sp = Math.sin(state.pitch);
+  const W = src.width, H = src.height, data = src.data, o = out.data;
+  for (let j = 0; j < h; j++) {
+    for (let i = 0; i < w; i++) {
+      const x = i + 0.5 - w / 2, y = j + 0.5 - h / 2, z = f;
+      const y1 = y * cp - z * sp, z1 = y * sp + z * cp;          // pitch about x
+      const x2 = x * cy + z1 * sy, z2 = -x * sy + z1 * cy;        // yaw about y
+      const n = Math.hypot(x2, y1, z2);
+      const lon = Math.atan2(x2, z2), lat = Math.asin(-y1 / n);
+      let u = Math.floor(((lon + Math.PI) / (2 * Math.PI)) * W) % W;
+      let v = Math.floor(((Math.PI / 2 - lat) / Math.PI) * H);
+      if (u < 0) u += W;
+      if (v >= H) v = H - 1;
+      const s = (v * W + u) * 4, d = (j * w + i) * 4;
+      o[d] = data[s]; o[d + 1] = data[s + 1]; o[d + 2] = data[s + 2]; o[d + 3] = 255;
+    }
+  }
+  ctx.putImageData(out, 0, 0);
+  $("index").textContent = `view ${state.index + 1} / ${state.views.length}`;
+  $("prompt").textContent = state.views[state.index].prompt;
+}
+
+async function request(method, url, body) {
+  const res = await fetch(url, { method, headers: headers(), body: body ? JSON.stringify(body) : undefined });
+  const data = await res.json();
+  if (!res.ok) throw new Error(`${res.status}: ${JSON.stringify(data.detail)}`);
+  return data;
+}
+
+async function generate() {
+  const prompt = $("text").value || $("text").placeholder;
+  setStatus("generating…");
+  try {
+    await showTour(await request("POST", "/v1/tours", {
+      prompt, num_views: Number($("views").value), num_inference_steps: Number($("steps").value),
+    }));
+  } catch (err) { setStatus(String(err)); }
+}
+
+async function load(id) {
+  setStatus(`loading ${id}…`);
+  try { await showTour(await request("GET", `/v1/tours/${encodeURIComponent(id)}`)); }
+  catch (err) { setStatus(String(err)); }
+}
+
+let drag = null;
+canvas.addEventListener("pointerdown", (e) => { drag = { x: e.clientX, y: e.clientY }; canvas.setPointerCapture(e.pointerId); });
+canvas.addEventListener("pointerup", () => { drag = null; });
+canvas.addEventListener("pointermove", (e) => {
+  if (!drag) return;
+  const scale = (state.fov * Math.PI) / 180 / canvas.clientWidth;
+  state.yaw -= (e.clientX - drag.x) * scale;
+  state.pitch = Math.max(-1.5, Math.min(1.5, state.pitch - (e.clientY - drag.y) * scale));
+  drag = { x: e.clientX, y: e.clientY };
+  draw();
+});
+canvas.addEventListener("wheel", (e) => { e.preventDefault(); state.fov = Math.max(30, Math.min(120, state.fov + e.deltaY * 0.05)); draw(); });
+$("prev").onclick = () => { if (state.views.length) { state.index = (state.index + state.views.length - 1) % state.views.length; draw(); } };
+$("next").onclick = () => { if (state.views.length) { state.index = (state.index + 1) % state.views.length; draw(); } };
+$("generate").onclick = generate;
+$("load").onclick = () => load($("tourid").value);
+window.diffpanoViewer = { state, showTour, draw };
+
+const params = new URLSearchParams(location.search);
+if (params.get("tour")) load(params.get("tour"));
+else if (params.get("prompt")) { $("text").value = params.get("prompt"); generate(); }
+else draw();

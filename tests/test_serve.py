@@ -1,0 +1,282 @@
+"""The HTTP API on Ray Serve, started on 127.0.0.1 by the tests: endpoints, storage, batching, overload, faults."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from diffpano.manifest import read_manifest
+
+KEY = "test-key-123"
+STEPS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tiny_model_dir, tmp_path_factory):
+    """The app with the tiny model, an API key, one model replica that queues at most 4 requests."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    root = tmp_path_factory.mktemp("served")
+    key_file = root / "key"
+    key_file.write_text(KEY)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    args = {"model": str(tiny_model_dir), "output_root": str(root / "out"), "api_key_file": str(key_file),
+            "max_body_bytes": 8192, "max_height": 64, "max_batch_views": 8, "batch_wait_timeout_s": 0.3}
+    deployments = [
+        {"name": "DiffPanoAPI", "ray_actor_options": {"num_cpus": 0}},
+        {"name": "PanoGenerator", "ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 8,
+         "max_queued_requests": 4, "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
+    ]
+    serve.run(build_app(args, deployments), name="diffpano", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    yield url, root / "out"
+    serve.shutdown()
+
+
+def post(url: str, path: str, body: dict, key: str | None = KEY, **kw) -> requests.Response:
+    headers = {"X-API-Key": key} if key else {}
+    return requests.post(url + path, json=body, headers=headers, timeout=kw.pop("timeout", 120), **kw)
+
+
+def png(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "PNG"
+        return np.asarray(im.convert("RGB"))
+
+
+def test_tours_return_decodable_equirectangular_views(server):
+    url, _ = server
+    r = post(url, "/v1/tours", {"prompt": "a red bedroom", "num_views": 3, "num_inference_steps": STEPS, "seed": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["views"]) == 3 and body["manifest_uri"] is None and body["model"]
+    for i, view in enumerate(body["views"]):
+        image = png(base64.b64decode(view["image_png_base64"]))
+        assert view["view_index"] == i and image.shape == (view["height"], view["width"], 3)
+        assert view["width"] == 2 * view["height"] and len(view["pose_c2w"]) == 16
+    again = post(url, "/v1/tours", {"prompt": "a red bedroom", "num_views": 3, "num_inference_steps": STEPS,
+                                    "seed": 5}).json()
+    assert [v["image_png_base64"] for v in again["views"]] == [v["image_png_base64"] for v in body["views"]]
+
+
+def test_tours_take_explicit_poses_per_view_prompts_and_trajectories(server):
+    url, _ = server
+    poses = [np.eye(4).reshape(16).tolist(), (np.eye(4) + np.pad(np.ones((3, 1)), ((0, 1), (3, 0)))).reshape(16)
+             .tolist()]
+    r = post(url, "/v1/tours", {"prompts": ["a kitchen", "a hallway"], "poses": poses, "num_inference_steps": STEPS})
+    assert r.status_code == 200, r.text
+    assert [v["prompt"] for v in r.json()["views"]] == ["a kitchen", "a hallway"]
+    assert r.json()["views"][1]["pose_c2w"][3] == 1.0
+    r = post(url, "/v1/tours", {"prompt": "an office", "num_views": 2, "num_inference_steps": STEPS,
+                                "trajectory": {"kind": "orbit", "radius": 2.0}, "height": 32})
+    assert r.status_code == 200, r.text
+    assert r.json()["views"][0]["height"] == 32
+
+
+def test_panorama_is_one_png(server):
+    url, _ = server
+    r = post(url, "/v1/panoramas", {"prompt": "a blue office", "num_inference_steps": STEPS})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    image = png(r.content)
+    assert image.shape[1] == 2 * image.shape[0]
+
+
+def test_stored_tours_land_in_the_manifest_and_load_by_id(server):
+    url, out = server
+    r = post(url, "/v1/tours", {"prompt": "a green kitchen", "num_views": 2, "num_inference_steps": STEPS,
+                                "output": "store"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["manifest_uri"] and all(v["image_uri"] and v["image_png_base64"] is None for v in body["views"])
+    table = read_manifest(str(out)).to_pandas()
+    rows = table[table.tour_id == body["tour_id"]]
+    assert sorted(rows.view_index) == [0, 1] and set(rows.prompt) == {"a green kitchen"}
+    loaded = requests.get(f"{url}/v1/tours/{body['tour_id']}", headers={"X-API-Key": KEY}, timeout=30)
+    assert loaded.status_code == 200 and len(loaded.json()["views"]) == 2
+    assert requests.get(f"{url}/v1/tours/nope", headers={"X-API-Key": KEY}, timeout=30).status_code == 404
+    assert requests.get(f"{url}/v1/tours/..%2Fx", headers={"X-API-Key": KEY}, timeout=30).status_code in (404, 422)
+
+
+def test_concurrent_requests_are_batched_by_views(server):
+    url, _ = server
+    with ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(lambda i: post(url, "/v1/tours", {"prompt": f"room {i}", "num_views": 1,
+                                                                "num_inference_steps": STEPS}).status_code,
+                              range(6)))
+    assert codes == [200] * 6
+    stats = requests.get(f"{url}/v1/stats", headers={"X-API-Key": KEY}, timeout=30).json()
+    assert max(stats["batch_views"]) > 1, stats
+
+
+def test_a_burst_beyond_capacity_gets_quick_503s_and_the_server_recovers(server):
+    url, _ = server
+    body = {"prompt": "a burst", "num_views": 4, "num_inference_steps": 8, "height": 32}
+
+    def one(_):
+        started = time.perf_counter()
+        r = post(url, "/v1/tours", body, timeout=90)
+        return r.status_code, time.perf_counter() - started, r.headers.get("retry-after")
+
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(one, range(24)))
+    codes = [c for c, _, _ in results]
+    assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
+    rejected = [(t, ra) for c, t, ra in results if c == 503]
+    assert all(ra for _, ra in rejected)
+    assert min(t for t, _ in rejected) < 5.0
+    r = post(url, "/v1/tours", {"prompt": "after", "num_views": 1, "num_inference_steps": STEPS})
+    assert r.status_code == 200
+
+
+def test_a_killed_model_replica_is_replaced(server):
+    import ray
+
+    url, _ = server
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "PanoGenerator" in a["name"]]
+    assert replicas, ray.util.list_named_actors(all_namespaces=True)
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    deadline = time.monotonic() + 90
+    while True:
+        r = post(url, "/v1/tours", {"prompt": "after a crash", "num_views": 1, "num_inference_steps": STEPS})
+        if r.status_code == 200 or time.monotonic() > deadline:
+            break
+        assert r.status_code == 503, r.text  # unavailable while replaced, never a 500
+        time.sleep(1)
+    assert r.status_code == 200
+
+
+POSE = np.eye(4).reshape(16).tolist()
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "x" * 1001}, "prompt"),
+        ({"prompt": "a", "prompts": ["b"]}, "prompt"),
+        ({"prompt": "a", "num_views": 17}, "num_views"),
+        ({"prompt": "a", "num_views": 0}, "num_views"),
+        ({"prompt": "a", "num_views": "four"}, "num_views"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": "a", "poses": [POSE[:15]]}, "poses"),
+        ({"prompt": "a", "poses": [[*POSE[:15], "nan"]]}, "poses"),
+        ({"prompt": "a", "poses": [[2.0, *POSE[1:]]]}, "poses"),
+        ({"prompt": "a", "poses": [[-1.0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1]]}, "poses"),
+        ({"prompt": "a", "poses": [POSE], "num_views": 2}, "num_views"),
+        ({"prompt": "a", "poses": [POSE], "trajectory": {"kind": "walk"}}, "trajectory"),
+        ({"prompt": "a", "trajectory": {"kind": "spiral"}}, "trajectory"),
+        ({"prompt": "a", "trajectory": {"kind": "walk", "speed": 3}}, "trajectory"),
+        ({"prompt": "a", "num_inference_steps": 0}, "num_inference_steps"),
+        ({"prompt": "a", "guidance_scale": -1}, "guidance_scale"),
+        ({"prompt": "a", "seed": -1}, "seed"),
+        ({"prompt": "a", "seed": 2**64}, "seed"),
+        ({"prompt": "a", "height": 30}, "height"),
+        ({"prompt": "a", "height": 32, "width": 48}, "width"),
+        ({"prompt": "a", "height": 128}, "height"),
+        ({"prompt": "a", "output": "disk"}, "output"),
+        ({"prompt": "a", "colour": "red"}, "colour"),
+    ],
+)
+def test_bad_tour_requests_get_422_naming_the_field(server, body, field):
+    r = post(server[0], "/v1/tours", body)
+    assert r.status_code == 422, (r.status_code, r.text)
+    assert field in r.text
+
+
+def test_bad_bodies_and_keys_get_4xx_not_5xx(server):
+    url, _ = server
+    assert post(url, "/v1/tours", {"prompt": "a" * 900, "prompts": ["b" * 900] * 16}).status_code == 413
+    r = requests.post(url + "/v1/tours", data=b"{not json", headers={"X-API-Key": KEY,
+                                                                     "Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 422
+    r = requests.post(url + "/v1/tours", data=b"[1, 2]", headers={"X-API-Key": KEY,
+                                                                   "Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 422
+    assert post(url, "/v1/panoramas", {"prompt": "a", "poses": [POSE]}).status_code == 422
+    assert post(url, "/v1/tours", {"prompt": "a"}, key=None).status_code == 401
+    assert post(url, "/v1/tours", {"prompt": "a"}, key="wrong").status_code == 401
+    assert requests.get(url + "/v1/stats", timeout=30).status_code == 401
+
+
+def test_health_docs_and_viewer_are_served(server):
+    url, _ = server
+    health = requests.get(url + "/healthz", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    spec = requests.get(url + "/openapi.json", timeout=30).json()
+    assert {"/v1/tours", "/v1/panoramas", "/healthz", "/viewer"} <= set(spec["paths"])
+    assert "TourRequest" in str(spec)
+    page = requests.get(url + "/viewer", timeout=30)
+    assert page.status_code == 200 and "<canvas" in page.text and "http" not in page.text.split("<script")[1][:40]
+    assert "atan2" in requests.get(url + "/viewer/viewer.js", timeout=30).text
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Debian's headless Chromium and its driver, installed here when missing (root, Debian's registry)."""
+    import shutil
+    import subprocess
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"], check=True, env=env)
+    return shutil.which("chromium"), shutil.which("chromedriver")
+
+
+CANVAS_STATS = """
+const c = document.getElementById('view');
+const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+let sum = 0, sq = 0, n = 0;
+for (let i = 0; i < d.length; i += 16) { const g = d[i] + d[i + 1] + d[i + 2]; sum += g; sq += g * g; n++; }
+return [sum / n, Math.sqrt(sq / n - (sum / n) ** 2)];
+"""
+
+
+def test_viewer_draws_a_stored_tour_in_headless_chromium_without_console_errors(server, chromium):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = server
+    tour = post(url, "/v1/tours", {"prompt": "a yellow living room", "num_views": 2, "num_inference_steps": STEPS,
+                                   "output": "store"}).json()["tour_id"]
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium[0]
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(chromium[1]), options=options)
+    try:
+        driver.get(f"{url}/viewer")
+        driver.execute_script("sessionStorage.setItem('diffpano-key', arguments[0])", KEY)
+        driver.get(f"{url}/viewer?tour={tour}")
+        WebDriverWait(driver, 60).until(lambda d: d.execute_script("return window.diffpanoViewer.state.views.length"))
+        stats = driver.execute_script(CANVAS_STATS)
+        before = driver.execute_script("return document.getElementById('index').textContent")
+        driver.find_element("id", "next").click()
+        after = driver.execute_script("return document.getElementById('index').textContent")
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        driver.quit()
+    assert errors == []
+    assert stats[1] > 5.0, stats  # not a blank or constant canvas
+    assert before == "view 1 / 2" and after == "view 2 / 2"
