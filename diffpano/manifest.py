@@ -93,7 +93,7 @@ def commit_part(root: str, files: dict[str, bytes], table: pa.Table, ids: list[s
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
     uri = storage.join(root, "manifest", manifest_part_name(ids))
-    storage.write_bytes(uri, buf.getvalue().to_pybytes())
+    storage.write_bytes(uri, buf.getvalue().to_pybytes(), staging=storage.join(root, "_staging"))
     return uri
 
 

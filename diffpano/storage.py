@@ -70,13 +70,19 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write a file so that readers see it whole or not at all (local: temp file + rename; S3: one PUT)."""
+def write_bytes(uri: str, data: bytes, staging: str | None = None) -> None:
+    """Write a file so that readers see it whole or not at all (local: temp file + rename; S3: one PUT).
+
+    A local temp file goes to `staging` (a folder on the same disk) when given, so that readers globbing the
+    target's folder (DuckDB reads hidden files too) never see it.
+    """
     fs, path = resolve(uri)
     if isinstance(fs, pafs.LocalFileSystem):
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".tmp-{uuid.uuid4().hex}-{target.name}"
+        folder = Path(resolve(staging)[1]) if staging else target.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".tmp-{uuid.uuid4().hex}-{target.name}"
         try:
             tmp.write_bytes(data)
             os.replace(tmp, target)

@@ -280,3 +280,20 @@ def test_viewer_draws_a_stored_tour_in_headless_chromium_without_console_errors(
     assert errors == []
     assert stats[1] > 5.0, stats  # not a blank or constant canvas
     assert before == "view 1 / 2" and after == "view 2 / 2"
+
+
+def test_packaged_serve_config_is_valid_and_uses_current_keys():
+    from ray.serve.config import AutoscalingConfig
+
+    from serve.app import ServerSettings
+    from serve.run import load_config
+
+    config = load_config(None, {"model": "/models/x"})
+    app = config.applications[0]
+    assert app.import_path == "serve.app:build_app" and app.args["model"] == "/models/x"
+    ServerSettings.model_validate(app.args)
+    generator = next(d for d in app.deployments if d.name == "PanoGenerator")
+    scaling = generator.autoscaling_config
+    assert set(scaling) <= set(AutoscalingConfig.model_fields)  # no stale key silently ignored
+    assert AutoscalingConfig(**scaling).min_replicas >= 1
+    assert generator.max_queued_requests > 0 and config.http_options.request_timeout_s
