@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from pathlib import Path
@@ -312,9 +313,11 @@ def bulk(
     gpus: float = typer.Option(0.0, "--gpus-per-replica", min=0.0),
     cpus: float = typer.Option(1.0, "--cpus-per-replica", min=0.1),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip invalid specs instead of refusing."),
+    endpoint: str | None = typer.Option(None, "--endpoint", help="Run on a server (http://HOST:PORT) as a job; "
+                                        "--out is then a prefix under the server's output root."),
 ) -> None:
     """Generate many tours on a Ray Data actor pool; a re-run completes what is missing, exactly once."""
-    from serve.bulk import read_spec_rows, run_bulk, synthetic_specs, validate_specs
+    from serve.bulk import read_spec_rows, run_bulk, run_online, synthetic_specs, validate_specs
 
     if (specs is None) == (synthetic is None):
         raise typer.BadParameter("give exactly one of --specs FILE and --synthetic N")
@@ -328,6 +331,16 @@ def bulk(
             typer.echo(f"invalid spec: {e}", err=True)
         raise typer.BadParameter(f"--specs: {len(invalid)} invalid spec(s) (first: {invalid[0]}); nothing was "
                                  "written (--skip-invalid runs the valid ones)")
+    if endpoint:
+        started = time.perf_counter()
+        try:
+            status = run_online(endpoint, good, out, os.environ.get("DIFFPANO_API_KEY"))
+        except (ValueError, OSError) as err:
+            raise typer.BadParameter(str(err)) from None
+        typer.echo(f"job {status['job_id']} {status['state']}: {status['tours_done']} tours done, "
+                   f"{status['tours_failed']} failed of {status['tours_total']}, "
+                   f"{time.perf_counter() - started:.1f}s -> {status['manifest_uri']}")
+        return
     summary = run_bulk(good, out, model, replicas, batch_size, gpus, cpus, invalid=invalid)
     typer.echo(summary.line())
     if summary.failures_uri:

@@ -20,7 +20,9 @@ from ray.serve.handle import DeploymentHandle
 
 from diffpano import storage
 from diffpano.manifest import read_manifest
+from serve.bulk import BulkSpec
 from serve.generator import PanoGenerator
+from serve.jobs import BACKOFF_S, JobRequest, JobRunner, JobStatus
 from serve.schemas import (
     MAX_SEED,
     GenerationJob,
@@ -50,6 +52,7 @@ class ServerSettings(BaseModel):
     default_steps: int = Field(30, ge=1)
     default_guidance: float = Field(5.0, ge=0.0)
     retry_after_s: int = Field(5, ge=1)
+    job_concurrency: int = Field(4, ge=1)  # tours of one online job in flight: interactive requests share the queue
     max_batch_views: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.1, ge=0.0)
 
@@ -121,6 +124,26 @@ class DiffPanoAPI:
         api.state.settings = self.settings
         api.state.api_key = self.settings.api_key()
         self._info: dict | None = None
+        self.jobs = JobRunner(storage.absolute(self.settings.output_root), self._job_tour,
+                              self.settings.job_concurrency)
+        self._resumed = False
+
+    def _jobs(self) -> JobRunner:
+        """The job runner, after resuming the jobs an earlier replica left unfinished (once, in the event loop)."""
+        if not self._resumed:
+            self._resumed = True
+            self.jobs.resume()
+        return self.jobs
+
+    async def _job_tour(self, spec: BulkSpec, out: str) -> None:
+        """One tour of an online job, stored under out; waits (not fails) while the model deployment is full."""
+        job = await self._job(spec, spec.prompt_list(), spec.pose_array(), spec.tour_id, out)
+        while True:
+            try:
+                await self.generator.generate.remote(job)
+                return
+            except BackPressureError:
+                await asyncio.sleep(BACKOFF_S)
 
     async def info(self) -> dict:
         """The model's name and sizes (asked once)."""
@@ -140,16 +163,22 @@ class DiffPanoAPI:
             raise unprocessable("height", f"must be a multiple of {m} and at most {self.settings.max_height}, got {h}")
         return h, w
 
-    async def _generate(self, req: PanoramaRequest | TourRequest, prompts: list[str], poses) -> GenerationResult:
-        """One tour from the model deployment; overload answers 503 with Retry-After."""
+    async def _job(self, req: PanoramaRequest | TourRequest, prompts: list[str], poses, tour_id: str,
+                   store_root: str | None) -> GenerationJob:
+        """The model's job for a validated request."""
         h, w = await self._size(req.height, req.width)
-        job = GenerationJob(
-            tour_id=f"tour-{uuid.uuid4().hex[:16]}", prompts=prompts, poses=[p.reshape(16).tolist() for p in poses],
+        return GenerationJob(
+            tour_id=tour_id, prompts=prompts, poses=[p.reshape(16).tolist() for p in poses],
             seed=req.seed if req.seed is not None else secrets.randbelow(MAX_SEED), height=h, width=w,
             num_inference_steps=req.num_inference_steps or self.settings.default_steps,
             guidance_scale=self.settings.default_guidance if req.guidance_scale is None else req.guidance_scale,
-            store_root=storage.absolute(self.settings.output_root) if req.output == "store" else None,
+            store_root=store_root,
         )
+
+    async def _generate(self, req: PanoramaRequest | TourRequest, prompts: list[str], poses) -> GenerationResult:
+        """One tour from the model deployment; overload answers 503 with Retry-After."""
+        root = storage.absolute(self.settings.output_root) if req.output == "store" else None
+        job = await self._job(req, prompts, poses, f"tour-{uuid.uuid4().hex[:16]}", root)
         retry = {"Retry-After": str(self.settings.retry_after_s)}
         try:
             return await self.generator.generate.remote(job)
@@ -199,6 +228,32 @@ class DiffPanoAPI:
             raise HTTPException(422, detail=[{"loc": ["path", "tour_id"], "msg": "letters, digits, '-', '_' only",
                                               "type": "value_error"}])
         return await asyncio.to_thread(read_stored_tour, storage.absolute(self.settings.output_root), tour_id)
+
+    @api.post("/v1/jobs", status_code=202, response_model=JobStatus)
+    async def submit_job(self, req: JobRequest) -> JobStatus:
+        """Start a bulk job (SPEC §9 specs) whose tours are stored under output (a prefix of the server's root)."""
+        runner = self._jobs()
+        try:
+            specs = await asyncio.to_thread(runner.specs_of, req)
+        except (ValueError, OSError) as err:
+            raise unprocessable("specs", str(err)) from None
+        return runner.start_job(specs, req.output)
+
+    @api.get("/v1/jobs/{job_id}", response_model=JobStatus)
+    async def job_status(self, job_id: str) -> JobStatus:
+        """A job's state and counts."""
+        status = self._jobs().status(job_id)
+        if status is None:
+            raise HTTPException(404, detail=f"job_id: no job {job_id!r}")
+        return status
+
+    @api.delete("/v1/jobs/{job_id}", response_model=JobStatus)
+    async def cancel_job(self, job_id: str) -> JobStatus:
+        """Cancel a job: tours in flight finish, no new ones start; only complete tours stay visible."""
+        status = self._jobs().cancel(job_id)
+        if status is None:
+            raise HTTPException(404, detail=f"job_id: no job {job_id!r}")
+        return status
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:

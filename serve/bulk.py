@@ -199,3 +199,24 @@ def run_bulk(specs: list[BulkSpec], out: str, model: str | None = None, replicas
         storage.write_bytes(summary.failures_uri, "\n".join(json.dumps(r) for r in records).encode() + b"\n")
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def run_online(endpoint: str, specs: list[BulkSpec], output: str | None, api_key: str | None = None,
+               progress: bool = True, poll_s: float = 1.0) -> dict:
+    """Submit the specs as a job to a running server (POST /v1/jobs) and follow it to its end; the last status."""
+    import requests
+
+    headers = {"X-API-Key": api_key} if api_key else {}
+    body = {"specs": [s.model_dump(exclude_none=True, exclude={"output"}) for s in specs], "output": output}
+    r = requests.post(f"{endpoint.rstrip('/')}/v1/jobs", json=body, headers=headers, timeout=60)
+    if r.status_code != 202:
+        raise ValueError(f"--endpoint: the server answered {r.status_code}: {r.text[:500]}")
+    status = r.json()
+    bar = tqdm(total=status["tours_total"], unit="tour", disable=not progress, desc=status["job_id"])
+    while status["state"] in ("queued", "running"):
+        time.sleep(poll_s)
+        status = requests.get(f"{endpoint.rstrip('/')}/v1/jobs/{status['job_id']}", headers=headers,
+                              timeout=60).json()
+        bar.update(status["tours_done"] + status["tours_failed"] - bar.n)
+    bar.close()
+    return status

@@ -38,7 +38,8 @@ def server(ray_local, tiny_model_dir, tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
     args = {"model": str(tiny_model_dir), "output_root": str(root / "out"), "api_key_file": str(key_file),
-            "max_body_bytes": 8192, "max_height": 64, "max_batch_views": 8, "batch_wait_timeout_s": 0.3}
+            "max_body_bytes": 8192, "max_height": 64, "max_batch_views": 8, "batch_wait_timeout_s": 0.3,
+            "job_concurrency": 2}
     deployments = [
         {"name": "DiffPanoAPI", "ray_actor_options": {"num_cpus": 0}},
         {"name": "PanoGenerator", "ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 8,
@@ -297,3 +298,75 @@ def test_packaged_serve_config_is_valid_and_uses_current_keys():
     assert set(scaling) <= set(AutoscalingConfig.model_fields)  # no stale key silently ignored
     assert AutoscalingConfig(**scaling).min_replicas >= 1
     assert generator.max_queued_requests > 0 and config.http_options.request_timeout_s
+
+
+def wait_job(url: str, job_id: str, states=("done", "failed", "cancelled"), timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = requests.get(f"{url}/v1/jobs/{job_id}", headers={"X-API-Key": KEY}, timeout=30).json()
+        if status["state"] in states or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
+def test_an_online_job_completes_while_interactive_requests_are_answered(server):
+    url, out = server
+    specs = [{"tour_id": f"job-a-{i}", "prompt": f"room {i}", "num_views": 2, "num_inference_steps": 6}
+             for i in range(10)]
+    r = post(url, "/v1/jobs", {"specs": specs, "output": "jobs/a"})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["state"] in ("queued", "running") and job["tours_total"] == 10
+    interactive = post(url, "/v1/tours", {"prompt": "meanwhile", "num_views": 1, "num_inference_steps": STEPS})
+    during = wait_job(url, job["job_id"], states=("done",), timeout=0)["state"]
+    assert interactive.status_code == 200, interactive.text
+    status = wait_job(url, job["job_id"])
+    assert status["state"] == "done" and status["tours_done"] == 10 and status["tours_failed"] == 0, status
+    table = read_manifest(str(out / "jobs" / "a")).to_pandas()
+    assert sorted(table.tour_id.unique()) == sorted(s["tour_id"] for s in specs) and len(table) == 20
+    assert during in ("running", "done")
+    again = post(url, "/v1/jobs", {"specs": specs, "output": "jobs/a"}).json()  # same output: nothing redone
+    assert wait_job(url, again["job_id"])["tours_done"] == 10
+    assert len(read_manifest(str(out / "jobs" / "a"))) == 20
+
+
+def test_a_cancelled_job_leaves_only_complete_tours(server):
+    url, out = server
+    specs = [{"tour_id": f"job-c-{i}", "prompt": "a long job", "num_views": 3, "num_inference_steps": 10}
+             for i in range(40)]
+    job = post(url, "/v1/jobs", {"specs": specs, "output": "jobs/c"}).json()
+    time.sleep(2)
+    r = requests.delete(f"{url}/v1/jobs/{job['job_id']}", headers={"X-API-Key": KEY}, timeout=30)
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    time.sleep(5)  # tours in flight finish
+    status = wait_job(url, job["job_id"])
+    assert status["state"] == "cancelled" and status["tours_done"] < 40
+    table = read_manifest(str(out / "jobs" / "c")).to_pandas()
+    assert (table.groupby("tour_id").size() == 3).all() and table.tour_id.nunique() <= status["tours_done"] + 4
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"specs": [{"tour_id": "a b", "prompt": "x"}]}, "line 1: tour_id"),
+    ({"specs": [{"tour_id": "a", "prompt": "x", "num_views": 99}]}, "num_views"),
+    ({"specs": [{"tour_id": "a", "prompt": "x"}], "output": "../escape"}, "output"),
+    ({"specs": [{"tour_id": "a", "prompt": "x"}], "output": "/abs"}, "output"),
+    ({}, "specs"),
+    ({"specs": []}, "specs"),
+])
+def test_bad_jobs_get_422(server, body, field):
+    r = post(server[0], "/v1/jobs", body)
+    assert r.status_code == 422 and field in r.text, r.text
+    assert requests.get(f"{server[0]}/v1/jobs/nope", headers={"X-API-Key": KEY}, timeout=30).status_code == 404
+
+
+def test_diffpano_bulk_submits_to_the_endpoint_and_follows_the_job(server):
+    from typer.testing import CliRunner
+
+    from diffpano.cli import app
+
+    url, out = server
+    result = CliRunner().invoke(app, ["bulk", "--synthetic", "3", "--views", "2", "--steps", "2", "--endpoint", url,
+                                      "--out", "jobs/cli"], env={"DIFFPANO_API_KEY": KEY})
+    assert result.exit_code == 0, result.output
+    assert "done: 3 tours done, 0 failed of 3" in result.output
+    assert read_manifest(str(out / "jobs" / "cli")).to_pandas().tour_id.nunique() == 3

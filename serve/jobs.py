@@ -1,0 +1,163 @@
+"""Online bulk jobs (POST /v1/jobs): tours of a spec list sent through the model deployment, resumable from output."""
+
+import asyncio
+import json
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from diffpano import storage
+from diffpano.manifest import read_manifest
+from serve.bulk import BulkSpec, read_spec_rows, validate_specs
+from serve.schemas import Strict
+
+MAX_INLINE_SPECS = 10_000
+PREFIX = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_./-]{0,255}$")
+BACKOFF_S = 1.0
+
+State = Literal["queued", "running", "done", "failed", "cancelled"]
+
+
+class JobRequest(Strict):
+    """POST /v1/jobs: specs inline or a specs URI, and a prefix under the server's output root."""
+
+    specs: list[dict] | None = Field(None, min_length=1, max_length=MAX_INLINE_SPECS)
+    specs_uri: str | None = Field(None, max_length=1024)
+    output: str | None = Field(None, max_length=256)
+
+    @field_validator("output")
+    @classmethod
+    def _relative(cls, v: str | None) -> str | None:
+        """A relative prefix without '..': the job writes below the server's root only."""
+        if v is not None and (not PREFIX.match(v) or ".." in v.split("/")):
+            raise ValueError("output: a relative prefix of letters, digits, '-', '_', '.', '/' without '..'")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "JobRequest":
+        """Exactly one of specs/specs_uri."""
+        if (self.specs is None) == (self.specs_uri is None):
+            raise ValueError("specs/specs_uri: give exactly one of them")
+        return self
+
+
+class JobStatus(BaseModel):
+    """A job as GET /v1/jobs/{id} reports it."""
+
+    job_id: str
+    state: State
+    tours_total: int
+    tours_done: int
+    tours_failed: int
+    manifest_uri: str
+
+
+class Job:
+    """One job's specs, output and progress."""
+
+    def __init__(self, job_id: str, specs: list[BulkSpec], out: str, state: State = "queued") -> None:
+        self.job_id, self.specs, self.out, self.state = job_id, specs, out, state
+        self.done, self.failed, self.errors = 0, 0, []
+        self.cancelled = False
+        self.task: asyncio.Task | None = None
+
+    def status(self) -> JobStatus:
+        """The job's current status."""
+        return JobStatus(job_id=self.job_id, state=self.state, tours_total=len(self.specs), tours_done=self.done,
+                         tours_failed=self.failed, manifest_uri=storage.join(self.out, "manifest"))
+
+
+Generate = Callable[[BulkSpec, str], Awaitable[None]]
+
+
+class JobRunner:
+    """Runs jobs in the ingress replica, `concurrency` tours in flight each, recording them under root/_jobs."""
+
+    def __init__(self, root: str, generate: Generate, concurrency: int = 4) -> None:
+        self.root, self.generate, self.concurrency = root, generate, concurrency
+        self.jobs: dict[str, Job] = {}
+
+    def _record(self, job_id: str) -> str:
+        """Where a job's specs and state are kept."""
+        return storage.join(self.root, "_jobs", f"{job_id}.json")
+
+    def specs_of(self, req: JobRequest) -> list[BulkSpec]:
+        """Validated specs; ValueError lists the first bad rows with line and field."""
+        rows = req.specs if req.specs is not None else read_spec_rows(req.specs_uri)
+        specs, errors = validate_specs(rows)
+        if errors:
+            raise ValueError("; ".join(str(e) for e in errors[:10]))
+        return specs
+
+    def start_job(self, specs: list[BulkSpec], output: str | None) -> JobStatus:
+        """Record and start a job of validated specs (in the event loop)."""
+        job_id = f"job-{uuid.uuid4().hex[:16]}"
+        out = storage.join(self.root, output or f"jobs/{job_id}")
+        job = Job(job_id, specs, out)
+        self._save(job)
+        self._start(job)
+        return job.status()
+
+    def resume(self) -> None:
+        """Restart the jobs a previous replica left queued or running (their manifest says what is done)."""
+        for uri in storage.list_files(storage.join(self.root, "_jobs"), ".json"):
+            record = json.loads(storage.read_bytes(uri))
+            if record["state"] in ("queued", "running") and record["job_id"] not in self.jobs:
+                specs = [BulkSpec.model_validate(s) for s in record["specs"]]
+                self._start(Job(record["job_id"], specs, record["out"]))
+
+    def status(self, job_id: str) -> JobStatus | None:
+        """A job's status, or None when unknown."""
+        job = self.jobs.get(job_id)
+        return job.status() if job else None
+
+    def cancel(self, job_id: str) -> JobStatus | None:
+        """Stop launching tours of the job; those in flight finish and stay."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        job.cancelled = True
+        if job.state in ("queued", "running"):
+            job.state = "cancelled"
+            self._save(job)
+        return job.status()
+
+    def _start(self, job: Job) -> None:
+        """Run the job in the replica's event loop."""
+        self.jobs[job.job_id] = job
+        job.task = asyncio.get_running_loop().create_task(self._run(job))
+
+    def _save(self, job: Job) -> None:
+        """Persist the job's specs and state."""
+        record = {"job_id": job.job_id, "state": job.state, "out": job.out,
+                  "specs": [s.model_dump(exclude_none=True) for s in job.specs]}
+        storage.write_bytes(self._record(job.job_id), json.dumps(record).encode())
+
+    async def _run(self, job: Job) -> None:
+        """Generate the specs not yet in the output's manifest, a few at a time."""
+        present = set(await asyncio.to_thread(lambda: read_manifest(job.out).column("tour_id").to_pylist()))
+        job.done = sum(s.tour_id in present for s in job.specs)
+        job.state = "running"
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def one(spec: BulkSpec) -> None:
+            async with gate:
+                if job.cancelled:
+                    return
+                try:
+                    await self.generate(spec, job.out)
+                    job.done += 1
+                except Exception as err:  # noqa: BLE001 - a failing tour is recorded, the rest go on
+                    job.failed += 1
+                    job.errors.append({"tour_id": spec.tour_id, "error": f"{type(err).__name__}: {err}"})
+
+        await asyncio.gather(*(one(s) for s in job.specs if s.tour_id not in present))
+        if job.errors:
+            data = "\n".join(json.dumps(e) for e in job.errors).encode() + b"\n"
+            storage.write_bytes(storage.join(job.out, "failures", f"{job.job_id}.jsonl"), data)
+        if not job.cancelled:
+            job.state = "done" if not job.failed or job.done else "failed"
+        self._save(job)
