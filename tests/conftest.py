@@ -14,15 +14,39 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+class S3Server:
+    """The moto server of the session, which a test may stop and start again on the same port (data is kept)."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        self.host, self.port = self.server.get_host_and_port()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address=self.host, port=self.port, verbose=False)
+        self.server.start()
+
+
 @pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory):
+def s3_server() -> S3Server:
+    """The S3 server itself (see s3_endpoint)."""
+    return S3Server()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server):
     """An S3 HTTP server on 127.0.0.1 with bucket 'diffpano-test'; AWS_* variables point at it."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    server = s3_server
+    host, port = server.host, server.port
     endpoint = f"http://{host}:{port}"
     env = {
         "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",

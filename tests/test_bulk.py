@@ -113,3 +113,28 @@ def test_a_killed_job_reruns_to_every_tour_exactly_once(tiny_model_dir, tmp_path
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     check_output(str(out), 12, 2)
+
+
+def test_an_s3_outage_mid_job_loses_and_duplicates_nothing(ray_local, tiny_model_dir, s3_endpoint, s3_server):
+    import threading
+
+    out = "s3://diffpano-test/outage"
+
+    def outage() -> None:
+        deadline = time.monotonic() + 120
+        while not storage.list_files(f"{out}/manifest", ".parquet") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        s3_server.stop()
+        stopped.append(time.monotonic())
+        time.sleep(3)
+        s3_server.start()
+
+    stopped: list[float] = []
+    thread = threading.Thread(target=outage)
+    thread.start()
+    code, text = bulk("--synthetic", "10", *TINY, "--out", out, "--model", str(tiny_model_dir), "--batch-size", "1")
+    finished = time.monotonic()
+    thread.join()
+    assert stopped and stopped[0] < finished - 1  # the outage fell inside the job
+    assert code == 0 and "10 tours / 20 views written" in text and "0 failed" in text, text  # retried, not lost
+    check_output(out, 10, 2)
