@@ -107,7 +107,7 @@ class TourWriter:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         """Generate the batch's tours (grouped by shared settings), commit the successful ones, report each."""
         specs = [BulkSpec.model_validate_json(s) for s in batch["spec"]]
-        tours, status = [], {}
+        tours, status, started = [], {}, time.perf_counter()
         groups: dict[tuple, list[BulkSpec]] = {}
         for s in specs:
             key = (s.view_count(), s.height, s.width, s.num_inference_steps, s.guidance_scale)
@@ -117,10 +117,12 @@ class TourWriter:
                 tours += self._generate(members)
             except Exception as err:  # noqa: BLE001 - a failing spec is recorded and the rest go on
                 status.update({s.tour_id: f"{type(err).__name__}: {err}" for s in members})
+        model_s = time.perf_counter() - started
         if tours:
             commit_tours(self.out, tours)
         return {"tour_id": [s.tour_id for s in specs], "views": [s.view_count() for s in specs],
-                "error": [status.get(s.tour_id, "") for s in specs]}
+                "error": [status.get(s.tour_id, "") for s in specs],
+                "model_seconds": [model_s / len(specs)] * len(specs)}
 
     def _generate(self, specs: list[BulkSpec]) -> list[Tour]:
         """One pipeline call for specs that share view count, size, steps and guidance."""
@@ -147,6 +149,7 @@ class BulkSummary:
     failures: list[tuple[str, str]] = field(default_factory=list)
     invalid: list[SpecError] = field(default_factory=list)
     seconds: float = 0.0
+    model_seconds: float = 0.0  # replica time spent generating (the rest of replica time is I/O and overhead)
     failures_uri: str | None = None
 
     def line(self) -> str:
@@ -183,6 +186,7 @@ def run_bulk(specs: list[BulkSpec], out: str, model: str | None = None, replicas
         )
         bar = tqdm(total=len(todo), unit="tour", disable=not progress, desc="tours")
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            summary.model_seconds += float(np.sum(batch["model_seconds"]))
             for tid, views, err in zip(batch["tour_id"], batch["views"], batch["error"], strict=True):
                 if err:
                     summary.failures.append((str(tid), str(err)))

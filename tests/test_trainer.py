@@ -229,3 +229,14 @@ def test_run_paths_are_absolute_for_workers_in_other_folders():
 
     assert run_paths("outputs/runs", "r")["model"] == str(Path("outputs/runs/r/model").resolve())
     assert run_paths("s3://b/runs/", "r")["model"] == "s3://b/runs/r/model"
+
+
+def test_one_stage_ablation_trains_the_unet_with_the_ea_modules():
+    from diffpano.factory import build_tiny_pipeline
+    from trainer.loop import trainable_parameters
+
+    cfg = load_config(CONFIG, ["stage2.train_unet=true"])
+    pipe = build_tiny_pipeline(seed=0)
+    params = trainable_parameters(pipe, 2, cfg.stage2)
+    assert len(params) == len(list(pipe.unet.parameters())) + len(list(pipe.epipolar.parameters()))
+    assert len(trainable_parameters(pipe, 2, load_config(CONFIG).stage2)) == len(list(pipe.epipolar.parameters()))

@@ -70,6 +70,7 @@ class StageConfig(Strict):
     lora_rank: int = Field(0, ge=0, le=1024)  # 0: train the whole UNet (stage 1) / keep it frozen (stage 2)
     lora_alpha: float | None = None
     views: int = Field(4, ge=2, le=64)  # stage 2: views per clip window
+    train_unet: bool = False  # stage 2: train the whole UNet with the EA modules (one-stage training, an ablation)
     size: tuple[int, int] | None = None  # [H, W] of this stage; None: data.size
     ema: EmaConfig = EmaConfig()
 

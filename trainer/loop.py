@@ -58,6 +58,9 @@ def trainable_parameters(pipe, stage: int, stage_cfg) -> list[nn.Parameter]:
         pipe.unet.requires_grad_(True)
         params += list(pipe.unet.parameters())
     if stage == 2:
+        if stage_cfg.train_unet and not stage_cfg.lora_rank:
+            pipe.unet.requires_grad_(True)
+            params += list(pipe.unet.parameters())
         pipe.epipolar.requires_grad_(True)
         params += list(pipe.epipolar.parameters())
     return params

@@ -1,0 +1,92 @@
+"""Bulk generation throughput: tours/hour offline (Ray Data) with 1 and 2 replicas, and online (Serve), same specs.
+
+The share of time outside the model is 1 - (model seconds / replicas) / wall seconds, where model seconds are the
+replicas' time inside the pipeline (generation + PNG encoding excluded) summed over batches.
+Goals: 2 replicas >= 1.8x one when the cores allow it; outside-model share <= 5% at batch size >= 4.
+Run: python bench/bulk_throughput.py [--model DIR] [--tours 8] [--views 4] [--steps 10] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import ray  # noqa: E402
+from common import format_table, goal_line, write_json  # noqa: E402
+
+from serve.bulk import run_bulk, run_online, synthetic_specs, validate_specs  # noqa: E402
+
+
+def free_port() -> int:
+    """An unused port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def online(model: str | None, specs, work: Path) -> float:
+    """Wall seconds of the same job through a Serve app with one model replica on 2 CPUs."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 600})
+    deployments = [{"name": "DiffPanoAPI", "ray_actor_options": {"num_cpus": 0}},
+                   {"name": "PanoGenerator", "ray_actor_options": {"num_cpus": 2}, "max_queued_requests": 64,
+                    "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}]
+    serve.run(build_app({"model": model, "output_root": str(work / "served"), "job_concurrency": 4,
+                         "max_batch_views": 16}, deployments), name="bulkbench", route_prefix="/", blocking=False)
+    started = time.perf_counter()
+    status = run_online(f"http://127.0.0.1:{port}", specs, "job", progress=False, poll_s=0.2)
+    wall = time.perf_counter() - started
+    serve.shutdown()
+    assert status["state"] == "done", status
+    return wall
+
+
+def main() -> None:
+    """Offline with 1 and 2 replicas, then online; print tours/hour, ratios and the outside-model share."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model directory (default: the bundled model)")
+    parser.add_argument("--tours", type=int, default=8)
+    parser.add_argument("--views", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    specs, _ = validate_specs(synthetic_specs(args.tours, args.views, seed=7, steps=args.steps))
+    work = Path(tempfile.mkdtemp(prefix="diffpano-bench-bulk-"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    results, rows = {}, []
+    for replicas in (1, 2):
+        summary = run_bulk(specs, str(work / f"offline{replicas}"), args.model, replicas=replicas,
+                           batch_size=min(args.batch_size, max(1, args.tours // replicas)),
+                           cpus_per_replica=2 / replicas, progress=False)
+        outside = 1 - (summary.model_seconds / replicas) / summary.seconds
+        rate = summary.tours_done / summary.seconds * 3600
+        results[f"offline_{replicas}"] = {"tours_per_hour": rate, "wall_s": summary.seconds,
+                                          "outside_model_share": outside}
+        rows.append([f"offline (Ray Data), {replicas} replica(s)", f"{rate:.0f}", f"{summary.seconds:.1f}",
+                     f"{outside:.1%}"])
+    wall = online(args.model, specs, work)
+    results["online_1"] = {"tours_per_hour": args.tours / wall * 3600, "wall_s": wall}
+    rows.append(["online (Serve job), 1 replica", f"{results['online_1']['tours_per_hour']:.0f}", f"{wall:.1f}", "-"])
+    print(format_table(["path", "tours/hour", "wall s", "outside model"], rows))
+    scale = results["offline_2"]["tours_per_hour"] / results["offline_1"]["tours_per_hour"]
+    print(goal_line(f"2 replicas {scale:.2f}x one >= 1.8x (2 cores: each replica gets one)", scale >= 1.8))
+    share = results["offline_1"]["outside_model_share"]
+    print(goal_line(f"outside-model share {share:.1%} <= 5% at batch size {args.batch_size}", share <= 0.05))
+    ratio = results["online_1"]["tours_per_hour"] / results["offline_1"]["tours_per_hour"]
+    print(f"online / offline (1 replica): {ratio:.2f}x")
+    write_json(args.json, {"tours": args.tours, "views": args.views, "steps": args.steps, "results": results})
+
+
+if __name__ == "__main__":
+    main()
