@@ -14,8 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/diffpano generate "A bedroom with blue walls and a wooden floor. A white bed stands under the window." \
-		--views 4 --steps 20 --seed 0 --out outputs/tours
+	$(VENV)/bin/diffpano bulk --synthetic 8 --views 4 --steps 20 --out outputs/tours
 	$(VENV)/bin/diffpano video outputs/tours --out outputs/tour.gif
 
 test: $(STAMP)
