@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -18,16 +17,9 @@ from pathlib import Path
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray  # noqa: E402
-from common import format_table, goal_line, write_json  # noqa: E402
+from common import format_table, free_port, goal_line, write_json  # noqa: E402
 
 from serve.bulk import run_bulk, run_online, synthetic_specs, validate_specs  # noqa: E402
-
-
-def free_port() -> int:
-    """An unused port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def online(model: str | None, specs, work: Path) -> float:

@@ -202,6 +202,15 @@ def goal_line(description: str, met: bool | None) -> str:
     return f"GOAL {description}: {verdict}"
 
 
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def write_json(path: Path | None, payload: dict) -> None:
     """Write the results as indented JSON when a path was given."""
     if path is None:

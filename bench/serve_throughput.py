@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,19 +20,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
 import torch  # noqa: E402
-from common import format_table, goal_line, write_json  # noqa: E402
+from common import format_table, free_port, goal_line, write_json  # noqa: E402
 
 from diffpano.modelio import resolve_model  # noqa: E402
 from diffpano.trajectories import walk  # noqa: E402
 
 LEVELS = (1, 4, 8)
-
-
-def free_port() -> int:
-    """An unused port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -88,6 +88,13 @@ async def guard(request: Request, call_next):
     return await call_next(request)
 
 
+def known_job(status: JobStatus | None, job_id: str) -> JobStatus:
+    """The status, or 404 for an unknown job id."""
+    if status is None:
+        raise HTTPException(404, detail=f"job_id: no job {job_id!r}")
+    return status
+
+
 def unprocessable(field: str, message: str) -> HTTPException:
     """422 naming the field."""
     return HTTPException(422, detail=error_detail(field, message))
@@ -242,18 +249,12 @@ class DiffPanoAPI:
     @api.get("/v1/jobs/{job_id}", response_model=JobStatus)
     async def job_status(self, job_id: str) -> JobStatus:
         """A job's state and counts."""
-        status = self._jobs().status(job_id)
-        if status is None:
-            raise HTTPException(404, detail=f"job_id: no job {job_id!r}")
-        return status
+        return known_job(self._jobs().status(job_id), job_id)
 
     @api.delete("/v1/jobs/{job_id}", response_model=JobStatus)
     async def cancel_job(self, job_id: str) -> JobStatus:
         """Cancel a job: tours in flight finish, no new ones start; only complete tours stay visible."""
-        status = self._jobs().cancel(job_id)
-        if status is None:
-            raise HTTPException(404, detail=f"job_id: no job {job_id!r}")
-        return status
+        return known_job(self._jobs().cancel(job_id), job_id)
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:

@@ -39,10 +39,9 @@ class Trajectory(BaseModel):
         return named_trajectory(self.kind, num_views, dict(self.model_extra or {})).numpy()
 
 
-class PanoramaRequest(Strict):
-    """POST /v1/panoramas: one prompt, one panorama."""
+class Sampling(Strict):
+    """Settings every generation request shares."""
 
-    prompt: Prompt
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
@@ -51,7 +50,13 @@ class PanoramaRequest(Strict):
     output: Literal["inline", "store"] = "inline"
 
 
-class TourRequest(Strict):
+class PanoramaRequest(Sampling):
+    """POST /v1/panoramas: one prompt, one panorama."""
+
+    prompt: Prompt
+
+
+class TourRequest(Sampling):
     """POST /v1/tours: one prompt or one per view, explicit poses or a named trajectory (walk by default)."""
 
     prompt: Prompt | None = None
@@ -59,12 +64,6 @@ class TourRequest(Strict):
     num_views: int | None = Field(None, ge=1, le=MAX_VIEWS)
     poses: list[Pose] | None = Field(None, min_length=1, max_length=MAX_VIEWS)
     trajectory: Trajectory | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
-    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
-    height: int | None = Field(None, ge=8, le=4096)
-    width: int | None = Field(None, ge=16, le=8192)
-    output: Literal["inline", "store"] = "inline"
 
     @field_validator("poses")
     @classmethod

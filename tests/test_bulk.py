@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import time
 
 import numpy as np
 import pyarrow.dataset as pads
+from helpers import plain
 from typer.testing import CliRunner
 
 from diffpano import storage
@@ -23,7 +23,7 @@ TINY = ["--steps", "2", "--views", "2"]
 
 def bulk(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(app, ["bulk", *args])
-    return result.exit_code, re.sub(r"[\s│╭╮╰╯─]+", " ", result.output)
+    return result.exit_code, plain(result.output)
 
 
 def check_output(root: str, tours: int, views: int) -> None:

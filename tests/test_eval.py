@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
+from helpers import plain
 from typer.testing import CliRunner
 
 from diffpano.cli import app
 from diffpano.data.build import BuildSpec, render_clips
 from diffpano.data.manifest import commit_clips
 from diffpano.manifest import read_manifest
-
-
-def plain(text: str) -> str:
-    """CLI output without rich's boxes and line breaks."""
-    return re.sub(r"[\s│╭╮╰╯─]+", " ", text)
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import csv
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import plain
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -19,11 +19,6 @@ from diffpano.data.manifest import commit_clips
 from trainer.config import load_config
 
 CONFIG = "trainer/configs/tiny.yaml"
-
-
-def plain(text: str) -> str:
-    """CLI output without rich's boxes and line breaks."""
-    return re.sub(r"[\s│╭╮╰╯─]+", " ", text)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ import json
 import random
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -209,6 +211,20 @@ def load_state(directory: Path, params, optimizer, lr_sched, ema, rank: int) -> 
     return int(state["step"]), int(state["consumed"])
 
 
+def log_and_checkpoint(cfg: TrainConfig, log: RunLog | None, metrics: dict, total: int,
+                       save: Callable[[Path], None]) -> None:
+    """Log a step on rank 0; every run.checkpoint_every steps (and at the end) report a checkpoint save() wrote."""
+    step = metrics["step"]
+    if log is not None and (step % cfg.run.log_every == 0 or step == total):
+        log.step(step, total, {k: v for k, v in metrics.items() if k != "step"})
+    if step % cfg.run.checkpoint_every == 0 or step == total:
+        with tempfile.TemporaryDirectory() as tmp:
+            save(Path(tmp))
+            if log is not None:
+                log.sync()
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
 def maybe_fail(cfg: TrainConfig, step: int, rank: int, world: int, run_root: str) -> None:
     """Fault injection for tests: the last worker raises once when reaching run.fail_at_step."""
     if cfg.run.fail_at_step != step or rank != world - 1:
@@ -309,14 +325,9 @@ def train_stage(config: dict) -> None:
         metrics = {"loss": total_loss, "lr": lr_sched.get_last_lr()[0], "grad_norm": grad_norm,
                    "samples_per_s": samples * world / (time.perf_counter() - started), "step": step,
                    "time": time.time()}
-        if log is not None and (step % cfg.run.log_every == 0 or step == stage_cfg.steps):
-            log.step(step, stage_cfg.steps, {k: v for k, v in metrics.items() if k != "step"})
-        if step % cfg.run.checkpoint_every == 0 or step == stage_cfg.steps:
-            with tempfile.TemporaryDirectory() as tmp:
-                save_state(Path(tmp), params, optimizer, lr_sched, ema, step, data.consumed, rank)
-                if log is not None:
-                    log.sync()
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        log_and_checkpoint(cfg, log, metrics, stage_cfg.steps,
+                           partial(save_state, params=params, optimizer=optimizer, lr_sched=lr_sched,
+                                   ema=ema, step=step, consumed=data.consumed, rank=rank))
         if rank == 0 and cfg.run.sample_every and step % cfg.run.sample_every == 0 and step < stage_cfg.steps:
             _sample(pipe, cfg, batch, stage, run_root, step)
     if rank == 0:

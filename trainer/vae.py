@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import ray.train
@@ -15,7 +15,16 @@ from torch import nn
 
 from diffpano.modelio import load_model, save_model
 from trainer.config import TrainConfig
-from trainer.loop import Batches, RunLog, _seed, load_state, make_dataset, maybe_fail, save_state
+from trainer.loop import (
+    Batches,
+    RunLog,
+    _seed,
+    load_state,
+    log_and_checkpoint,
+    make_dataset,
+    maybe_fail,
+    save_state,
+)
 
 SCALE_SAMPLES = 64  # panoramas whose latents set the VAE's scaling_factor (unit variance for the UNet)
 
@@ -83,14 +92,9 @@ def train_vae(config: dict) -> None:
         metrics = {"loss": loss.item(), "l1": l1.item(), "kl": kl.item(), "lr": lr_sched.get_last_lr()[0],
                    "grad_norm": grad_norm, "samples_per_s": x.shape[0] * world / (time.perf_counter() - started),
                    "step": step, "time": time.time()}
-        if log is not None and (step % cfg.run.log_every == 0 or step == vcfg.steps):
-            log.step(step, vcfg.steps, {k: v for k, v in metrics.items() if k != "step"})
-        if step % cfg.run.checkpoint_every == 0 or step == vcfg.steps:
-            with tempfile.TemporaryDirectory() as tmp:
-                save_state(Path(tmp), params, optimizer, lr_sched, None, step, data.consumed, rank)
-                if log is not None:
-                    log.sync()
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        log_and_checkpoint(cfg, log, metrics, vcfg.steps,
+                           partial(save_state, params=params, optimizer=optimizer, lr_sched=lr_sched,
+                                   ema=None, step=step, consumed=data.consumed, rank=rank))
     if rank == 0:
         pipe.vae.eval()
         pipe.vae.register_to_config(scaling_factor=latent_scale(pipe, dataset))
