@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/diffpano bulk --synthetic 8 --views 4 --steps 20 --out outputs/tours
+	$(VENV)/bin/diffpano bulk --synthetic 8 --views 4 --steps 20 --cpus-per-replica 2 --out outputs/tours
 	$(VENV)/bin/diffpano video outputs/tours --out outputs/tour.gif
 
 test: $(STAMP)
