@@ -100,14 +100,14 @@ def pack_model(src: str, dst: str, text_encoder_package: str | None = None, fp16
     """Copy a model directory for shipping: the text encoder as a package reference, some components in fp16."""
     from safetensors.torch import load_file, save_file
 
+    if text_encoder_package and text_encoder_package not in PACKAGES:
+        raise ValueError(f"text_encoder_package: unknown {text_encoder_package!r}; known: {sorted(PACKAGES)}")
     root = local_model_dir(src)
     target = Path(dst)
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(root, target, ignore=shutil.ignore_patterns("training.json"))
     if text_encoder_package:
-        if text_encoder_package not in PACKAGES:
-            raise ValueError(f"text_encoder_package: unknown {text_encoder_package!r}; known: {sorted(PACKAGES)}")
         shutil.rmtree(target / "text_encoder")
         (target / "text_encoder").mkdir()
         (target / "text_encoder" / PACKAGE_REF).write_text(json.dumps({"package": text_encoder_package}) + "\n")

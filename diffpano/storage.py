@@ -11,6 +11,14 @@ import pyarrow.fs as pafs
 S3_RETRY_ATTEMPTS = 10
 
 
+FORWARDED_ENV = ("AWS_", "DIFFPANO_", "HF_")
+
+
+def worker_env() -> dict[str, str]:
+    """Environment variables worker processes need (storage credentials and endpoints), taken from this process."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+
+
 def is_remote(uri: str) -> bool:
     """True for s3:// URIs."""
     return str(uri).startswith("s3://")

@@ -28,7 +28,7 @@ from diffpano.data.manifest import read_dataset
 from diffpano.manifest import decode_rgb
 from diffpano.modelio import load_model
 from diffpano.text import encode_prompts
-from trainer.dataset_builder import ensure_ray, worker_env
+from trainer.dataset_builder import ensure_ray
 
 CACHE_VERSION = 1  # bump when what a cache holds changes for the same encoder files (preprocessing, layout)
 MARKER = "_COMPLETE.json"
@@ -274,7 +274,7 @@ def _build(
     fs, path = storage.resolve(uri)
     if items:
         ensure_ray()
-        env = {"env_vars": worker_env()}
+        env = {"env_vars": storage.worker_env()}
         blocks = min(len(items), max(num_actors, math.ceil(len(items) / batch_size)))
         with _data_context(progress):
             ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(

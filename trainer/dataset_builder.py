@@ -10,13 +10,7 @@ import ray
 from tqdm import tqdm
 
 from diffpano.data.build import BuildSpec, build_scene, check_spec_file, pending_clips
-
-FORWARDED_ENV = ("AWS_", "DIFFPANO_", "HF_")
-
-
-def worker_env() -> dict[str, str]:
-    """Environment variables tasks need (storage credentials and endpoints), taken from the driver."""
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+from diffpano.storage import worker_env
 
 
 def ensure_ray(log_to_driver: bool = False) -> None:

@@ -18,7 +18,7 @@ from diffpano.evaluation import (
     write_eval_report,
 )
 from diffpano.manifest import decode_rgb, read_manifest
-from trainer.dataset_builder import ensure_ray, worker_env
+from trainer.dataset_builder import ensure_ray
 
 
 def generate_tours(
@@ -37,7 +37,7 @@ def generate_tours(
     ds = ds.map_batches(
         TourGenerator, batch_size=1, compute=ray.data.ActorPoolStrategy(size=max(1, min(replicas, len(todo)))),
         fn_constructor_kwargs=dict(model=model, out=out, steps=steps, guidance=guidance, size=size, variant=variant),
-        num_cpus=1, num_gpus=num_gpus, runtime_env={"env_vars": worker_env()},
+        num_cpus=1, num_gpus=num_gpus, runtime_env={"env_vars": storage.worker_env()},
     )
     return len(ds.take_all())
 

@@ -12,7 +12,7 @@ from diffpano import storage
 from diffpano.data.manifest import read_dataset
 from trainer.cache import build_latent_cache, build_text_cache
 from trainer.config import TrainConfig
-from trainer.dataset_builder import ensure_ray, worker_env
+from trainer.dataset_builder import ensure_ray
 from trainer.loop import train_stage
 from trainer.vae import train_vae
 
@@ -88,16 +88,16 @@ def stage_trainer(cfg: TrainConfig, stage: int, paths: dict, init_model: str, ca
     export = export_of(paths, stage)
     loop_config = {"cfg": cfg.model_dump(mode="json"), "stage": stage, "run_root": paths["root"],
                    "init_model": init_model, "text_cache": caches[0], "latent_cache": caches[1], "export": export}
+    storage_path, storage_filesystem = _ray_storage(paths["root"])
     return TorchTrainer(
         train_vae if stage == 0 else train_stage, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=f"stage{stage}", storage_path=_ray_storage(paths["root"])[0],
-            storage_filesystem=_ray_storage(paths["root"])[1],
+            name=f"stage{stage}", storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-            worker_runtime_env={"env_vars": worker_env()},
+            worker_runtime_env={"env_vars": storage.worker_env()},
         ),
     )
 
