@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install run test test-slow bench model lint clean
+.PHONY: install run test test-slow bench model image cluster-config lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -40,6 +40,15 @@ model: $(STAMP)
 	$(VENV)/bin/diffpano dataset build --scenes 16 --clips-per-scene 1 --frames 4 --size 128x256 --seed 1 \
 		--out outputs/dataset-heldout
 	$(PY) bench/bundled_model.py --heldout outputs/dataset-heldout --out outputs/bundled-eval
+
+# The cluster image (cluster/docker/Dockerfile); needs Docker. Push it where your cluster pulls from.
+IMAGE ?= diffpano:0.1.0-ray2.60.0
+image:
+	docker build -f cluster/docker/Dockerfile -t $(IMAGE) .
+
+# Regenerate the cluster's Serve config and the RayService's serveConfigV2 from serve/config.yaml.
+cluster-config: $(STAMP)
+	$(PY) -m cluster.render
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -392,6 +392,41 @@ def serve_command(
         serve.shutdown()
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(
+    ctx: typer.Context,
+    kind: str = typer.Argument(..., help="train or bulk; the arguments after it are that command's."),
+    address: str | None = typer.Option(None, "--address", help="Dashboard URL http://HEAD:8265 "
+                                       "(default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS, then 127.0.0.1:8265)."),
+    working_dir: str | None = typer.Option(None, "--working-dir", help="Code sent with the job (default: this "
+                                           "checkout; none for an installed package: the cluster's image runs it)."),
+    no_working_dir: bool = typer.Option(False, "--no-working-dir", help="Send no code: run the image's diffpano."),
+    submission_id: str | None = typer.Option(None, "--submission-id", help="Job id (default: diffpano-KIND-<hex>)."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job's log until it ends."),
+) -> None:
+    """Run `diffpano train|bulk ...` on a Ray cluster as a Ray job (AWS_* variables passed through, not stored)."""
+    from cluster.submit import follow, repository_root
+    from cluster.submit import submit as submit_job
+
+    code = None if no_working_dir else (working_dir or repository_root())
+    try:
+        job = submit_job(kind, list(ctx.args), address=address, working_dir=code, submission_id=submission_id)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    typer.echo(f"submitted {job.job_id} to {job.address}: {job.entrypoint}")
+    if not wait:
+        typer.echo(f"follow: ray job logs -f {job.job_id} --address {job.address}")
+        return
+    try:
+        status = follow(job)
+    except KeyboardInterrupt:
+        typer.echo(f"\nthe job keeps running; stop it with: ray job stop {job.job_id} --address {job.address}")
+        raise typer.Exit(130) from None
+    typer.echo(f"job {job.job_id}: {status}")
+    if status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
 def _print_metrics(metrics: dict, out: str) -> None:
     """Summary lines of an evaluation."""
     from diffpano.evaluation import SUMMARY_KEYS

@@ -99,6 +99,19 @@ def tiny_model_dir(tiny_pipe, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def train_dataset(tmp_path_factory) -> str:
+    """Two scenes x two clips x four keyframes at 32x64 for training runs, committed without Ray."""
+    from diffpano.data.build import BuildSpec, render_clips
+    from diffpano.data.manifest import commit_clips
+
+    root = str(tmp_path_factory.mktemp("trainds") / "ds")
+    spec = BuildSpec(scenes=2, clips_per_scene=2, frames=4, height=32, width=64, seed=7)
+    for s in range(2):
+        commit_clips(root, render_clips(spec, s, [0, 1]))
+    return root
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """A local Ray cluster on 127.0.0.1 for the session (2 CPUs, no dashboard)."""
     import ray

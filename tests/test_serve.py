@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,16 +12,11 @@ import pytest
 import requests
 from PIL import Image
 
+from bench.common import free_port
 from diffpano.manifest import read_manifest
 
 KEY = "test-key-123"
 STEPS = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -14,21 +14,14 @@ from typer.testing import CliRunner
 
 from diffpano import storage
 from diffpano.cli import app
-from diffpano.data.build import BuildSpec, render_clips
-from diffpano.data.manifest import commit_clips
 from trainer.config import load_config
 
 CONFIG = "trainer/configs/tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """Two scenes x two clips x four keyframes at 32x64, committed without Ray."""
-    root = str(tmp_path_factory.mktemp("trainds") / "ds")
-    spec = BuildSpec(scenes=2, clips_per_scene=2, frames=4, height=32, width=64, seed=7)
-    for s in range(2):
-        commit_clips(root, render_clips(spec, s, [0, 1]))
-    return root
+def dataset(train_dataset):
+    return train_dataset
 
 
 def train(dataset: str, store: str, name: str, stages: str = "all", *sets: str) -> tuple[int, str]:

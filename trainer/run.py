@@ -129,10 +129,17 @@ def stage_start(cfg: TrainConfig, stage: int, paths: dict) -> str:
                      "or set model.base")
 
 
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """The config with its dataset and base model as absolute paths (Ray workers run in other folders)."""
+    model = cfg.model.model_copy(update={"base": cfg.model.base and storage.absolute(cfg.model.base)})
+    data = cfg.data.model_copy(update={"dataset": storage.absolute(cfg.data.dataset)})
+    return cfg.model_copy(update={"model": model, "data": data})
+
+
 def train(cfg: TrainConfig, stages: list[int], name: str, storage_root: str) -> list[StageResult]:
     """Run the given stages (0: VAE, 1, 2) of a named run; a re-run with the same name resumes where it stopped."""
     check_dataset(cfg)
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dataset": storage.absolute(cfg.data.dataset)})})
+    cfg = absolute_paths(cfg)
     paths = run_paths(storage_root, name)
     if cfg.scaling.num_workers:
         ensure_ray(log_to_driver=True)  # the workers' progress lines
