@@ -15,6 +15,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="DiffPano: te
 dataset_app = typer.Typer(no_args_is_help=True, help="Build and import training datasets (SPEC §4).")
 app.add_typer(dataset_app, name="dataset")
 
+manifest_app = typer.Typer(no_args_is_help=True, help="Maintain Parquet manifests (SPEC §4, §5).")
+app.add_typer(manifest_app, name="manifest")
+
 DEFAULT_OUT = "outputs/tours"
 
 
@@ -390,6 +393,22 @@ def serve_command(
     except KeyboardInterrupt:
         typer.echo("shutting down")
         serve.shutdown()
+
+
+@manifest_app.command("compact")
+def manifest_compact(
+    uri: str = typer.Argument(..., help="An output (folder or s3:// prefix) holding manifest/."),
+    into: str | None = typer.Option(None, "--into", help="Write the compacted manifest to this new output instead "
+                                    "(required for s3://: S3 has no atomic swap); image URIs become absolute."),
+) -> None:
+    """Merge the manifest's parts into one; a concurrent reader never sees a duplicate or a missing row."""
+    from diffpano.compaction import compact
+
+    try:
+        summary = compact(uri, into)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    typer.echo(f"{summary.manifest}: {summary.parts_before} parts -> {summary.parts_after}, {summary.rows} rows")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -93,8 +93,17 @@ def commit_part(root: str, files: dict[str, bytes], table: pa.Table, ids: list[s
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
     uri = storage.join(root, "manifest", manifest_part_name(ids))
-    storage.write_bytes(uri, buf.getvalue().to_pybytes(), staging=storage.join(root, "_staging"))
+    if storage.is_remote(root):
+        storage.write_bytes(uri, buf.getvalue().to_pybytes())
+    else:
+        with storage.local_lock(manifest_lock(root), exclusive=False):  # not while a compaction swaps manifest/
+            storage.write_bytes(uri, buf.getvalue().to_pybytes(), staging=storage.join(root, "_staging"))
     return uri
+
+
+def manifest_lock(root: str) -> str:
+    """The lock file of a local output's manifest: parts are published shared, compactions hold it exclusively."""
+    return storage.join(storage.absolute(root), "_manifest.lock")
 
 
 def read_parts(root: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:

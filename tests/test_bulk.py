@@ -45,7 +45,7 @@ def check_output(root: str, tours: int, views: int) -> None:
     assert ray.data.read_parquet(storage.join(root, "manifest")).count() == len(table)
 
 
-def test_bulk_synthetic_job_to_a_local_folder_then_rerun_adds_nothing(ray_local, tiny_model_dir, tmp_path):
+def test_bulk_job_to_a_local_folder_then_compaction_and_a_rerun_add_nothing(ray_local, tiny_model_dir, tmp_path):
     out = str(tmp_path / "bulk")
     code, text = bulk("--synthetic", "5", *TINY, "--out", out, "--model", str(tiny_model_dir), "--batch-size", "2")
     assert code == 0, text
@@ -53,6 +53,8 @@ def test_bulk_synthetic_job_to_a_local_folder_then_rerun_adds_nothing(ray_local,
     check_output(out, 5, 2)
     table = read_manifest(out).to_pandas()
     assert table.groupby("tour_id").prompt.nunique().max() >= 1 and set(table.num_inference_steps) == {2}
+    result = CliRunner().invoke(app, ["manifest", "compact", out])  # a re-run reads the compacted manifest too
+    assert result.exit_code == 0 and "3 parts -> 1, 10 rows" in result.output, result.output
     code, text = bulk("--synthetic", "5", *TINY, "--out", out, "--model", str(tiny_model_dir))
     assert code == 0 and "0 tours / 0 views written, 5 already there" in text, text
     check_output(out, 5, 2)

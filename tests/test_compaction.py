@@ -1,0 +1,169 @@
+"""`diffpano manifest compact`: many parts become one while concurrent readers and writers run; S3 goes `--into`."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from helpers import plain
+from typer.testing import CliRunner
+
+from diffpano import storage
+from diffpano.cli import app
+from diffpano.compaction import compact
+from diffpano.manifest import Tour, commit_tours, read_manifest
+
+VIEWS = 2
+
+
+def tour(tour_id: str) -> Tour:
+    """A 2-view 8x16 tour of random pixels."""
+    images = np.random.default_rng(len(tour_id)).integers(0, 255, (VIEWS, 8, 16, 3), dtype=np.uint8)
+    return Tour(tour_id, images, ["a room"] * VIEWS, np.tile(np.eye(4, dtype=np.float32), (VIEWS, 1, 1)), 0, "m", 2,
+                5.0)
+
+
+def commit(root: str, *ids: str) -> None:
+    commit_tours(root, [tour(i) for i in ids])
+
+
+def keys(root: str) -> list[tuple[str, int]]:
+    table = read_manifest(root)
+    return sorted(zip(table["tour_id"].to_pylist(), table["view_index"].to_pylist(), strict=True))
+
+
+def naive_compact(root: str, pause_s: float) -> None:
+    """The unsafe way, as a control: write the merged part, then delete the parts (readers see both meanwhile)."""
+    parts = sorted((Path(root) / "manifest").glob("*.parquet"))
+    table = pads.dataset([str(p) for p in parts], format="parquet").to_table()
+    pq.write_table(table, Path(root) / "manifest" / f"merged-{time.monotonic_ns()}.parquet")
+    time.sleep(pause_s)
+    for p in parts:
+        p.unlink()
+
+
+def reader(root: str, stop, results) -> None:
+    """Read the manifest with pyarrow.dataset and DuckDB in a loop: (rows, distinct keys) per read, or the error."""
+    import duckdb
+
+    while not stop.is_set():
+        for how in ("pyarrow", "duckdb"):
+            try:
+                if how == "pyarrow":
+                    table = pads.dataset(f"{root}/manifest", format="parquet").to_table(["tour_id", "view_index"])
+                    rows = list(zip(table["tour_id"].to_pylist(), table["view_index"].to_pylist(), strict=True))
+                else:
+                    rows = duckdb.sql(f"select tour_id, view_index from read_parquet('{root}/manifest/*.parquet')"
+                                      ).fetchall()
+                results.append((how, len(rows), len(set(rows))))
+            except Exception as e:  # noqa: BLE001 - a read that fails is recorded, not a result
+                results.append((how, type(e).__name__, None))
+
+
+def run_with_reader(root: str, rounds: int, compaction) -> list:
+    """Rounds of (commit two tours as two parts, compact) while a reader process reads; the reader's results."""
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        stop, results = manager.Event(), manager.list()
+        proc = ctx.Process(target=reader, args=(root, stop, results))
+        proc.start()
+        while not results:
+            time.sleep(0.05)
+        for r in range(rounds):
+            commit(root, f"t{r}a")
+            commit(root, f"t{r}b")
+            compaction(root)
+        time.sleep(0.3)
+        stop.set()
+        proc.join(30)
+        return list(results)
+
+
+def test_a_concurrent_reader_never_sees_a_duplicate_or_a_missing_row(tmp_path):
+    root = str(tmp_path / "out")
+    commit(root, "first")
+    results = run_with_reader(root, 25, lambda r: compact(r))
+    reads = [r for r in results if r[2] is not None]
+    errors = [r for r in results if r[2] is None]
+    assert len(reads) > 50, results[:5]
+    assert all(rows == distinct for _, rows, distinct in reads), "a reader saw duplicated rows"
+    assert all(rows % VIEWS == 0 for _, rows, _ in reads), "a reader saw a partial tour"
+    for how in ("pyarrow", "duckdb"):  # committed rows never disappear from a later read
+        counts = [rows for h, rows, _ in reads if h == how]
+        assert counts == sorted(counts), f"{how}: a later read had fewer rows"
+    assert len(errors) <= len(reads) // 10, errors  # a read that straddles the swap may fail and be retried
+    assert len(list((Path(root) / "manifest").glob("*.parquet"))) == 1
+    assert len(keys(root)) == (1 + 2 * 25) * VIEWS
+
+
+def test_the_reader_check_catches_a_naive_compaction(tmp_path):
+    root = str(tmp_path / "out")
+    commit(root, "first")
+    results = run_with_reader(root, 6, lambda r: naive_compact(r, 0.3))
+    assert any(rows != distinct for _, rows, distinct in results if distinct is not None)
+
+
+def test_writers_publishing_during_compactions_lose_and_duplicate_nothing(tmp_path):
+    root = str(tmp_path / "out")
+    commit(root, "first")
+    done = threading.Event()
+
+    def writer():
+        for i in range(40):
+            commit(root, f"w{i}")
+        done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    while not done.is_set():
+        compact(root)
+    thread.join()
+    compact(root)
+    assert keys(root) == sorted((t, v) for t in ["first", *(f"w{i}" for i in range(40))] for v in range(VIEWS))
+    assert len(list((Path(root) / "manifest").glob("*.parquet"))) == 1
+
+
+def test_what_a_crashed_compaction_left_is_invisible_and_cleaned_up(tmp_path):
+    root = str(tmp_path / "out")
+    commit(root, "a")
+    commit(root, "b")
+    leftover = Path(root) / "_compact" / "dead" / "manifest"
+    leftover.mkdir(parents=True)
+    for part in (Path(root) / "manifest").glob("*.parquet"):
+        shutil.copy(part, leftover / part.name)
+    assert len(keys(root)) == 2 * VIEWS  # readers look at manifest/ only
+    result = CliRunner().invoke(app, ["manifest", "compact", root])
+    assert result.exit_code == 0 and "2 parts -> 1, 4 rows" in result.output
+    assert not (Path(root) / "_compact").exists() and len(keys(root)) == 2 * VIEWS
+    result = CliRunner().invoke(app, ["manifest", "compact", root])  # nothing left to merge
+    assert result.exit_code == 0 and "1 parts -> 1" in result.output
+
+
+def test_an_s3_manifest_is_compacted_into_a_new_output_not_in_place(s3_endpoint):
+    root, into = "s3://diffpano-test/compact-src", "s3://diffpano-test/compact-dst"
+    for i in range(3):
+        commit(root, f"s{i}")
+    result = CliRunner().invoke(app, ["manifest", "compact", root])
+    assert result.exit_code == 2 and "--into" in plain(result.output)
+    assert len(storage.list_files(storage.join(root, "manifest"), ".parquet")) == 3  # untouched
+    result = CliRunner().invoke(app, ["manifest", "compact", root, "--into", into])
+    assert result.exit_code == 0 and "3 parts -> 1, 6 rows" in result.output, result.output
+    table = read_manifest(into)
+    assert keys(into) == keys(root)
+    assert all(uri.startswith(root) and storage.exists(uri) for uri in table["image_uri"].to_pylist())
+    result = CliRunner().invoke(app, ["manifest", "compact", root, "--into", into])
+    assert result.exit_code == 2 and "already has a manifest" in plain(result.output)
+
+
+@pytest.mark.parametrize("target", ["missing", "no-manifest"])
+def test_compacting_something_that_is_not_an_output_is_refused(tmp_path, target):
+    (tmp_path / "no-manifest").mkdir()
+    result = CliRunner().invoke(app, ["manifest", "compact", str(tmp_path / target)])
+    assert result.exit_code == 2 and "has no manifest/ folder" in plain(result.output)
