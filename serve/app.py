@@ -100,6 +100,11 @@ def unprocessable(field: str, message: str) -> HTTPException:
     return HTTPException(422, detail=error_detail(field, message))
 
 
+def storage_unavailable(err: OSError) -> HTTPException:
+    """503 when the output storage can't be reached: the request was fine, try again later."""
+    return HTTPException(503, detail=f"output storage unavailable: {err}", headers={"Retry-After": "5"})
+
+
 def viewer_asset(name: str) -> str:
     """A file of the viewer shipped in the package."""
     return resources.files("serve").joinpath("viewer", name).read_text()
@@ -135,11 +140,14 @@ class DiffPanoAPI:
                               self.settings.job_concurrency)
         self._resumed = False
 
-    def _jobs(self) -> JobRunner:
-        """The job runner, after resuming the jobs an earlier replica left unfinished (once, in the event loop)."""
+    async def _jobs(self) -> JobRunner:
+        """The job runner, after resuming the jobs an earlier replica left unfinished (once)."""
         if not self._resumed:
+            try:
+                await asyncio.to_thread(self.jobs.resume)
+            except OSError as err:
+                raise storage_unavailable(err) from None
             self._resumed = True
-            self.jobs.resume()
         return self.jobs
 
     async def _job_tour(self, spec: BulkSpec, out: str) -> None:
@@ -239,22 +247,25 @@ class DiffPanoAPI:
     @api.post("/v1/jobs", status_code=202, response_model=JobStatus)
     async def submit_job(self, req: JobRequest) -> JobStatus:
         """Start a bulk job (SPEC §9 specs) whose tours are stored under output (a prefix of the server's root)."""
-        runner = self._jobs()
+        runner = await self._jobs()
         try:
             specs = await asyncio.to_thread(runner.specs_of, req)
         except (ValueError, OSError) as err:
             raise unprocessable("specs", str(err)) from None
-        return runner.start_job(specs, req.output)
+        try:
+            return await runner.start_job(specs, req.output)
+        except OSError as err:
+            raise storage_unavailable(err) from None
 
     @api.get("/v1/jobs/{job_id}", response_model=JobStatus)
     async def job_status(self, job_id: str) -> JobStatus:
         """A job's state and counts."""
-        return known_job(self._jobs().status(job_id), job_id)
+        return known_job((await self._jobs()).status(job_id), job_id)
 
     @api.delete("/v1/jobs/{job_id}", response_model=JobStatus)
     async def cancel_job(self, job_id: str) -> JobStatus:
         """Cancel a job: tours in flight finish, no new ones start; only complete tours stay visible."""
-        return known_job(self._jobs().cancel(job_id), job_id)
+        return known_job(await (await self._jobs()).cancel(job_id), job_id)
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
@@ -294,6 +305,10 @@ def build_app(args: dict | None = None, deployments: list[dict] | None = None):
     """
     settings = ServerSettings.model_validate(args or {})
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in deployments or []}
+    for name in ("DiffPanoAPI", "PanoGenerator") if deployments is not None else ():
+        # Replicas started from Python get this process's storage variables (S3 endpoint, keys), as jobs' workers do.
+        actor = options.setdefault(name, {}).setdefault("ray_actor_options", {})
+        actor.setdefault("runtime_env", {"env_vars": storage.worker_env()})
     generator = PanoGenerator.options(**options.get("PanoGenerator", {})).bind(
         settings.model, settings.device, settings.max_batch_views, settings.batch_wait_timeout_s)
     return DiffPanoAPI.options(**options.get("DiffPanoAPI", {})).bind(generator, settings.model_dump())

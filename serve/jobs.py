@@ -92,12 +92,12 @@ class JobRunner:
             raise ValueError("; ".join(str(e) for e in errors[:10]))
         return specs
 
-    def start_job(self, specs: list[BulkSpec], output: str | None) -> JobStatus:
-        """Record and start a job of validated specs (in the event loop)."""
+    async def start_job(self, specs: list[BulkSpec], output: str | None) -> JobStatus:
+        """Record and start a job of validated specs (in the event loop; OSError when its record can't be stored)."""
         job_id = f"job-{uuid.uuid4().hex[:16]}"
         out = storage.join(self.root, output or f"jobs/{job_id}")
         job = Job(job_id, specs, out)
-        self._save(job)
+        await self._save(job)
         self._start(job)
         return job.status()
 
@@ -114,7 +114,7 @@ class JobRunner:
         job = self.jobs.get(job_id)
         return job.status() if job else None
 
-    def cancel(self, job_id: str) -> JobStatus | None:
+    async def cancel(self, job_id: str) -> JobStatus | None:
         """Stop launching tours of the job; those in flight finish and stay."""
         job = self.jobs.get(job_id)
         if job is None:
@@ -122,7 +122,7 @@ class JobRunner:
         job.cancelled = True
         if job.state in ("queued", "running"):
             job.state = "cancelled"
-            self._save(job)
+            await self._save(job)
         return job.status()
 
     def _start(self, job: Job) -> None:
@@ -130,13 +130,25 @@ class JobRunner:
         self.jobs[job.job_id] = job
         job.task = asyncio.get_running_loop().create_task(self._run(job))
 
-    def _save(self, job: Job) -> None:
-        """Persist the job's specs and state."""
+    async def _save(self, job: Job) -> None:
+        """Persist the job's specs and state (storage I/O off the event loop)."""
         record = {"job_id": job.job_id, "state": job.state, "out": job.out,
                   "specs": [s.model_dump(exclude_none=True) for s in job.specs]}
-        storage.write_bytes(self._record(job.job_id), json.dumps(record).encode())
+        await asyncio.to_thread(storage.write_bytes, self._record(job.job_id), json.dumps(record).encode())
 
     async def _run(self, job: Job) -> None:
+        """Run the job; a storage failure ends it as failed, with the error, instead of leaving it queued."""
+        try:
+            await self._generate_all(job)
+        except Exception as err:  # noqa: BLE001 - reported through the job's status
+            job.state = "failed"
+            job.errors.append({"tour_id": None, "error": f"{type(err).__name__}: {err}"})
+        try:
+            await self._save(job)
+        except OSError:
+            pass  # the record stays at its last state; a restarted replica resumes the job from its manifest
+
+    async def _generate_all(self, job: Job) -> None:
         """Generate the specs not yet in the output's manifest, a few at a time."""
         present = set(await asyncio.to_thread(lambda: read_manifest(job.out).column("tour_id").to_pylist()))
         job.done = sum(s.tour_id in present for s in job.specs)
@@ -157,7 +169,7 @@ class JobRunner:
         await asyncio.gather(*(one(s) for s in job.specs if s.tour_id not in present))
         if job.errors:
             data = "\n".join(json.dumps(e) for e in job.errors).encode() + b"\n"
-            storage.write_bytes(storage.join(job.out, "failures", f"{job.job_id}.jsonl"), data)
+            await asyncio.to_thread(storage.write_bytes, storage.join(job.out, "failures", f"{job.job_id}.jsonl"),
+                                    data)
         if not job.cancelled:
             job.state = "done" if not job.failed or job.done else "failed"
-        self._save(job)
