@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -140,3 +141,39 @@ def test_an_s3_outage_mid_job_loses_and_duplicates_nothing(ray_local, tiny_model
     assert stopped and stopped[0] < finished - 1  # the outage fell inside the job
     assert code == 0 and "10 tours / 20 views written" in text and "0 failed" in text, text  # retried, not lost
     check_output(out, 10, 2)
+
+
+def writer_pids() -> list[int]:
+    """PIDs of the bulk job's replica processes (Ray titles them after the map_batches callable)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"MapBatches(TourWriter)" in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_replica_that_dies_is_replaced_and_its_batch_retried(ray_local, tiny_model_dir, tmp_path):
+    import threading
+
+    out = tmp_path / "replica-killed"
+    killed: list[int] = []
+
+    def kill_a_replica() -> None:
+        deadline = time.monotonic() + 120
+        while not list((out / "manifest").glob("part-*.parquet")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in writer_pids()[:1]:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    thread = threading.Thread(target=kill_a_replica)
+    thread.start()
+    code, text = bulk("--synthetic", "12", "--steps", "6", "--views", "2", "--out", str(out), "--model",
+                      str(tiny_model_dir), "--batch-size", "2")
+    thread.join()
+    assert killed, "no replica was found to kill"
+    assert code == 0 and "12 tours / 24 views written" in text and "0 failed" in text, text
+    check_output(str(out), 12, 2)
