@@ -20,6 +20,9 @@ OUTPUT_OPTIONS = {"train": "--storage", "bulk": "--out"}
 EXCLUDES = [".git", ".venv", "outputs", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache"]
 QUIET_LOGGERS = ("ray._private.runtime_env", "ray.dashboard.modules.dashboard_sdk")  # per-file packaging chatter
 AGENT_WAIT_S = 90.0  # a freshly started head answers "No available agent" until its dashboard agent is up
+# Paths and profile names of the submitting machine mean nothing on the cluster (and would override its IAM role).
+LOCAL_ONLY_ENV = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 @dataclass
@@ -70,9 +73,15 @@ def entrypoint(kind: str, args: list[str]) -> str:
     return shlex.join(["python", "-m", "diffpano.cli", kind, *args])
 
 
+def job_env(credentials: bool = True) -> dict[str, str]:
+    """The storage variables a job gets from this shell: endpoints and region, and the keys unless left out."""
+    skip = LOCAL_ONLY_ENV + (() if credentials else CREDENTIAL_ENV)
+    return {k: v for k, v in storage.worker_env().items() if k not in skip}
+
+
 def runtime_env(working_dir: str | None, env: dict[str, str] | None = None) -> dict:
-    """The job's runtime environment: the repository as working directory, storage variables passed through."""
-    renv: dict = {"env_vars": {**storage.worker_env(), **(env or {})}}
+    """The job's runtime environment: the repository as working directory and the given variables."""
+    renv: dict = {"env_vars": dict(env or {})}
     if working_dir:
         renv.update(working_dir=working_dir, excludes=EXCLUDES)
     return renv
@@ -91,14 +100,14 @@ def submit_job(client: JobSubmissionClient, wait_agent_s: float = AGENT_WAIT_S, 
 
 
 def submit(kind: str, args: list[str], address: str | None = None, working_dir: str | None = None,
-           submission_id: str | None = None, env: dict[str, str] | None = None) -> Submission:
+           submission_id: str | None = None, credentials: bool = True) -> Submission:
     """Check the job, then submit it; returns its id (the same id again is refused by Ray)."""
     check_job(kind, args)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     client = JobSubmissionClient(address)
     command = entrypoint(kind, args)
-    job_id = submit_job(client, entrypoint=command, runtime_env=runtime_env(working_dir, env),
+    job_id = submit_job(client, entrypoint=command, runtime_env=runtime_env(working_dir, job_env(credentials)),
                         submission_id=submission_id or f"diffpano-{kind}-{uuid.uuid4().hex[:8]}",
                         metadata={"diffpano": kind})
     return Submission(job_id, client.get_address(), command)

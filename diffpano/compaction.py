@@ -23,7 +23,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from diffpano import storage
-from diffpano.manifest import manifest_lock
+from diffpano.manifest import COMPACTED, manifest_lock
 
 WORK = "_compact"  # per-compaction folders next to manifest/; never read by manifest readers
 
@@ -68,8 +68,8 @@ def compact_local(root: str) -> CompactSummary:
     manifest = Path(root) / "manifest"
     if not manifest.is_dir():
         raise ValueError(f"URI: {root} has no manifest/ folder")
-    shutil.rmtree(Path(root) / WORK, ignore_errors=True)  # what a compaction that crashed left behind
     with storage.local_lock(manifest_lock(root), exclusive=True):
+        shutil.rmtree(Path(root) / WORK, ignore_errors=True)  # what a compaction that crashed left behind
         parts = sorted(str(p) for p in manifest.glob("*.parquet"))
         if len(parts) <= 1:
             return CompactSummary(str(manifest), len(parts), len(parts), count_rows(parts))
@@ -77,9 +77,18 @@ def compact_local(root: str) -> CompactSummary:
         fresh = Path(root) / WORK / uuid.uuid4().hex / "manifest"
         fresh.mkdir(parents=True)
         pq.write_table(table, fresh / compacted_name(parts))
+        mark_compacted(root, parts)  # before the swap: a crash leaves the parts in place, which is still right
         storage.exchange_dirs(str(fresh), str(manifest))  # manifest/ now holds the one part; fresh/ the old ones
-    shutil.rmtree(Path(root) / WORK, ignore_errors=True)
+        shutil.rmtree(Path(root) / WORK, ignore_errors=True)
     return CompactSummary(str(manifest), len(parts), 1, table.num_rows)
+
+
+def mark_compacted(root: str, parts: list[str]) -> None:
+    """Record the names of parts merged away, so that a late retry of their batch does not publish them again."""
+    marks = Path(root) / COMPACTED
+    marks.mkdir(exist_ok=True)
+    for part in parts:
+        (marks / Path(part).name).touch()
 
 
 def compact_into(root: str, into: str) -> CompactSummary:

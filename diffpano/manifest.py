@@ -92,13 +92,19 @@ def commit_part(root: str, files: dict[str, bytes], table: pa.Table, ids: list[s
         storage.write_bytes(storage.join(root, rel), data)
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
-    uri = storage.join(root, "manifest", manifest_part_name(ids))
+    name = manifest_part_name(ids)
+    uri = storage.join(root, "manifest", name)
     if storage.is_remote(root):
         storage.write_bytes(uri, buf.getvalue().to_pybytes())
-    else:
-        with storage.local_lock(manifest_lock(root), exclusive=False):  # not while a compaction swaps manifest/
-            storage.write_bytes(uri, buf.getvalue().to_pybytes(), staging=storage.join(root, "_staging"))
+        return uri
+    with storage.local_lock(manifest_lock(root), exclusive=False):  # not while a compaction swaps manifest/
+        if storage.exists(storage.join(root, COMPACTED, name)):
+            return uri  # a retried batch whose first commit was already compacted: its rows are there
+        storage.write_bytes(uri, buf.getvalue().to_pybytes(), staging=storage.join(root, "_staging"))
     return uri
+
+
+COMPACTED = "_compacted"  # names of parts a compaction merged away (local outputs)
 
 
 def manifest_lock(root: str) -> str:

@@ -139,15 +139,17 @@ class DiffPanoAPI:
         self.jobs = JobRunner(storage.absolute(self.settings.output_root), self._job_tour,
                               self.settings.job_concurrency)
         self._resumed = False
+        self._resume_lock = asyncio.Lock()
 
     async def _jobs(self) -> JobRunner:
         """The job runner, after resuming the jobs an earlier replica left unfinished (once)."""
-        if not self._resumed:
-            try:
-                await asyncio.to_thread(self.jobs.resume)
-            except OSError as err:
-                raise storage_unavailable(err) from None
-            self._resumed = True
+        async with self._resume_lock:  # two first requests must not start the same job twice
+            if not self._resumed:
+                try:
+                    await self.jobs.resume()
+                except OSError as err:
+                    raise storage_unavailable(err) from None
+                self._resumed = True
         return self.jobs
 
     async def _job_tour(self, spec: BulkSpec, out: str) -> None:

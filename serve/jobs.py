@@ -101,13 +101,21 @@ class JobRunner:
         self._start(job)
         return job.status()
 
-    def resume(self) -> None:
+    async def resume(self) -> int:
         """Restart the jobs a previous replica left queued or running (their manifest says what is done)."""
-        for uri in storage.list_files(storage.join(self.root, "_jobs"), ".json"):
-            record = json.loads(storage.read_bytes(uri))
-            if record["state"] in ("queued", "running") and record["job_id"] not in self.jobs:
+        started = 0
+        for record in await asyncio.to_thread(self._unfinished_records):
+            if record["job_id"] not in self.jobs:
                 specs = [BulkSpec.model_validate(s) for s in record["specs"]]
                 self._start(Job(record["job_id"], specs, record["out"]))
+                started += 1
+        return started
+
+    def _unfinished_records(self) -> list[dict]:
+        """The stored records of jobs left queued or running."""
+        records = [json.loads(storage.read_bytes(uri))
+                   for uri in storage.list_files(storage.join(self.root, "_jobs"), ".json")]
+        return [r for r in records if r["state"] in ("queued", "running")]
 
     def status(self, job_id: str) -> JobStatus | None:
         """A job's status, or None when unknown."""

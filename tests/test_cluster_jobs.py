@@ -25,13 +25,13 @@ from diffpano.manifest import read_manifest
 def head():
     """A Ray head of its own (own temp dir, ports and process group), killed with its workers afterwards."""
     temp = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's socket paths live under it
-    port, dash, agent = free_port(), free_port(), free_port()
+    port, dash, agent, client = free_port(), free_port(), free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # jobs run `python` of this venv
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--dashboard-agent-listen-port={agent}", "--num-cpus=2", f"--temp-dir={temp}",
-           "--disable-usage-stats"]
+           f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}", "--num-cpus=2",
+           f"--temp-dir={temp}", "--disable-usage-stats"]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dash}"
@@ -95,3 +95,20 @@ def test_a_failing_job_exits_non_zero(head, tmp_path):
 def test_jobs_that_cannot_work_on_a_cluster_are_refused_before_submission(args, message):
     code, text = submit("http://127.0.0.1:9", *args)  # nothing listens there: a refusal must come first
     assert code == 2 and message in text.replace("\n", " ")
+
+
+def test_an_unreachable_cluster_is_reported_without_a_traceback(tmp_path):
+    code, text = submit("http://127.0.0.1:9", "bulk", "--synthetic", "2", "--out", str(tmp_path / "o"))
+    assert code == 1 and "submission failed" in text and "Traceback" not in text
+
+
+def test_jobs_get_storage_endpoints_and_keys_but_never_local_profiles(monkeypatch):
+    from cluster.submit import job_env
+
+    env = {"AWS_ENDPOINT_URL": "http://s3.local", "AWS_REGION": "eu-west-1", "AWS_ACCESS_KEY_ID": "k",
+           "AWS_SECRET_ACCESS_KEY": "s", "AWS_PROFILE": "me", "AWS_SHARED_CREDENTIALS_FILE": "/home/me/.aws/c"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert {k: v for k, v in job_env().items() if k in env} == {k: env[k] for k in (
+        "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    assert set(job_env(credentials=False)) & set(env) == {"AWS_ENDPOINT_URL", "AWS_REGION"}

@@ -74,7 +74,9 @@ def run_with_reader(root: str, rounds: int, compaction) -> list:
         stop, results = manager.Event(), manager.list()
         proc = ctx.Process(target=reader, args=(root, stop, results))
         proc.start()
+        deadline = time.monotonic() + 60
         while not results:
+            assert proc.is_alive() and time.monotonic() < deadline, "the reader process did not start reading"
             time.sleep(0.05)
         for r in range(rounds):
             commit(root, f"t{r}a")
@@ -98,7 +100,7 @@ def test_a_concurrent_reader_never_sees_a_duplicate_or_a_missing_row(tmp_path):
     for how in ("pyarrow", "duckdb"):  # committed rows never disappear from a later read
         counts = [rows for h, rows, _ in reads if h == how]
         assert counts == sorted(counts), f"{how}: a later read had fewer rows"
-    assert len(errors) <= len(reads) // 10, errors  # a read that straddles the swap may fail and be retried
+    assert len(errors) <= len(reads) // 4, errors  # a read that straddles the swap may fail and be retried
     assert len(list((Path(root) / "manifest").glob("*.parquet"))) == 1
     assert len(keys(root)) == (1 + 2 * 25) * VIEWS
 
@@ -167,3 +169,14 @@ def test_compacting_something_that_is_not_an_output_is_refused(tmp_path, target)
     (tmp_path / "no-manifest").mkdir()
     result = CliRunner().invoke(app, ["manifest", "compact", str(tmp_path / target)])
     assert result.exit_code == 2 and "has no manifest/ folder" in plain(result.output)
+
+
+def test_a_batch_retried_after_its_part_was_compacted_adds_no_duplicate(tmp_path):
+    root = str(tmp_path / "out")
+    commit(root, "a", "b")
+    commit(root, "c")
+    compact(root)
+    commit(root, "a", "b")  # a replica that died after committing retries its batch: same tours, same part name
+    assert keys(root) == sorted((t, v) for t in "abc" for v in range(VIEWS))
+    commit(root, "d")  # new batches still publish
+    assert len(keys(root)) == 4 * VIEWS

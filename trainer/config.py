@@ -108,6 +108,7 @@ class ScalingSection(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(1.0, ge=0.0)
+    accelerator_type: str | None = None  # e.g. A100: workers only on nodes with that GPU (Ray's accelerator_type)
 
 
 class RunSection(Strict):

@@ -92,7 +92,8 @@ def stage_trainer(cfg: TrainConfig, stage: int, paths: dict, init_model: str, ca
     return TorchTrainer(
         train_vae if stage == 0 else train_stage, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources,
+                                     accelerator_type=sc.accelerator_type),
         run_config=RunConfig(
             name=f"stage{stage}", storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),

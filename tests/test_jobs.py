@@ -1,0 +1,68 @@
+"""The online job runner on its own (no Ray): a restarted replica resumes what a previous one left unfinished."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+
+from diffpano import storage
+from diffpano.manifest import Tour, commit_tours, read_manifest
+from serve.bulk import BulkSpec
+from serve.jobs import JobRunner
+
+
+def spec(tour_id: str) -> BulkSpec:
+    return BulkSpec.model_validate({"tour_id": tour_id, "prompt": "a room", "num_views": 1})
+
+
+async def fake_generate(s: BulkSpec, out: str) -> None:
+    """Store a 1-view tour of the spec, as the model deployment would."""
+    images = np.zeros((1, 8, 16, 3), dtype=np.uint8)
+    await asyncio.to_thread(commit_tours, out, [Tour(s.tour_id, images, ["a room"], np.eye(4)[None], 0, "m", 1, 5.0)])
+
+
+def test_a_new_runner_resumes_unfinished_jobs_without_redoing_tours(tmp_path):
+    root = str(tmp_path / "served")
+    out = storage.join(root, "jobs", "a")
+    asyncio.run(fake_generate(spec("t0"), out))  # done before the old replica died
+    record = {"job_id": "job-a", "state": "running", "out": out,
+              "specs": [spec(f"t{i}").model_dump(exclude_none=True) for i in range(3)]}
+    finished = {"job_id": "job-b", "state": "done", "out": storage.join(root, "jobs", "b"), "specs": []}
+    for r in (record, finished):
+        storage.write_bytes(storage.join(root, "_jobs", f"{r['job_id']}.json"), json.dumps(r).encode())
+    calls: list[str] = []
+
+    async def generate(s: BulkSpec, o: str) -> None:
+        calls.append(s.tour_id)
+        await fake_generate(s, o)
+
+    async def run() -> tuple[int, int, dict]:
+        runner = JobRunner(root, generate)
+        first = await runner.resume()
+        again = await runner.resume()  # a second call starts nothing twice
+        await runner.jobs["job-a"].task
+        return first, again, runner.status("job-a").model_dump()
+
+    first, again, status = asyncio.run(run())
+    assert (first, again) == (1, 0)
+    assert sorted(calls) == ["t1", "t2"]  # t0 was already in the manifest
+    assert status["state"] == "done" and status["tours_done"] == 3
+    assert sorted(read_manifest(out)["tour_id"].to_pylist()) == ["t0", "t1", "t2"]
+    assert json.loads(storage.read_bytes(storage.join(root, "_jobs", "job-a.json")))["state"] == "done"
+
+
+def test_a_job_whose_output_cannot_be_read_ends_failed_with_the_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+
+    async def run() -> dict:
+        runner = JobRunner(str(tmp_path / "served"), fake_generate)
+        status = await runner.start_job([spec("t0")], None)
+        runner.jobs[status.job_id].out = str(blocker / "out")  # its manifest can't be listed: a storage failure
+        await runner.jobs[status.job_id].task
+        return runner.status(status.job_id).model_dump()
+
+    status = asyncio.run(run())
+    assert status["state"] == "failed", status
