@@ -143,13 +143,24 @@ def test_an_s3_outage_mid_job_loses_and_duplicates_nothing(ray_local, tiny_model
     check_output(out, 10, 2)
 
 
+def parent(pid: int) -> int:
+    """The parent PID of a process (0 when it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def writer_pids() -> list[int]:
-    """PIDs of the bulk job's replica processes (Ray titles them after the map_batches callable)."""
+    """PIDs of this test's bulk replicas: titled after the map_batches callable, children of the raylet this
+    process started (other Ray clusters on the machine are left alone)."""
     pids = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             if b"MapBatches(TourWriter)" in cmdline.read_bytes():
-                pids.append(int(cmdline.parent.name))
+                pid = int(cmdline.parent.name)
+                if parent(parent(pid)) == os.getpid():
+                    pids.append(pid)
         except OSError:
             continue
     return pids
