@@ -23,7 +23,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from diffpano import storage
-from diffpano.manifest import COMPACTED, manifest_lock
+from diffpano.manifest import COMPACTED, manifest_lock, parquet_bytes, resolve_uri
 
 WORK = "_compact"  # per-compaction folders next to manifest/; never read by manifest readers
 
@@ -101,18 +101,11 @@ def compact_into(root: str, into: str) -> CompactSummary:
     table = read_parts_table(root, parts)
     for i, name in enumerate(table.column_names):
         if name.endswith("_uri"):  # image_uri (tours), rgb_uri/depth_uri (datasets)
-            uris = [u if u is None else absolute_uri(root, u) for u in table[name].to_pylist()]
+            uris = [u if u is None else resolve_uri(storage.absolute(root), u) for u in table[name].to_pylist()]
             table = table.set_column(i, name, pa.array(uris, pa.string()))
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf)
     target = storage.join(into, "manifest", compacted_name(parts))
-    storage.write_bytes(target, buf.getvalue().to_pybytes(), staging=storage.join(into, "_staging"))
+    storage.write_bytes(target, parquet_bytes(table), staging=storage.join(into, "_staging"))
     return CompactSummary(storage.join(into, "manifest"), len(parts), 1, table.num_rows)
-
-
-def absolute_uri(root: str, uri: str) -> str:
-    """An image URI of a manifest made absolute (SPEC §5 allows either)."""
-    return uri if uri.startswith(("s3://", "file://", "/")) else storage.join(storage.absolute(root), uri)
 
 
 def count_rows(parts: list[str]) -> int:

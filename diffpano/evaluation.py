@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from diffpano import storage
 from diffpano.data.manifest import decode_depth, read_dataset
-from diffpano.manifest import Tour, commit_tours, decode_rgb, read_manifest
+from diffpano.manifest import Tour, commit_tours, decode_rgb, read_manifest, resolve_uri
 
 
 @dataclass
@@ -47,9 +47,10 @@ def select_eval_tours(dataset: str, num_tours: int, views: int, seed: int = 0, l
             prompts=rows.caption.tolist(), poses=_poses(rows.pose_c2w), seed=int(rng.integers(2**31)),
         )
         if load:
-            tour.rgb = np.stack([decode_rgb(storage.read_bytes(_uri(dataset, u))) for u in rows.rgb_uri])
+            tour.rgb = np.stack([decode_rgb(storage.read_bytes(resolve_uri(dataset, u))) for u in rows.rgb_uri])
             if rows.depth_uri.notna().all():
-                tour.depth = np.stack([decode_depth(storage.read_bytes(_uri(dataset, u))) for u in rows.depth_uri])
+                tour.depth = np.stack([decode_depth(storage.read_bytes(resolve_uri(dataset, u)))
+                                       for u in rows.depth_uri])
         out.append(tour)
     return out
 
@@ -57,11 +58,6 @@ def select_eval_tours(dataset: str, num_tours: int, views: int, seed: int = 0, l
 def _poses(column) -> np.ndarray:
     """(N, 4, 4) float64 of a manifest's pose_c2w column."""
     return np.stack([np.asarray(p, np.float64).reshape(4, 4) for p in column])
-
-
-def _uri(root: str, uri: str) -> str:
-    """A manifest URI made absolute."""
-    return uri if uri.startswith(("s3://", "file://", "/")) else storage.join(root, uri)
 
 
 class TourGenerator:
@@ -112,7 +108,7 @@ def read_tours(out: str, tour_ids: list[str] | None = None) -> list[GeneratedTou
         if rows.empty:
             raise ValueError(f"tours: no tour {tid!r} in {out}")
         tours.append(GeneratedTour(
-            tour_id=tid, images=np.stack([decode_rgb(storage.read_bytes(_uri(out, u))) for u in rows.image_uri]),
+            tour_id=tid, images=np.stack([decode_rgb(storage.read_bytes(resolve_uri(out, u))) for u in rows.image_uri]),
             prompts=rows.prompt.tolist(), poses=_poses(rows.pose_c2w),
         ))
     return tours

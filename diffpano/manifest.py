@@ -86,21 +86,32 @@ def manifest_part_name(ids: list[str]) -> str:
     return f"part-{hashlib.sha256(chr(0).join(sorted(ids)).encode()).hexdigest()[:20]}.parquet"
 
 
+def resolve_uri(root: str, uri: str) -> str:
+    """A manifest URI made absolute: relative ones are below the output (or dataset) root (SPEC §4, §5)."""
+    return uri if uri.startswith(("s3://", "file://", "/")) else storage.join(root, uri)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A table as the bytes of one Parquet file."""
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    return buf.getvalue().to_pybytes()
+
+
 def commit_part(root: str, files: dict[str, bytes], table: pa.Table, ids: list[str]) -> str:
     """Write files (path relative to root -> bytes), then the manifest part naming them in one atomic put."""
     for rel, data in files.items():
         storage.write_bytes(storage.join(root, rel), data)
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf)
+    data = parquet_bytes(table)
     name = manifest_part_name(ids)
     uri = storage.join(root, "manifest", name)
     if storage.is_remote(root):
-        storage.write_bytes(uri, buf.getvalue().to_pybytes())
+        storage.write_bytes(uri, data)
         return uri
     with storage.local_lock(manifest_lock(root), exclusive=False):  # not while a compaction swaps manifest/
         if storage.exists(storage.join(root, COMPACTED, name)):
             return uri  # a retried batch whose first commit was already compacted: its rows are there
-        storage.write_bytes(uri, buf.getvalue().to_pybytes(), staging=storage.join(root, "_staging"))
+        storage.write_bytes(uri, data, staging=storage.join(root, "_staging"))
     return uri
 
 

@@ -19,11 +19,6 @@ from trainer.config import load_config
 CONFIG = "trainer/configs/tiny.yaml"
 
 
-@pytest.fixture(scope="module")
-def dataset(train_dataset):
-    return train_dataset
-
-
 def train(dataset: str, store: str, name: str, stages: str = "all", *sets: str) -> tuple[int, str]:
     args = ["train", stages, "--config", CONFIG, "--name", name, "--storage", store, "--set", f"data.dataset={dataset}"]
     for s in sets:
@@ -46,13 +41,13 @@ def optimiser_steps(run_stage_dir) -> int:
 
 
 @pytest.fixture(scope="module")
-def run(ray_local, dataset, tmp_path_factory):
+def run(ray_local, train_dataset, tmp_path_factory):
     """A tiny two-stage run (4 steps each), then the same run resumed to 6 steps each."""
     store = tmp_path_factory.mktemp("runs")
-    first = train(dataset, str(store), "tiny", "all", "stage1.steps=4", "stage2.steps=4")
+    first = train(train_dataset, str(store), "tiny", "all", "stage1.steps=4", "stage2.steps=4")
     snapshot = {k: sorted(p.name for p in (store / "tiny" / f"stage{k}").glob("checkpoint_*") if p.is_dir())
                 for k in (1, 2)}
-    second = train(dataset, str(store), "tiny", "all", "stage1.steps=6", "stage2.steps=6")
+    second = train(train_dataset, str(store), "tiny", "all", "stage1.steps=6", "stage2.steps=6")
     return store / "tiny", first, second, snapshot
 
 
@@ -97,8 +92,8 @@ def test_exported_model_loads_with_from_pretrained_and_generates(run):
     assert out.images.shape == (1, 2, 16, 32, 3)
 
 
-def test_injected_worker_failure_is_survived(ray_local, dataset, tmp_path):
-    code, text = train(dataset, str(tmp_path), "faulty", "stage1", "stage1.steps=4", "run.fail_at_step=2",
+def test_injected_worker_failure_is_survived(ray_local, train_dataset, tmp_path):
+    code, text = train(train_dataset, str(tmp_path), "faulty", "stage1", "stage1.steps=4", "run.fail_at_step=2",
                        "run.checkpoint_every=1")
     assert code == 0, text
     assert (tmp_path / "faulty" / "injected-failure-2").exists()
@@ -106,11 +101,11 @@ def test_injected_worker_failure_is_survived(ray_local, dataset, tmp_path):
     assert optimiser_steps(tmp_path / "faulty" / "stage1") == 4
 
 
-def test_training_to_s3_resumes(ray_local, dataset, s3_endpoint):
+def test_training_to_s3_resumes(ray_local, train_dataset, s3_endpoint):
     store = "s3://diffpano-test/runs"
-    code, text = train(dataset, store, "s3run", "stage1", "stage1.steps=2")
+    code, text = train(train_dataset, store, "s3run", "stage1", "stage1.steps=2")
     assert code == 0, text
-    code, text = train(dataset, store, "s3run", "stage1", "stage1.steps=3")
+    code, text = train(train_dataset, store, "s3run", "stage1", "stage1.steps=3")
     assert code == 0 and "stage1: 3 steps" in text, text
     assert steps_logged(storage.join(store, "s3run", "logs", "stage1", "metrics.csv")) == [1, 2, 3]
     assert storage.exists(storage.join(store, "s3run", "model", "model_index.json"))
@@ -129,7 +124,7 @@ def test_config_errors_name_the_key_and_missing_dataset_fails_early(tmp_path):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_the_loss_falls_on_a_fixed_batch(dataset, stage):
+def test_the_loss_falls_on_a_fixed_batch(train_dataset, stage):
     """The trainer learns: a few dozen optimiser steps on one fixed batch lower the loss clearly."""
     from diffusers import DDPMScheduler
 
@@ -138,16 +133,16 @@ def test_the_loss_falls_on_a_fixed_batch(dataset, stage):
     from diffpano.text import encode_prompts
     from trainer.loop import Denoiser, diffusion_loss, trainable_parameters
 
-    cfg = load_config(CONFIG, [f"data.dataset={dataset}"])
+    cfg = load_config(CONFIG, [f"data.dataset={train_dataset}"])
     pipe = build_tiny_pipeline(seed=0)
     params = trainable_parameters(pipe, stage, cfg.stage1 if stage == 1 else cfg.stage2)
     if stage == 2:
-        ds = ClipDataset(dataset, num_views=3, num_ref_views=2, size=(16, 32))
+        ds = ClipDataset(train_dataset, num_views=3, num_ref_views=2, size=(16, 32))
         batch = collate_clips([ds[0], ds[1]])
         x0, captions = batch["images"].flatten(0, 1), [c for cs in batch["captions"] for c in cs]
         ctx = pipe.epipolar.context(batch["poses"], 2, 4)
     else:
-        ds = PanoramaDataset(dataset, size=(16, 32))
+        ds = PanoramaDataset(train_dataset, size=(16, 32))
         items = [ds[i] for i in range(2)]
         x0, captions, ctx = torch.stack([i["image"] for i in items]), [i["caption"] for i in items], None
     with torch.no_grad():
@@ -176,8 +171,8 @@ def test_every_shipped_config_validates(path):
     assert cfg.size(1)[1] == 2 * cfg.size(1)[0] and cfg.size(2)[1] == 2 * cfg.size(2)[0]
 
 
-def test_vae_stage_trains_the_vae_of_a_latent_arch_and_stage1_starts_from_it(dataset, tmp_path):
-    code, text = train(dataset, str(tmp_path), "lat", "all", "model.arch=tiny-latent", "vae.steps=3",
+def test_vae_stage_trains_the_vae_of_a_latent_arch_and_stage1_starts_from_it(train_dataset, tmp_path):
+    code, text = train(train_dataset, str(tmp_path), "lat", "all", "model.arch=tiny-latent", "vae.steps=3",
                        "vae.strip_rows=8", "stage1.steps=2", "stage2.steps=1", "scaling.num_workers=0")
     assert code == 0, text
     assert "vae: 3 steps" in text and "stage1: 2 steps" in text and "stage2: 1 steps" in text
@@ -190,7 +185,7 @@ def test_vae_stage_trains_the_vae_of_a_latent_arch_and_stage1_starts_from_it(dat
 
     scale = json.loads((root / "model" / "vae" / "config.json").read_text())["scaling_factor"]
     assert scale != 1.0 and np.isfinite(scale)
-    code, text = train(dataset, str(tmp_path), "bad", "all", "vae.steps=3")
+    code, text = train(train_dataset, str(tmp_path), "bad", "all", "vae.steps=3")
     assert code == 2 and "vae.steps" in text
 
 

@@ -23,9 +23,9 @@ import torch
 from ray.data.datasource import FilenameProvider
 
 from diffpano import storage
-from diffpano.data.loaders import resize_rgb, resolve_uri
+from diffpano.data.loaders import resize_rgb
 from diffpano.data.manifest import read_dataset
-from diffpano.manifest import decode_rgb
+from diffpano.manifest import decode_rgb, resolve_uri
 from diffpano.modelio import load_model
 from diffpano.text import encode_prompts
 from trainer.dataset_builder import ensure_ray

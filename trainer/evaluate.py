@@ -17,7 +17,7 @@ from diffpano.evaluation import (
     select_eval_tours,
     write_eval_report,
 )
-from diffpano.manifest import decode_rgb, read_manifest
+from diffpano.manifest import decode_rgb, read_manifest, resolve_uri
 from trainer.dataset_builder import ensure_ray
 
 
@@ -68,16 +68,11 @@ def evaluate_tours(tours: str, out: str, tools: EvalTools, dataset: str | None =
     if dataset:
         table = read_dataset(dataset, ["rgb_uri"]).to_pandas()
         pick = np.random.default_rng(seed).permutation(len(table))[:max_real]
-        real = np.stack([decode_rgb(storage.read_bytes(_abs(dataset, table.rgb_uri.iloc[i]))) for i in pick])
+        real = np.stack([decode_rgb(storage.read_bytes(resolve_uri(dataset, table.rgb_uri.iloc[i]))) for i in pick])
     metrics = score_tours(generated, None, tools, real=real)
     metrics["setup"] = {"tours": tours, "dataset": dataset}
     write_eval_report(out, metrics, generated, _setup_line(metrics["setup"]))
     return metrics
-
-
-def _abs(root: str, uri: str) -> str:
-    """A manifest URI made absolute."""
-    return uri if uri.startswith(("s3://", "file://", "/")) else storage.join(root, uri)
 
 
 def _setup_line(setup: dict) -> str:

@@ -16,16 +16,9 @@ from torch.utils.data import Dataset, default_collate
 from diffpano import storage
 from diffpano.data.manifest import decode_depth, read_dataset
 from diffpano.geometry import check_panorama_size, nearest_views, yaw_matrix
-from diffpano.manifest import decode_rgb
+from diffpano.manifest import decode_rgb, resolve_uri
 
 FLIP = np.diag([-1.0, 1.0, 1.0, 1.0])  # mirrors camera and world x (SPEC §1: u -> W-1-u maps theta to -theta)
-
-
-def resolve_uri(root: str, uri: str) -> str:
-    """A manifest URI made absolute: relative ones are below the dataset root."""
-    if uri.startswith(("s3://", "file://", "/")):
-        return uri
-    return storage.join(root, uri)
 
 
 def yaw_roll_pose(pose: np.ndarray, shift: int, width: int) -> np.ndarray:
