@@ -32,7 +32,6 @@ class Submission:
     job_id: str
     address: str
     entrypoint: str
-    status: str | None = None
 
 
 def repository_root() -> str | None:
@@ -127,5 +126,4 @@ def follow(job: Submission, poll_s: float = 2.0) -> str:
     while not status.is_terminal():  # the log stream can end a moment before the status does
         time.sleep(poll_s)
         status = client.get_job_status(job.job_id)
-    job.status = str(status.value if isinstance(status, JobStatus) else status)
-    return job.status
+    return str(status.value if isinstance(status, JobStatus) else status)
