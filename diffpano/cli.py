@@ -135,6 +135,8 @@ def dataset_build(
     captioner: str | None = typer.Option(None, "--captioner", help="Local BLIP2 directory for face captions."),
     summariser: str | None = typer.Option(None, "--summariser", help="Local LLM directory to merge captions."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    processes: int | None = typer.Option(None, "--processes", min=1, max=1024,
+                                         help="Render with N local processes instead of Ray tasks."),
 ) -> None:
     """Render a procedural panoramic video-text dataset on Ray; a re-run completes what is missing."""
     from diffpano.data.build import BuildSpec
@@ -144,7 +146,7 @@ def dataset_build(
     spec = BuildSpec(scenes=scenes, clips_per_scene=clips_per_scene, frames=frames, height=height, width=width,
                      spacing=spacing, seed=seed, depth=not no_depth, captioner=captioner, summariser=summariser)
     try:
-        summary = build_dataset(spec, out, progress=not quiet)
+        summary = build_dataset(spec, out, progress=not quiet, processes=processes)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     typer.echo(summary.line())
@@ -274,6 +276,8 @@ def train(
     name: str = typer.Option(..., "--name", help="Run name; running the same name again resumes it."),
     storage_root: str = typer.Option("outputs/runs", "--storage", help="Folder or s3:// prefix for runs."),
     overrides: list[str] | None = typer.Option(None, "--set", help="Override a config key: key.path=value."),
+    local: str | None = typer.Option(None, "--local", help="Train in this process on DEVICE (cpu, cuda) without "
+                                     "Ray: one worker, caches encoded here, no resume."),
 ) -> None:
     """Train on Ray Train (stage 1: Pano-SD; stage 2: EA modules); the model lands in STORAGE/NAME/model."""
     import re as _re
@@ -285,6 +289,8 @@ def train(
         raise typer.BadParameter(f"STAGES: expected vae, stage1, stage2 or all, got {stages!r}")
     if not _re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
         raise typer.BadParameter(f"--name: letters, digits, '.', '_' and '-' only, got {name!r}")
+    if local is not None and not _re.fullmatch(r"cpu|cuda(:\d+)?", local):
+        raise typer.BadParameter(f"--local: a device, cpu or cuda[:N], got {local!r}")
     try:
         cfg = load_config(config, overrides)
         if stages == "all" and not cfg.vae.steps:
@@ -292,7 +298,7 @@ def train(
         from trainer.run import run_paths
         from trainer.run import train as run_training
 
-        results = run_training(cfg, chosen, name, storage_root)
+        results = run_training(cfg, chosen, name, storage_root, local)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     for r in results:

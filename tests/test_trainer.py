@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import csv
+import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +227,24 @@ def test_one_stage_ablation_trains_the_unet_with_the_ea_modules():
     params = trainable_parameters(pipe, 2, cfg.stage2)
     assert len(params) == len(list(pipe.unet.parameters())) + len(list(pipe.epipolar.parameters()))
     assert len(trainable_parameters(pipe, 2, load_config(CONFIG).stage2)) == len(list(pipe.epipolar.parameters()))
+
+
+def test_local_training_runs_without_ray_and_stops_at_its_time_limit(train_dataset, tmp_path):
+    """`--local cpu`: every stage in one process with Ray unimportable; a time limit ends stage 1 early, exported."""
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "from diffpano.cli import app\n"
+            "app(sys.argv[1:])")
+    args = ["train", "all", "--config", CONFIG, "--name", "local", "--storage", str(tmp_path), "--local", "cpu",
+            "--set", f"data.dataset={train_dataset}", "--set", "model.arch=tiny-latent", "--set", "vae.steps=2",
+            "--set", "vae.strip_rows=8", "--set", "stage1.steps=100000", "--set", "stage1.time_limit_s=4",
+            "--set", "stage2.steps=2", "--set", "run.checkpoint_every=1000"]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    steps = int(re.search(r"stage1: (\d+) steps", done.stdout).group(1))
+    assert 1 <= steps < 100000 and "vae: 2 steps" in done.stdout and "stage2: 2 steps" in done.stdout
+    assert steps_logged(str(tmp_path / "local" / "logs" / "stage1" / "metrics.csv"))[-1] == steps
+    trained = json.loads((tmp_path / "local" / "stage1-model" / "training.json").read_text())
+    assert trained["steps"] == steps
+    assert (tmp_path / "local" / "model" / "model_index.json").exists()
+    bad = CliRunner().invoke(app, ["train", "stage1", "--config", CONFIG, "--name", "bad", "--local", "tpu"])
+    assert bad.exit_code == 2 and "--local" in plain(bad.output) and not (tmp_path / "bad").exists()

@@ -170,3 +170,21 @@ def test_caches_of_a_dataset_on_s3(
     uri = build_text_cache(root, str(tiny_model_dir), progress=False)
     assert uri == f"{root}/cache/{text_cache.rsplit('/', 1)[1]}"
     assert set(load_text_cache(uri)) == captions_of(dataset) | {""}
+
+
+def test_caches_encoded_in_process_equal_the_ray_built_ones(text_cache, latent_cache, dataset, tiny_model_dir,
+                                                             latent_model_dir, tmp_path, monkeypatch):
+    root = str(tmp_path / "ds")
+    storage.copy_tree(dataset, root)
+    for uri in storage.list_files(storage.join(root, "cache")):  # the copy starts with no cache at all
+        storage.resolve(uri)[0].delete_file(storage.resolve(uri)[1])
+    monkeypatch.setattr(ray.data, "from_items", no_ray_job)
+    uri, size = latent_cache
+    text = build_text_cache(root, str(tiny_model_dir), num_actors=0, batch_size=2, progress=False)
+    latent = build_latent_cache(root, latent_model_dir, size, num_actors=0, batch_size=3, progress=False)
+    assert read_marker(text)["count"] == len(captions_of(root) | {""}) and len(read_marker(latent)["parts"]) == 1
+    for ours, theirs in ((load_text_cache(text), load_text_cache(text_cache)),
+                         (load_latent_cache(latent), load_latent_cache(uri))):
+        assert set(ours) == set(theirs)
+        for key, value in ours.items():
+            np.testing.assert_allclose(value, theirs[key], **F16)  # batches group differently: last bits differ

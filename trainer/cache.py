@@ -1,4 +1,5 @@
-"""Frozen-encoder caches: text embeddings and VAE latents of a dataset, computed once on Ray Data, stored beside it.
+"""Frozen-encoder caches: text embeddings and VAE latents of a dataset, computed once on Ray Data (or in this process
+when asked for no actors), stored beside it.
 
 A cache is a folder `<dataset>/cache/<kind>-<digest>` of Parquet parts plus a `_COMPLETE.json` marker written
 last; without the marker (or with one for other inputs) it is not trusted and gets rebuilt from scratch. The
@@ -12,15 +13,15 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import ray
 import torch
-from ray.data.datasource import FilenameProvider
+from tqdm import tqdm
 
 from diffpano import storage
 from diffpano.data.loaders import resize_rgb
@@ -28,7 +29,6 @@ from diffpano.data.manifest import read_dataset
 from diffpano.manifest import decode_rgb, resolve_uri
 from diffpano.modelio import load_model
 from diffpano.text import encode_prompts
-from trainer.dataset_builder import ensure_ray
 
 CACHE_VERSION = 1  # bump when what a cache holds changes for the same encoder files (preprocessing, layout)
 MARKER = "_COMPLETE.json"
@@ -196,13 +196,6 @@ def _to_float16(x: torch.Tensor, what: str) -> np.ndarray:
     return out
 
 
-class _PartNames(FilenameProvider):
-    """Deterministic part names: one per write task."""
-
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"part-{task_index:05d}.parquet"
-
-
 # ---------------------------------------------------------------- building
 
 
@@ -272,21 +265,10 @@ def _build(
         return
     _clear(uri)
     fs, path = storage.resolve(uri)
-    if items:
-        ensure_ray()
-        env = {"env_vars": storage.worker_env()}
-        blocks = min(len(items), max(num_actors, math.ceil(len(items) / batch_size)))
-        with _data_context(progress):
-            ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-                actor, fn_constructor_kwargs=actor_kwargs, compute=ray.data.ActorPoolStrategy(size=num_actors),
-                batch_size=batch_size, batch_format="numpy", num_cpus=1, num_gpus=num_gpus, runtime_env=env,
-            )
-            # The folder was just removed, so "overwrite" deletes nothing; it only allows names without a uuid.
-            ds.write_parquet(
-                path, filesystem=fs, filename_provider=_PartNames(), mode="overwrite",
-                try_create_dir=not storage.is_remote(uri),  # S3 has no folders; a marker object needs more rights
-                min_rows_per_file=rows_per_file, ray_remote_args={"runtime_env": env},
-            )
+    if items and num_actors == 0:
+        _write_in_process(uri, items, actor(**actor_kwargs), batch_size, rows_per_file, progress)
+    elif items:
+        _write_on_ray(uri, items, actor, actor_kwargs, num_actors, batch_size, num_gpus, rows_per_file, progress)
     parts = [u.rsplit("/", 1)[-1] for u in storage.list_files(uri, ".parquet")]
     count = sum(pq.read_metadata(f"{path}/{name}", filesystem=fs).num_rows for name in parts)
     if count != len(items):
@@ -294,6 +276,56 @@ def _build(
     created = datetime.now(timezone.utc).isoformat()
     info = {"kind": kind, "digest": digest, "source": source, "count": count, "parts": parts, "created_at": created}
     storage.write_bytes(storage.join(uri, MARKER), json.dumps(info, indent=1).encode())
+
+
+def _write_in_process(uri: str, items: list[dict], encode, batch_size: int, rows_per_file: int,
+                      progress: bool, threads: int = 8) -> None:
+    """Encode items batch by batch in this process (threads overlap image decoding) into Parquet parts."""
+    fs, path = storage.resolve(uri)
+    if not storage.is_remote(uri):
+        fs.create_dir(path)
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    batches = ({k: np.asarray([it[k] for it in chunk]) for k in chunk[0]} for chunk in chunks)
+    pending: list[pa.Table] = []
+    parts = 0
+    with ThreadPoolExecutor(threads) as pool:
+        tables = pool.map(encode, batches)
+        for i, table in enumerate(tqdm(tables, total=len(chunks), desc=uri.rsplit("/", 1)[-1], disable=not progress)):
+            pending.append(table)
+            if sum(t.num_rows for t in pending) >= rows_per_file or i == len(chunks) - 1:
+                pq.write_table(pa.concat_tables(pending), f"{path}/part-{parts:05d}.parquet", filesystem=fs)
+                pending, parts = [], parts + 1
+
+
+def _write_on_ray(uri: str, items: list[dict], actor: type, actor_kwargs: dict, num_actors: int, batch_size: int,
+                  num_gpus: float, rows_per_file: int, progress: bool) -> None:
+    """Run `actor` over items in a Ray Data actor pool into Parquet parts under uri."""
+    import ray
+    from ray.data.datasource import FilenameProvider
+
+    class PartNames(FilenameProvider):
+        """Deterministic part names: one per write task."""
+
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"part-{task_index:05d}.parquet"
+
+    from trainer.dataset_builder import ensure_ray
+
+    fs, path = storage.resolve(uri)
+    ensure_ray()
+    env = {"env_vars": storage.worker_env()}
+    blocks = min(len(items), max(num_actors, math.ceil(len(items) / batch_size)))
+    with _data_context(progress):
+        ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+            actor, fn_constructor_kwargs=actor_kwargs, compute=ray.data.ActorPoolStrategy(size=num_actors),
+            batch_size=batch_size, batch_format="numpy", num_cpus=1, num_gpus=num_gpus, runtime_env=env,
+        )
+        # The folder was just removed, so "overwrite" deletes nothing; it only allows names without a uuid.
+        ds.write_parquet(
+            path, filesystem=fs, filename_provider=PartNames(), mode="overwrite",
+            try_create_dir=not storage.is_remote(uri),  # S3 has no folders; a marker object needs more rights
+            min_rows_per_file=rows_per_file, ray_remote_args={"runtime_env": env},
+        )
 
 
 def read_marker(uri: str) -> dict | None:
@@ -314,6 +346,8 @@ def _clear(uri: str) -> None:
 @contextlib.contextmanager
 def _data_context(progress: bool) -> Iterator[None]:
     """Ray Data settings for a cache job (progress bars on request, no execution banner), restored afterwards."""
+    import ray
+
     ctx = ray.data.DataContext.get_current()
     settings = {"enable_progress_bars": progress, "print_on_execution_start": False}
     saved = {k: getattr(ctx, k) for k in settings}

@@ -34,7 +34,7 @@ class DataConfig(Strict):
     yaw_augment: bool = True
     flip_prob: float = Field(0.0, ge=0.0, le=1.0)
     loader_workers: int = Field(0, ge=0, le=64)
-    cache_actors: int = Field(1, ge=1, le=256)
+    cache_actors: int = Field(1, ge=0, le=256)  # 0: encode the caches in this process, without Ray
 
     @field_validator("size")
     @classmethod
@@ -64,6 +64,7 @@ class StageConfig(Strict):
     batch_size: int = Field(4, ge=1)  # per worker; stage 2: tours (clips) per worker
     lr: float = Field(1e-4, gt=0.0, le=1.0)
     warmup_steps: int = Field(0, ge=0)
+    time_limit_s: float | None = Field(None, gt=0.0)  # stop (and export) after this many seconds of training
     grad_accum: int = Field(1, ge=1, le=1024)
     max_grad_norm: float = Field(1.0, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -88,6 +89,7 @@ class VaeStageConfig(Strict):
     batch_size: int = Field(4, ge=1)
     lr: float = Field(1e-3, gt=0.0, le=1.0)
     warmup_steps: int = Field(0, ge=0)
+    time_limit_s: float | None = Field(None, gt=0.0)  # stop (and export) after this many seconds of training
     kl_weight: float = Field(1e-6, ge=0.0)
     strip_rows: int | None = Field(None, ge=8)  # train on random full-width strips of this many rows (cheaper)
 

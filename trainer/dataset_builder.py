@@ -1,12 +1,14 @@
-"""Builds a procedural training dataset on Ray: one task per scene renders and commits its missing clips."""
+"""Builds a procedural training dataset on Ray (or a local process pool): one task per scene renders and commits its
+missing clips."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 
-import ray
 from tqdm import tqdm
 
 from diffpano.data.build import BuildSpec, build_scene, check_spec_file, pending_clips
@@ -15,6 +17,8 @@ from diffpano.storage import worker_env
 
 def ensure_ray(log_to_driver: bool = False) -> None:
     """Join the cluster in RAY_ADDRESS, or start a local one (workers' prints shown here when log_to_driver)."""
+    import ray
+
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=log_to_driver, include_dashboard=False)
 
@@ -40,8 +44,10 @@ class BuildSummary:
         )
 
 
-def build_dataset(spec: BuildSpec, out: str, progress: bool = True, max_in_flight: int | None = None) -> BuildSummary:
-    """Render every clip of the spec that `out` does not hold yet, in parallel Ray tasks; idempotent."""
+def build_dataset(spec: BuildSpec, out: str, progress: bool = True, max_in_flight: int | None = None,
+                  processes: int | None = None) -> BuildSummary:
+    """Render every clip of the spec that `out` does not hold yet, in parallel Ray tasks (or `processes` local
+    processes, without Ray); idempotent."""
     spec.validate()
     check_spec_file(out, spec)
     plan = pending_clips(out, spec)
@@ -50,20 +56,39 @@ def build_dataset(spec: BuildSpec, out: str, progress: bool = True, max_in_fligh
     started = time.perf_counter()
     if not plan:
         return BuildSummary(out, spec.scenes, 0, 0, total_clips, time.perf_counter() - started)
+    written = frames = 0
+    with tqdm(total=todo * spec.frames, unit="kf", desc="rendering", disable=not progress) as bar:
+        run = _run_in_pool(spec, plan, out, processes) if processes else _run_on_ray(spec, plan, out, max_in_flight)
+        for result in run:
+            written += result["clips"]
+            frames += result["frames"]
+            bar.update(result["frames"])
+    return BuildSummary(out, spec.scenes, written, frames, total_clips - todo, time.perf_counter() - started)
+
+
+def _build_entry(spec: BuildSpec, out: str, item: tuple[int, list[int]]) -> dict:
+    """build_scene for one (scene, clips) item of the plan."""
+    return build_scene(spec, item[0], item[1], out)
+
+
+def _run_in_pool(spec: BuildSpec, plan: dict[int, list[int]], out: str, processes: int):
+    """Results of the plan's scenes rendered by a local process pool, as they finish."""
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        yield from pool.imap_unordered(partial(_build_entry, spec, out), list(plan.items()))
+
+
+def _run_on_ray(spec: BuildSpec, plan: dict[int, list[int]], out: str, max_in_flight: int | None):
+    """Results of the plan's scenes rendered by Ray tasks (a bounded number in flight), as they finish."""
+    import ray
+
     ensure_ray()
     task = ray.remote(build_scene).options(num_cpus=1, max_retries=2, runtime_env={"env_vars": worker_env()})
     limit = max_in_flight or max(2, 2 * int(ray.available_resources().get("CPU", 1)))
     queue = list(plan.items())
     running: list = []
-    written = frames = 0
-    with tqdm(total=todo * spec.frames, unit="kf", desc="rendering", disable=not progress) as bar:
-        while queue or running:
-            while queue and len(running) < limit:
-                scene, clips = queue.pop(0)
-                running.append(task.remote(spec, scene, clips, out))
-            done, running = ray.wait(running, num_returns=1)
-            result = ray.get(done[0])
-            written += result["clips"]
-            frames += result["frames"]
-            bar.update(result["frames"])
-    return BuildSummary(out, spec.scenes, written, frames, total_clips - todo, time.perf_counter() - started)
+    while queue or running:
+        while queue and len(running) < limit:
+            scene, clips = queue.pop(0)
+            running.append(task.remote(spec, scene, clips, out))
+        done, running = ray.wait(running, num_returns=1)
+        yield ray.get(done[0])

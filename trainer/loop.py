@@ -1,4 +1,4 @@
-"""The training loop each Ray Train worker runs, for stage 1 (Pano-SD) and stage 2 (EA modules on clips)."""
+"""The training loop of a Ray Train worker or a local session, for stage 1 (Pano-SD) and stage 2 (EA modules)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import ray.train
-import ray.train.torch
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
@@ -27,6 +25,7 @@ from diffpano import storage
 from diffpano.data.loaders import ClipDataset, PanoramaDataset, collate_clips
 from diffpano.lora import add_lora, merge_lora
 from diffpano.modelio import load_model, save_model
+from trainer import session
 from trainer.cache import load_latent_cache, load_text_cache
 from trainer.config import TrainConfig
 from trainer.data import LatentClipDataset, LatentPanoramaDataset
@@ -222,7 +221,17 @@ def log_and_checkpoint(cfg: TrainConfig, log: RunLog | None, metrics: dict, tota
             save(Path(tmp))
             if log is not None:
                 log.sync()
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            session.report(metrics, Path(tmp))
+
+
+def out_of_time(began: float, limit: float | None, world: int, device: torch.device) -> bool:
+    """True once the stage has trained `limit` seconds in this attempt; rank 0's clock decides for every worker."""
+    if limit is None:
+        return False
+    flag = torch.tensor([float(time.monotonic() - began > limit)], device=device)
+    if world > 1:  # every worker must leave the loop at the same step, or the next all-reduce hangs
+        torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def maybe_fail(cfg: TrainConfig, step: int, rank: int, world: int, run_root: str) -> None:
@@ -253,9 +262,8 @@ def train_stage(config: dict) -> None:
     cfg = TrainConfig.model_validate(config["cfg"])
     stage, run_root = int(config["stage"]), config["run_root"]
     stage_cfg = cfg.stage1 if stage == 1 else cfg.stage2
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world = session.rank_and_world()
+    device = session.device()
     _seed(cfg.run.seed * 1000 + rank)
     if device.type == "cuda" and cfg.optim.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -265,7 +273,7 @@ def train_stage(config: dict) -> None:
     pipe.epipolar.enabled = stage == 2
     model = Denoiser(pipe.unet, pipe.epipolar)
     model.train()
-    ddp = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    ddp = session.prepare(model)
     optimizer = torch.optim.AdamW(params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
     lr_sched = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=stage_cfg.warmup_steps)
     ema = EMAModel(params, decay=stage_cfg.ema.decay) if stage_cfg.ema.enabled else None
@@ -273,10 +281,9 @@ def train_stage(config: dict) -> None:
     text = load_text_cache(config["text_cache"])
     latents = load_latent_cache(config["latent_cache"]) if config.get("latent_cache") else None
     step, consumed = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            step, consumed = load_state(Path(d), params, optimizer, lr_sched, ema, rank)
+    with session.latest_checkpoint() as d:
+        if d is not None:
+            step, consumed = load_state(d, params, optimizer, lr_sched, ema, rank)
     if ema is not None:
         ema.to(device)
     data = Batches(make_dataset(cfg, stage, latents, pipe.vae_factor), stage_cfg.batch_size, rank, world,
@@ -285,6 +292,7 @@ def train_stage(config: dict) -> None:
     amp = DTYPES[cfg.optim.mixed_precision]
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 gradients need loss scaling
     generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + rank * 104729 + step)
+    began = time.monotonic()
     while step < stage_cfg.steps:
         maybe_fail(cfg, step, rank, world, run_root)
         started = time.perf_counter()
@@ -325,11 +333,14 @@ def train_stage(config: dict) -> None:
         metrics = {"loss": total_loss, "lr": lr_sched.get_last_lr()[0], "grad_norm": grad_norm,
                    "samples_per_s": samples * world / (time.perf_counter() - started), "step": step,
                    "time": time.time()}
-        log_and_checkpoint(cfg, log, metrics, stage_cfg.steps,
+        stop = out_of_time(began, stage_cfg.time_limit_s, world, device)
+        log_and_checkpoint(cfg, log, metrics, step if stop else stage_cfg.steps,
                            partial(save_state, params=params, optimizer=optimizer, lr_sched=lr_sched,
                                    ema=ema, step=step, consumed=data.consumed, rank=rank))
         if rank == 0 and cfg.run.sample_every and step % cfg.run.sample_every == 0 and step < stage_cfg.steps:
             _sample(pipe, cfg, batch, stage, run_root, step)
+        if stop:
+            break
     if rank == 0:
         finish(pipe, cfg, stage, stage_cfg, params, ema, config["export"], run_root, step)
 

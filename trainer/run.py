@@ -1,18 +1,15 @@
-"""Runs the training stages on Ray Train: the initial model, the caches, one TorchTrainer per stage, the export."""
+"""Runs the training stages: initial model, caches, a TorchTrainer (or one local worker) per stage, the export."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
-
 from diffpano import storage
 from diffpano.data.manifest import read_dataset
+from trainer import session
 from trainer.cache import build_latent_cache, build_text_cache
 from trainer.config import TrainConfig
-from trainer.dataset_builder import ensure_ray
 from trainer.loop import train_stage
 from trainer.vae import train_vae
 
@@ -81,16 +78,22 @@ def initial_model(cfg: TrainConfig, target: str) -> str:
     return target
 
 
-def stage_trainer(cfg: TrainConfig, stage: int, paths: dict, init_model: str, caches: tuple) -> TorchTrainer:
+def loop_config(cfg: TrainConfig, stage: int, paths: dict, init_model: str, caches: tuple) -> dict:
+    """What the stage loop (train_vae or train_stage) gets: config, model to start from, caches, export folder."""
+    return {"cfg": cfg.model_dump(mode="json"), "stage": stage, "run_root": paths["root"], "init_model": init_model,
+            "text_cache": caches[0], "latent_cache": caches[1], "export": export_of(paths, stage)}
+
+
+def stage_trainer(cfg: TrainConfig, stage: int, paths: dict, init_model: str, caches: tuple):
     """The TorchTrainer of one stage; RunConfig(name=stageN) under the run root, so re-running resumes it."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker} | ({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})
-    export = export_of(paths, stage)
-    loop_config = {"cfg": cfg.model_dump(mode="json"), "stage": stage, "run_root": paths["root"],
-                   "init_model": init_model, "text_cache": caches[0], "latent_cache": caches[1], "export": export}
     storage_path, storage_filesystem = _ray_storage(paths["root"])
     return TorchTrainer(
-        train_vae if stage == 0 else train_stage, train_loop_config=loop_config,
+        train_vae if stage == 0 else train_stage, train_loop_config=loop_config(cfg, stage, paths, init_model, caches),
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources,
                                      accelerator_type=sc.accelerator_type),
@@ -137,22 +140,33 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return cfg.model_copy(update={"model": model, "data": data})
 
 
-def train(cfg: TrainConfig, stages: list[int], name: str, storage_root: str) -> list[StageResult]:
-    """Run the given stages (0: VAE, 1, 2) of a named run; a re-run with the same name resumes where it stopped."""
+def train(cfg: TrainConfig, stages: list[int], name: str, storage_root: str,
+          local_device: str | None = None) -> list[StageResult]:
+    """Run the given stages (0: VAE, 1, 2) of a named run; a re-run with the same name resumes where it stopped.
+
+    With local_device ("cpu", "cuda"), each stage runs in this process as one worker, without Ray (no resume)."""
     check_dataset(cfg)
     cfg = absolute_paths(cfg)
     paths = run_paths(storage_root, name)
-    if cfg.scaling.num_workers:
+    if cfg.scaling.num_workers and local_device is None:
+        from trainer.dataset_builder import ensure_ray
+
         ensure_ray(log_to_driver=True)  # the workers' progress lines
+    actors = 0 if local_device else cfg.data.cache_actors
+    gpus = 1.0 if local_device and local_device.startswith("cuda") else 0.0
     results = []
     for stage in stages:
         start = stage_start(cfg, stage, paths)
         caches = (None, None) if stage == 0 else (
-            build_text_cache(cfg.data.dataset, start, cfg.data.cache_actors),
-            build_latent_cache(cfg.data.dataset, start, cfg.size(stage), cfg.data.cache_actors))
+            build_text_cache(cfg.data.dataset, start, actors, num_gpus=gpus),
+            build_latent_cache(cfg.data.dataset, start, cfg.size(stage), actors, num_gpus=gpus))
         started = time.perf_counter()
-        result = stage_trainer(cfg, stage, paths, start, caches).fit()
-        metrics = result.metrics or {}
+        if local_device:
+            with session.local(local_device) as local:
+                (train_vae if stage == 0 else train_stage)(loop_config(cfg, stage, paths, start, caches))
+            metrics = local.reports[-1] if local.reports else {}
+        else:
+            metrics = stage_trainer(cfg, stage, paths, start, caches).fit().metrics or {}
         results.append(StageResult(stage, int(metrics.get("step", 0)), metrics.get("loss"),
                                    time.perf_counter() - started, export_of(paths, stage)))
     if stages == [1]:

@@ -1,4 +1,4 @@
-"""Stage 0, the loop each Ray Train worker runs to train the VAE of a fresh latent model on the dataset's panoramas."""
+"""Stage 0, the loop of a Ray Train worker or a local session: the VAE of a fresh latent model on the panoramas."""
 
 from __future__ import annotations
 
@@ -6,14 +6,13 @@ import time
 from functools import partial
 from pathlib import Path
 
-import ray.train
-import ray.train.torch
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from torch import nn
 
 from diffpano.modelio import load_model, save_model
+from trainer import session
 from trainer.config import TrainConfig
 from trainer.loop import (
     Batches,
@@ -23,6 +22,7 @@ from trainer.loop import (
     log_and_checkpoint,
     make_dataset,
     maybe_fail,
+    out_of_time,
     save_state,
 )
 
@@ -55,27 +55,26 @@ def train_vae(config: dict) -> None:
     """train_loop_per_worker of stage 0: L1 reconstruction + KL, then the scaling factor, then the export."""
     cfg = TrainConfig.model_validate(config["cfg"])
     vcfg, run_root = cfg.vae, config["run_root"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world = session.rank_and_world()
+    device = session.device()
     _seed(cfg.run.seed * 1000 + rank)
     pipe = load_model(config["init_model"], device, torch.float32)
     for module in (pipe.unet, pipe.text_encoder, pipe.epipolar):
         module.requires_grad_(False)
     params = list(pipe.vae.parameters())
     model = Reconstruct(pipe.vae).train()
-    ddp = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    ddp = session.prepare(model)
     optimizer = torch.optim.AdamW(params, lr=vcfg.lr)
     lr_sched = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=vcfg.warmup_steps)
     step, consumed = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            step, consumed = load_state(Path(d), params, optimizer, lr_sched, None, rank)
+    with session.latest_checkpoint() as d:
+        if d is not None:
+            step, consumed = load_state(d, params, optimizer, lr_sched, None, rank)
     dataset = make_dataset(cfg, 0, None, 1)
     data = Batches(dataset, vcfg.batch_size, rank, world, cfg.run.seed, cfg.data.loader_workers, 1, consumed)
     log = RunLog(run_root, 0) if rank == 0 else None
     generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + rank * 104729 + step)
+    began = time.monotonic()
     while step < vcfg.steps:
         maybe_fail(cfg, step, rank, world, run_root)
         started = time.perf_counter()
@@ -92,9 +91,12 @@ def train_vae(config: dict) -> None:
         metrics = {"loss": loss.item(), "l1": l1.item(), "kl": kl.item(), "lr": lr_sched.get_last_lr()[0],
                    "grad_norm": grad_norm, "samples_per_s": x.shape[0] * world / (time.perf_counter() - started),
                    "step": step, "time": time.time()}
-        log_and_checkpoint(cfg, log, metrics, vcfg.steps,
+        stop = out_of_time(began, vcfg.time_limit_s, world, device)
+        log_and_checkpoint(cfg, log, metrics, step if stop else vcfg.steps,
                            partial(save_state, params=params, optimizer=optimizer, lr_sched=lr_sched,
                                    ema=None, step=step, consumed=data.consumed, rank=rank))
+        if stop:
+            break
     if rank == 0:
         pipe.vae.eval()
         pipe.vae.register_to_config(scaling_factor=latent_scale(pipe, dataset))
