@@ -71,6 +71,9 @@ def circular_grid_sample(features: torch.Tensor, grid: torch.Tensor) -> torch.Te
     x = torch.remainder(grid[..., 0] + 1, 2.0)  # longitude wrapped into [0, 2), i.e. x in [-1, 1)
     x = (x * w / 2 + 1) * 2 / (w + 2) - 1  # the same point in the padded map's coordinates
     grid = torch.stack((x, grid[..., 1]), dim=-1)
+    if features.dtype in (torch.float16, torch.bfloat16):  # positions need more than bf16's 8 mantissa bits
+        out = F.grid_sample(padded.float(), grid.float(), mode="bilinear", padding_mode="border", align_corners=False)
+        return out.to(features.dtype)
     return F.grid_sample(padded, grid.to(features.dtype), mode="bilinear", padding_mode="border", align_corners=False)
 
 
