@@ -29,6 +29,7 @@ from diffpano.metrics.consistency import as_unit_images, epipolar_error
 from diffpano.metrics.report import tour_grid
 from diffpano.metrics.seam import column_jumps
 from diffpano.modelio import resolve_model
+from diffpano.pipelines import DEFAULT_GUIDANCE
 from diffpano.trajectories import walk
 
 GOALS = {"tour_seconds": 30.0, "wall_accuracy": 0.80, "room_accuracy": 0.70, "seam_colour_ratio_median": 1.0,
@@ -71,7 +72,7 @@ def main() -> None:
     parser.add_argument("--tours", type=int, default=8, help="held-out tours for consistency")
     parser.add_argument("--views", type=int, default=4)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--size", default="128x256")
     parser.add_argument("--skip-grid", action="store_true", help="leave out the S x K grid")
     args = parser.parse_args()

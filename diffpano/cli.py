@@ -10,6 +10,8 @@ from pathlib import Path
 
 import typer
 
+from diffpano.pipelines import DEFAULT_GUIDANCE
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="DiffPano: text to consistent 360° panorama tours.")
 
 dataset_app = typer.Typer(no_args_is_help=True, help="Build and import training datasets (SPEC §4).")
@@ -52,7 +54,7 @@ def generate(
     out: str = typer.Option(DEFAULT_OUT, "--out", help="Output folder or s3:// prefix (SPEC §5)."),
     seed: int | None = typer.Option(None, help="Seed that reproduces the tour (random when omitted)."),
     steps: int = typer.Option(30, "--steps", min=1, max=1000, help="Sampler steps."),
-    guidance: float = typer.Option(5.0, "--guidance", min=0.0, help="Classifier-free guidance scale."),
+    guidance: float = typer.Option(DEFAULT_GUIDANCE, "--guidance", min=0.0, help="Classifier-free guidance scale."),
     size: str | None = typer.Option(None, "--size", help="HxW, W = 2H (default: the model's size)."),
     no_epipolar: bool = typer.Option(False, "--no-epipolar", help="Switch the EA modules off (views denoised alone)."),
     num_ref_views: int | None = typer.Option(None, "--num-ref-views", help="K reference views per view."),
@@ -197,7 +199,7 @@ def evaluate(
     num_tours: int = typer.Option(8, "--num-tours", min=1, help="Test tours drawn from the dataset."),
     views: int = typer.Option(4, "--views", min=1, max=64, help="Views per test tour."),
     steps: int = typer.Option(20, "--steps", min=1, max=1000),
-    guidance: float = typer.Option(5.0, "--guidance", min=0.0),
+    guidance: float = typer.Option(DEFAULT_GUIDANCE, "--guidance", min=0.0),
     size: str | None = typer.Option(None, "--size", help="HxW to generate at (default: the model's size)."),
     replicas: int = typer.Option(2, "--replicas", min=1, help="Model replicas (Ray actors) generating tours."),
     seed: int = typer.Option(0, "--seed"),

@@ -21,6 +21,7 @@ from diffpano.text import encode_prompts
 
 MAX_SEED = 2**63 - 1
 DECODE_CHUNK = 8
+DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's; also the bundled model's best measured (MODEL.md)
 DEFAULT_WINDOW_VIEWS = 8  # views denoised jointly per window of a long tour
 
 Prompts = str | Sequence[str] | Sequence[Sequence[str]]
@@ -188,7 +189,7 @@ class PanoPipeline(DiffusionPipeline):
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 30,
-        guidance_scale: float = 5.0,
+        guidance_scale: float = DEFAULT_GUIDANCE,
         seed: int | Sequence[int] | None = None,
     ) -> PanoramaOutput:
         """One panorama per prompt."""
@@ -229,7 +230,7 @@ class MultiViewPanoPipeline(PanoPipeline):
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 30,
-        guidance_scale: float = 5.0,
+        guidance_scale: float = DEFAULT_GUIDANCE,
         seed: int | Sequence[int] | None = None,
         num_ref_views: int | None = None,
         num_samples: int | None = None,

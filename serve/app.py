@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 
 from diffpano import storage
 from diffpano.manifest import read_manifest
+from diffpano.pipelines import DEFAULT_GUIDANCE
 from serve.bulk import BulkSpec
 from serve.generator import PanoGenerator
 from serve.jobs import BACKOFF_S, JobRequest, JobRunner, JobStatus
@@ -50,7 +51,7 @@ class ServerSettings(BaseModel):
     max_body_bytes: int = Field(256 * 1024, ge=1024)
     max_height: int = Field(512, ge=8)
     default_steps: int = Field(30, ge=1)
-    default_guidance: float = Field(5.0, ge=0.0)
+    default_guidance: float = Field(DEFAULT_GUIDANCE, ge=0.0)
     retry_after_s: int = Field(5, ge=1)
     job_concurrency: int = Field(4, ge=1)  # tours of one online job in flight: interactive requests share the queue
     max_batch_views: int = Field(8, ge=1)

@@ -18,9 +18,10 @@ from tqdm import tqdm
 from diffpano import storage
 from diffpano.manifest import Tour, commit_tours, read_manifest
 from diffpano.modelio import resolve_model
+from diffpano.pipelines import DEFAULT_GUIDANCE
 from serve.schemas import TourRequest
 
-DEFAULT_STEPS, DEFAULT_GUIDANCE = 30, 5.0
+DEFAULT_STEPS = 30
 
 
 class BulkSpec(TourRequest):

@@ -51,19 +51,21 @@ def test_outputs_follow_the_wall_colour_of_the_prompt_and_the_seed(pipe):
 
 
 def test_regression_guard_prompt_adherence(pipe):
-    """One prompt per wall colour (rotating room types): well above chance (1/12 walls, 1/6 rooms); shipped: 0.33."""
+    """One prompt per wall colour (rotating room types), 15 steps: the shipped weights give walls 0.67 and rooms 0.33
+    here (chance 1/12 and 1/6); 72 prompts at 30 steps give 0.90 and 0.35 (MODEL.md)."""
     rooms = ("bedroom", "living room", "kitchen", "bathroom", "office", "hallway")
     prompts = [f"A {rooms[i % 6]} with {c} walls and a wooden floor." for i, c in enumerate(WALL_COLOURS)]
     prompts = [p.replace("A office", "An office") for p in prompts]
     poses = np.stack([walk(1).numpy()] * len(prompts))
     images = pipe([[p] for p in prompts], poses, num_inference_steps=STEPS, seed=list(range(len(prompts)))).images
     result = adherence(load_classifier(), images[:, 0], prompts)
-    assert result["wall_accuracy"] >= 0.25, result
-    assert result["room_accuracy"] >= 0.17, result
+    assert result["wall_accuracy"] >= 0.5, result
+    assert result["room_accuracy"] >= 0.25, result
 
 
 def test_regression_guard_multi_view_consistency(pipe):
-    """Held-out walks: neighbouring views agree along epipolar arcs better than unrelated views and no-EA views."""
+    """Held-out walks, the goals' bounds: neighbouring views agree along epipolar arcs at most 0.6x as badly as
+    unrelated views and 0.8x as badly as the same model without EA (the shipped weights: 0.49 and 0.52)."""
     from diffpano.data.build import BuildSpec, render_clips
 
     spec = BuildSpec(scenes=1, clips_per_scene=2, frames=4, height=128, width=256, seed=424242)
@@ -78,4 +80,4 @@ def test_regression_guard_multi_view_consistency(pipe):
                          for i, (x, p) in enumerate(tours)])
     no_ea = np.mean([epipolar_error(as_unit_images(x), as_unit_images(x), torch.as_tensor(p))
                      for x, (_, p) in zip(flat, tours, strict=True)])
-    assert own <= 0.8 * unrelated and own <= 0.9 * no_ea, (own, unrelated, no_ea)
+    assert own <= 0.6 * unrelated and own <= 0.8 * no_ea, (own, unrelated, no_ea)

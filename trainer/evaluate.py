@@ -18,6 +18,7 @@ from diffpano.evaluation import (
     write_eval_report,
 )
 from diffpano.manifest import decode_rgb, read_manifest, resolve_uri
+from diffpano.pipelines import DEFAULT_GUIDANCE
 from trainer.dataset_builder import ensure_ray
 
 
@@ -44,7 +45,7 @@ def generate_tours(
 
 def evaluate_model(
     model: str | None, dataset: str, out: str, tools: EvalTools, num_tours: int = 8, views: int = 4, steps: int = 20,
-    guidance: float = 5.0, size: tuple[int, int] | None = None, replicas: int = 2, seed: int = 0,
+    guidance: float = DEFAULT_GUIDANCE, size: tuple[int, int] | None = None, replicas: int = 2, seed: int = 0,
     variant: dict | None = None, report: bool = True,
 ) -> dict:
     """Generate the dataset's test tours with a model on Ray, score them against the ground truth, write the report."""
