@@ -1,7 +1,7 @@
 """Measure a DiffPano model against the bundled-model goals: speed, prompt adherence, seam, multi-view consistency.
 
 Figures (held-out: prompts built from the 12 colours x 6 room types, and clips of a dataset built with another seed):
-- seconds for a 4-view tour at 128x256 with the CLI defaults (30 steps, CFG 5) on this machine;
+- seconds for a 4-view tour at 128x256 with the CLI defaults (30 steps, CFG 7.5) on this machine;
 - wall-colour and room-type accuracy of the shipped adherence classifier on one panorama per prompt;
 - seam: colour jump between the last and first column / mean interior jump, median over views (goal <= 1);
 - consistency: epipolar error between neighbouring views of held-out tours, over the same error against views of

@@ -248,3 +248,14 @@ def test_local_training_runs_without_ray_and_stops_at_its_time_limit(train_datas
     assert (tmp_path / "local" / "model" / "model_index.json").exists()
     bad = CliRunner().invoke(app, ["train", "stage1", "--config", CONFIG, "--name", "bad", "--local", "tpu"])
     assert bad.exit_code == 2 and "--local" in plain(bad.output) and not (tmp_path / "bad").exists()
+
+
+def test_time_limit_stops_every_ray_worker_at_the_same_step(ray_local, train_dataset, tmp_path):
+    """2 DDP workers: rank 0's clock ends the stage for both (a worker left behind would hang in all-reduce)."""
+    code, text = train(train_dataset, str(tmp_path), "timed", "stage1", "stage1.steps=100000",
+                       "stage1.time_limit_s=3", "run.checkpoint_every=100000")
+    assert code == 0, text
+    steps = int(re.search(r"stage1: (\d+) steps", text).group(1))
+    assert 1 <= steps < 100000
+    assert steps_logged(str(tmp_path / "timed" / "logs" / "stage1" / "metrics.csv"))[-1] == steps
+    assert optimiser_steps(tmp_path / "timed" / "stage1") == steps  # the last step was checkpointed
