@@ -71,10 +71,10 @@ def circular_grid_sample(features: torch.Tensor, grid: torch.Tensor) -> torch.Te
     x = torch.remainder(grid[..., 0] + 1, 2.0)  # longitude wrapped into [0, 2), i.e. x in [-1, 1)
     x = (x * w / 2 + 1) * 2 / (w + 2) - 1  # the same point in the padded map's coordinates
     grid = torch.stack((x, grid[..., 1]), dim=-1)
-    if features.dtype in (torch.float16, torch.bfloat16):  # positions need more than bf16's 8 mantissa bits
-        out = F.grid_sample(padded.float(), grid.float(), mode="bilinear", padding_mode="border", align_corners=False)
-        return out.to(features.dtype)
-    return F.grid_sample(padded, grid.to(features.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    # fp16/bf16 features are sampled in fp32: positions need more than bf16's 8 mantissa bits
+    dtype = torch.float32 if features.dtype in (torch.float16, torch.bfloat16) else features.dtype
+    out = F.grid_sample(padded.to(dtype), grid.to(dtype), mode="bilinear", padding_mode="border", align_corners=False)
+    return out.to(features.dtype)
 
 
 def as_pose_tensor(poses: torch.Tensor | Sequence, field: str = "poses") -> torch.Tensor:

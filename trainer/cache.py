@@ -303,13 +303,13 @@ def _write_on_ray(uri: str, items: list[dict], actor: type, actor_kwargs: dict, 
     import ray
     from ray.data.datasource import FilenameProvider
 
+    from trainer.dataset_builder import ensure_ray
+
     class PartNames(FilenameProvider):
         """Deterministic part names: one per write task."""
 
         def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
             return f"part-{task_index:05d}.parquet"
-
-    from trainer.dataset_builder import ensure_ray
 
     fs, path = storage.resolve(uri)
     ensure_ray()

@@ -67,6 +67,12 @@ def trainable_parameters(pipe, stage: int, stage_cfg) -> list[nn.Parameter]:
     return params
 
 
+def allow_tf32(cfg: TrainConfig, device: torch.device) -> None:
+    """TF32 matmuls and convolutions on a CUDA device when the config allows them."""
+    if device.type == "cuda" and cfg.optim.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
 def _seed(seed: int) -> None:
     """Seed Python, numpy and torch."""
     random.seed(seed)
@@ -265,8 +271,7 @@ def train_stage(config: dict) -> None:
     rank, world = session.rank_and_world()
     device = session.device()
     _seed(cfg.run.seed * 1000 + rank)
-    if device.type == "cuda" and cfg.optim.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    allow_tf32(cfg, device)
     pipe = load_model(config["init_model"], device, torch.float32)
     pipe.set_progress_bar_config(disable=True)
     params = trainable_parameters(pipe, stage, stage_cfg)

@@ -18,6 +18,7 @@ from trainer.loop import (
     Batches,
     RunLog,
     _seed,
+    allow_tf32,
     load_state,
     log_and_checkpoint,
     make_dataset,
@@ -58,8 +59,7 @@ def train_vae(config: dict) -> None:
     rank, world = session.rank_and_world()
     device = session.device()
     _seed(cfg.run.seed * 1000 + rank)
-    if device.type == "cuda" and cfg.optim.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    allow_tf32(cfg, device)
     pipe = load_model(config["init_model"], device, torch.float32)
     for module in (pipe.unet, pipe.text_encoder, pipe.epipolar):
         module.requires_grad_(False)
