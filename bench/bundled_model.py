@@ -46,6 +46,16 @@ def prompts_grid() -> list[str]:
     return out
 
 
+def prompt_panoramas(pipe, prompts: list[str], **gen) -> np.ndarray:
+    """One panorama per prompt (N, H, W, 3), prompt i with seed i, in batches of 12 one-view tours."""
+    images = []
+    for i in range(0, len(prompts), 12):
+        chunk = prompts[i : i + 12]
+        out = pipe([[p] for p in chunk], np.stack([walk(1)] * len(chunk)), seed=list(range(i, i + len(chunk))), **gen)
+        images.append(out.images[:, 0])
+    return np.concatenate(images)
+
+
 def seam_ratios(images: np.ndarray) -> np.ndarray:
     """Per view: seam colour jump / mean interior column jump."""
     colour, _ = column_jumps(as_unit_images(images))
@@ -92,12 +102,7 @@ def main() -> None:
     results["tour_seconds"] = time.perf_counter() - started
 
     prompts = prompts_grid()
-    images = []
-    for i in range(0, len(prompts), 12):  # batches of 12 one-view tours
-        chunk = prompts[i : i + 12]
-        out_ = pipe([[p] for p in chunk], np.stack([walk(1)] * len(chunk)), seed=list(range(i, i + len(chunk))), **gen)
-        images.append(out_.images[:, 0])
-    images = np.concatenate(images)
+    images = prompt_panoramas(pipe, prompts, **gen)
     adh = adherence(load_classifier(), images, prompts)
     results |= {"wall_accuracy": adh["wall_accuracy"], "room_accuracy": adh["room_accuracy"],
                 "adherence_prompts": len(prompts)}

@@ -307,7 +307,8 @@ def train(
         loss = "—" if r.loss is None else f"{r.loss:.4f}"
         label = "vae" if r.stage == 0 else f"stage{r.stage}"
         typer.echo(f"{label}: {r.steps} steps, final loss {loss}, {r.seconds:.1f}s -> {r.export}")
-    typer.echo(f"model: {run_paths(storage_root, name)['model']}")
+    # A VAE-only run exports vae-model; every other run ends in the run's model folder.
+    typer.echo(f"model: {results[-1].export if chosen == [0] else run_paths(storage_root, name)['model']}")
 
 
 @app.command()

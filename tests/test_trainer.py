@@ -193,6 +193,28 @@ def test_vae_stage_trains_the_vae_of_a_latent_arch_and_stage1_starts_from_it(tra
     assert code == 2 and "vae.steps" in text
 
 
+def test_decoder_fine_tune_keeps_the_encoder_scale_and_unet_of_its_base(train_dataset, tmp_path):
+    code, text = train(train_dataset, str(tmp_path), "base", "vae", "model.arch=tiny-latent", "vae.steps=1",
+                       "vae.strip_rows=8", "scaling.num_workers=0")
+    assert code == 0, text
+    base = tmp_path / "base" / "vae-model"
+    code, text = train(train_dataset, str(tmp_path), "dec", "vae", "model.arch=tiny-latent", f"model.base={base}",
+                       "vae.decoder_only=true", "vae.steps=3", "vae.strip_rows=8", "scaling.num_workers=0")
+    assert code == 0, text
+    tuned = tmp_path / "dec" / "vae-model"
+    before, after = (load_file(next((d / "vae").glob("*.safetensors"))) for d in (base, tuned))
+    kept = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert kept and all(torch.equal(before[k], after[k]) for k in kept)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    scale = [json.loads((d / "vae" / "config.json").read_text())["scaling_factor"] for d in (base, tuned)]
+    assert scale[0] == scale[1]
+    unets = [load_file(next((d / "unet").glob("*.safetensors"))) for d in (base, tuned)]
+    assert all(torch.equal(unets[0][k], unets[1][k]) for k in unets[0])
+    code, text = train(train_dataset, str(tmp_path), "nobase", "vae", "model.arch=tiny-latent",
+                       "vae.decoder_only=true", "vae.steps=3")
+    assert code == 2 and "vae.decoder_only" in text and "model.base" in text
+
+
 def test_pack_model_references_the_text_encoder_package_and_halves_weights(tmp_path):
     from diffpano.factory import build_pipeline, minilm_text_encoder, tiny_unet_config
     from diffpano.modelio import load_model, pack_model, save_model

@@ -83,7 +83,8 @@ class StageConfig(Strict):
 
 
 class VaeStageConfig(Strict):
-    """Stage 0: train the VAE of a fresh latent architecture on the dataset's panoramas (reconstruction + KL)."""
+    """Stage 0: train the VAE of a fresh latent architecture on the dataset's panoramas (reconstruction + KL), or
+    fine-tune the decoder of a base model's VAE."""
 
     steps: int = Field(0, ge=0)  # 0: no VAE stage (a base model's VAE, or a pixel-space model)
     batch_size: int = Field(4, ge=1)
@@ -92,6 +93,9 @@ class VaeStageConfig(Strict):
     time_limit_s: float | None = Field(None, gt=0.0)  # stop (and export) after this many seconds of training
     kl_weight: float = Field(1e-6, ge=0.0)
     strip_rows: int | None = Field(None, ge=8)  # train on random full-width strips of this many rows (cheaper)
+    # Fine-tune only the decoder of model.base's VAE: the encoder, its latent space and scaling_factor stay as they
+    # are, so the base's UNet stays valid (how Stable Diffusion's ft-MSE VAE was made).
+    decoder_only: bool = False
 
 
 class OptimConfig(Strict):
@@ -147,8 +151,12 @@ class TrainConfig(Strict):
         """LoRA in stage 1 adapts a pretrained UNet; training from scratch trains all of it."""
         if self.stage1.lora_rank and self.model.base is None:
             raise ValueError("stage1.lora_rank: LoRA needs a pretrained model.base; use 0 to train from scratch")
-        if self.vae.steps and (self.model.base is not None or "latent" not in self.model.arch):
-            raise ValueError("vae.steps: only a fresh latent model.arch (no model.base) has a VAE to train; use 0")
+        if self.vae.decoder_only and self.model.base is None:
+            raise ValueError("vae.decoder_only: fine-tunes the decoder of a model.base's VAE; set model.base")
+        if self.vae.steps and not self.vae.decoder_only and (
+                self.model.base is not None or "latent" not in self.model.arch):
+            raise ValueError("vae.steps: only a fresh latent model.arch (no model.base) has a VAE to train; use 0, "
+                             "or vae.decoder_only=true to fine-tune the decoder of model.base's VAE")
         return self
 
 

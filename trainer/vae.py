@@ -1,4 +1,5 @@
-"""Stage 0, the loop of a Ray Train worker or a local session: the VAE of a fresh latent model on the panoramas."""
+"""Stage 0, the loop of a Ray Train worker or a local session: the VAE of a fresh latent model on the panoramas, or
+the decoder of a base model's VAE."""
 
 from __future__ import annotations
 
@@ -33,13 +34,14 @@ SCALE_SAMPLES = 64  # panoramas whose latents set the VAE's scaling_factor (unit
 class Reconstruct(nn.Module):
     """The VAE as one module for DDP: reconstruction and KL of a batch."""
 
-    def __init__(self, vae: nn.Module) -> None:
+    def __init__(self, vae: nn.Module, decoder_only: bool = False) -> None:
         super().__init__()
-        self.vae = vae
+        self.vae, self.decoder_only = vae, decoder_only
 
     def forward(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(reconstruction, mean KL per latent element) of images in [-1, 1]."""
-        posterior = self.vae.encode(x).latent_dist
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.decoder_only):
+            posterior = self.vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(x.device)
         return self.vae.decode(z).sample, posterior.kl().mean() / posterior.mean[0].numel()
 
@@ -63,8 +65,12 @@ def train_vae(config: dict) -> None:
     pipe = load_model(config["init_model"], device, torch.float32)
     for module in (pipe.unet, pipe.text_encoder, pipe.epipolar):
         module.requires_grad_(False)
-    params = list(pipe.vae.parameters())
-    model = Reconstruct(pipe.vae).train()
+    if vcfg.decoder_only:
+        for module in (pipe.vae.encoder, pipe.vae.quant_conv):
+            if module is not None:
+                module.requires_grad_(False)
+    params = [p for p in pipe.vae.parameters() if p.requires_grad]
+    model = Reconstruct(pipe.vae, vcfg.decoder_only).train()
     ddp = session.prepare(model)
     optimizer = torch.optim.AdamW(params, lr=vcfg.lr)
     lr_sched = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=vcfg.warmup_steps)
@@ -101,7 +107,8 @@ def train_vae(config: dict) -> None:
             break
     if rank == 0:
         pipe.vae.eval()
-        pipe.vae.register_to_config(scaling_factor=latent_scale(pipe, dataset))
+        if not vcfg.decoder_only:  # an unchanged encoder keeps the scaling_factor the UNet was trained with
+            pipe.vae.register_to_config(scaling_factor=latent_scale(pipe, dataset))
         pipe.model_name = f"{Path(run_root).name}-vae@{step}"
         save_model(pipe, config["export"])
         print(f"vae: exported {config['export']} (scaling_factor {pipe.vae.config.scaling_factor:.4f})", flush=True)
