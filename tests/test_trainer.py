@@ -193,7 +193,7 @@ def test_vae_stage_trains_the_vae_of_a_latent_arch_and_stage1_starts_from_it(tra
     assert code == 2 and "vae.steps" in text
 
 
-def test_decoder_fine_tune_keeps_the_encoder_scale_and_unet_of_its_base(train_dataset, tmp_path):
+def test_decoder_fine_tune_keeps_the_encoder_scale_and_unet_of_its_base(train_dataset, tiny_model_dir, tmp_path):
     code, text = train(train_dataset, str(tmp_path), "base", "vae", "model.arch=tiny-latent", "vae.steps=1",
                        "vae.strip_rows=8", "scaling.num_workers=0")
     assert code == 0, text
@@ -202,6 +202,7 @@ def test_decoder_fine_tune_keeps_the_encoder_scale_and_unet_of_its_base(train_da
                        "vae.decoder_only=true", "vae.steps=3", "vae.strip_rows=8", "scaling.num_workers=0")
     assert code == 0, text
     tuned = tmp_path / "dec" / "vae-model"
+    assert f"model: {tuned}" in text
     before, after = (load_file(next((d / "vae").glob("*.safetensors"))) for d in (base, tuned))
     kept = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
     assert kept and all(torch.equal(before[k], after[k]) for k in kept)
@@ -213,6 +214,9 @@ def test_decoder_fine_tune_keeps_the_encoder_scale_and_unet_of_its_base(train_da
     code, text = train(train_dataset, str(tmp_path), "nobase", "vae", "model.arch=tiny-latent",
                        "vae.decoder_only=true", "vae.steps=3")
     assert code == 2 and "vae.decoder_only" in text and "model.base" in text
+    code, text = train(train_dataset, str(tmp_path), "pixel", "vae", f"model.base={tiny_model_dir}",
+                       "vae.decoder_only=true", "vae.steps=3")
+    assert code == 2 and "no VAE to fine-tune" in text
 
 
 def test_pack_model_references_the_text_encoder_package_and_halves_weights(tmp_path):

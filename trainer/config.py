@@ -151,8 +151,9 @@ class TrainConfig(Strict):
         """LoRA in stage 1 adapts a pretrained UNet; training from scratch trains all of it."""
         if self.stage1.lora_rank and self.model.base is None:
             raise ValueError("stage1.lora_rank: LoRA needs a pretrained model.base; use 0 to train from scratch")
-        if self.vae.decoder_only and self.model.base is None:
-            raise ValueError("vae.decoder_only: fine-tunes the decoder of a model.base's VAE; set model.base")
+        if self.vae.decoder_only and (self.model.base is None or not self.vae.steps):
+            raise ValueError("vae.decoder_only: fine-tunes the decoder of a model.base's VAE; set model.base and "
+                             "vae.steps > 0")
         if self.vae.steps and not self.vae.decoder_only and (
                 self.model.base is not None or "latent" not in self.model.arch):
             raise ValueError("vae.steps: only a fresh latent model.arch (no model.base) has a VAE to train; use 0, "

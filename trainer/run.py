@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from diffpano import storage
 from diffpano.data.manifest import read_dataset
 from trainer import session
-from trainer.cache import build_latent_cache, build_text_cache
+from trainer.cache import build_latent_cache, build_text_cache, has_vae
 from trainer.config import TrainConfig
 from trainer.loop import train_stage
 from trainer.vae import train_vae
@@ -147,6 +147,8 @@ def train(cfg: TrainConfig, stages: list[int], name: str, storage_root: str,
     With local_device ("cpu", "cuda"), each stage runs in this process as one worker, without Ray (no resume)."""
     check_dataset(cfg)
     cfg = absolute_paths(cfg)
+    if 0 in stages and cfg.vae.decoder_only and not has_vae(cfg.model.base):
+        raise ValueError(f"vae.decoder_only: model.base has no VAE to fine-tune (pixel space): {cfg.model.base}")
     paths = run_paths(storage_root, name)
     if cfg.scaling.num_workers and local_device is None:
         from trainer.dataset_builder import ensure_ray
