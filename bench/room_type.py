@@ -21,7 +21,7 @@ import torch
 from bundled_model import prompt_panoramas, prompts_grid
 from train_adherence import HELD_OUT_SEED_OFFSET
 
-from diffpano.data.captions import a
+from diffpano.data.captions import a, listing
 from diffpano.data.furniture import PLANS, SPECS
 from diffpano.data.scenes import ROOM_TYPES
 from diffpano.metrics.adherence import (
@@ -38,8 +38,7 @@ from diffpano.pipelines import DEFAULT_GUIDANCE
 
 def usual_furniture(room: str) -> str:
     """'a bed, a nightstand and a wardrobe': the first three kinds of item the room type's plan places."""
-    nouns = list(dict.fromkeys(SPECS[key].noun for key, _ in PLANS[room]))[:3]
-    return ", ".join(a(n) for n in nouns[:-1]) + " and " + a(nouns[-1])
+    return listing([a(noun) for noun in list(dict.fromkeys(SPECS[key].noun for key, _ in PLANS[room]))[:3]])
 
 
 def scores(clf: AdherenceClassifier, images: np.ndarray, wanted: list[tuple[str, str]]) -> dict:
@@ -54,15 +53,11 @@ def scores(clf: AdherenceClassifier, images: np.ndarray, wanted: list[tuple[str,
             "room_confusion": {w: {g: confusion[(w, g)] for g in ROOM_TYPES} for w in ROOM_TYPES}}
 
 
-def vae_round_trip(vae, images: np.ndarray, batch: int = 16) -> np.ndarray:
-    """uint8 panoramas (N, H, W, 3) encoded to the latent mode and decoded again."""
-    out = []
+def vae_round_trip(pipe, images: np.ndarray, batch: int = 16) -> np.ndarray:
+    """uint8 panoramas (N, H, W, 3) encoded to latents and decoded again, as the pipeline does for known views."""
     with torch.no_grad():
-        for i in range(0, len(images), batch):
-            x = torch.from_numpy(images[i : i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1
-            y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-            out.append(((y + 1) * 127.5).round().permute(0, 2, 3, 1).to(torch.uint8).numpy())
-    return np.concatenate(out)
+        return np.concatenate([pipe._decode(pipe._encode_images(torch.from_numpy(images[i : i + batch])))
+                               for i in range(0, len(images), batch)])
 
 
 def print_confusion(name: str, figure: dict) -> None:
@@ -95,7 +90,7 @@ def main() -> None:
     results: dict = {"model": pipe.model_name, "steps": args.steps, "guidance": args.guidance,
                      "renders": scores(clf, renders, labels)}
     if pipe.vae is not None:
-        round_trip = vae_round_trip(pipe.vae, renders)
+        round_trip = vae_round_trip(pipe, renders)
         results["renders_through_vae"] = scores(clf, round_trip, labels)
         # Mean absolute error per channel with colours in [0, 1] (training logs L1 in [-1, 1], twice as large).
         results["renders_through_vae"]["round_trip_l1"] = float(np.abs(round_trip / 255 - renders / 255).mean())

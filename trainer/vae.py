@@ -34,14 +34,13 @@ SCALE_SAMPLES = 64  # panoramas whose latents set the VAE's scaling_factor (unit
 class Reconstruct(nn.Module):
     """The VAE as one module for DDP: reconstruction and KL of a batch."""
 
-    def __init__(self, vae: nn.Module, decoder_only: bool = False) -> None:
+    def __init__(self, vae: nn.Module) -> None:
         super().__init__()
-        self.vae, self.decoder_only = vae, decoder_only
+        self.vae = vae
 
     def forward(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(reconstruction, mean KL per latent element) of images in [-1, 1]."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.decoder_only):
-            posterior = self.vae.encode(x).latent_dist
+        posterior = self.vae.encode(x).latent_dist  # no graph through an encoder frozen by decoder_only
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(x.device)
         return self.vae.decode(z).sample, posterior.kl().mean() / posterior.mean[0].numel()
 
@@ -70,7 +69,7 @@ def train_vae(config: dict) -> None:
             if module is not None:
                 module.requires_grad_(False)
     params = [p for p in pipe.vae.parameters() if p.requires_grad]
-    model = Reconstruct(pipe.vae, vcfg.decoder_only).train()
+    model = Reconstruct(pipe.vae).train()
     ddp = session.prepare(model)
     optimizer = torch.optim.AdamW(params, lr=vcfg.lr)
     lr_sched = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=vcfg.warmup_steps)

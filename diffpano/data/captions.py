@@ -85,7 +85,7 @@ def a(word: str) -> str:
     return ("an " if word[:1].lower() in "aeiou" else "a ") + word
 
 
-def _with(things: list[str]) -> str:
+def listing(things: list[str]) -> str:
     """'a, b and c'."""
     return things[0] if len(things) == 1 else ", ".join(things[:-1]) + " and " + things[-1]
 
@@ -149,7 +149,7 @@ class TemplateSummariser:
             phrases = [i.phrase for i in items]
             sentences.append(str(rng.choice([
                 "There is {x}.", "It is furnished with {x}.", "The room contains {x}.", "You can see {x}.",
-            ])).format(x=_with(phrases)))
+            ])).format(x=listing(phrases)))
         nxt = next((r for f in facts.faces for r in f.next_rooms), None)
         if nxt and len(sentences) < 3:
             sentences.append(f"A doorway leads to the {nxt}.")
