@@ -1,4 +1,4 @@
-"""Bulk generation throughput: tours/hour offline (Ray Data) with 1 and 2 replicas, and online (Serve), same specs.
+"""Bulk generation throughput: tours/hour offline (actor pool) with 1 and 2 replicas, and online (Serve), same specs.
 
 Cases: 1 replica x 1 CPU and 2 replicas x 1 CPU (the scaling pair: on this 2-core machine the cores allow exactly
 that), and 1 replica x 2 CPUs (what `make run` uses) against the same job online.
@@ -69,7 +69,7 @@ def main() -> None:
         outside = 1 - (summary.model_seconds / replicas) / summary.seconds
         rate = summary.tours_done / summary.seconds * 3600
         results[name] = {"tours_per_hour": rate, "wall_s": summary.seconds, "outside_model_share": outside}
-        rows.append([f"offline (Ray Data), {replicas} replica(s) x {cpus:g} CPU", f"{rate:.0f}",
+        rows.append([f"offline (actor pool), {replicas} replica(s) x {cpus:g} CPU", f"{rate:.0f}",
                      f"{summary.seconds:.1f}", f"{outside:.1%}"])
     wall = online(args.model, specs, work)
     results["online_1"] = {"tours_per_hour": args.tours / wall * 3600, "wall_s": wall}

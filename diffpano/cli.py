@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import uuid
@@ -21,6 +22,13 @@ manifest_app = typer.Typer(no_args_is_help=True, help="Maintain Parquet manifest
 app.add_typer(manifest_app, name="manifest")
 
 DEFAULT_OUT = "outputs/tours"
+
+
+def finite(value: float | None) -> float | None:
+    """A float option's value; NaN and ±inf are refused (click's ranges let them through)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
@@ -50,11 +58,12 @@ def generate(
     prompts_per_view: list[str] | None = typer.Option(None, "--prompts-per-view", help="One per view, repeated."),
     views: int = typer.Option(4, "--views", min=1, max=64, help="Number of views in the tour."),
     trajectory: str = typer.Option("walk", help="walk, orbit, or a JSON file of poses."),
-    spacing: float = typer.Option(1.0, help="Metres between views of a walk."),
+    spacing: float = typer.Option(1.0, help="Metres between views of a walk.", callback=finite),
     out: str = typer.Option(DEFAULT_OUT, "--out", help="Output folder or s3:// prefix (SPEC §5)."),
     seed: int | None = typer.Option(None, help="Seed that reproduces the tour (random when omitted)."),
     steps: int = typer.Option(30, "--steps", min=1, max=1000, help="Sampler steps."),
-    guidance: float = typer.Option(DEFAULT_GUIDANCE, "--guidance", min=0.0, help="Classifier-free guidance scale."),
+    guidance: float = typer.Option(DEFAULT_GUIDANCE, "--guidance", min=0.0, callback=finite,
+                                   help="Classifier-free guidance scale."),
     size: str | None = typer.Option(None, "--size", help="HxW, W = 2H (default: the model's size)."),
     no_epipolar: bool = typer.Option(False, "--no-epipolar", help="Switch the EA modules off (views denoised alone)."),
     num_ref_views: int | None = typer.Option(None, "--num-ref-views", help="K reference views per view."),
@@ -67,7 +76,10 @@ def generate(
     from diffpano.modelio import resolve_model
 
     height, width = parse_size(size)
-    poses, file_prompts = tour_poses(trajectory, views, spacing)
+    try:
+        poses, file_prompts = tour_poses(trajectory, views, spacing)
+    except (ValueError, OSError) as err:
+        raise typer.BadParameter(f"--trajectory {trajectory}: {err}") from None
     prompts = list(prompts_per_view or file_prompts or [prompt] * len(poses))
     if len(prompts) != len(poses):
         raise typer.BadParameter(f"--prompts-per-view: got {len(prompts)} prompts for {len(poses)} views")
@@ -100,7 +112,7 @@ def video(
     tour: str | None = typer.Option(None, "--tour", help="Tour id (default: the latest tour)."),
     out: Path = typer.Option(Path("tour.gif"), "--out", help="Video file: .gif or .mp4."),
     frames_per_view: int = typer.Option(12, min=1, max=240, help="Frames rendered per view."),
-    fov: float = typer.Option(90.0, min=10.0, max=170.0, help="Horizontal field of view, degrees."),
+    fov: float = typer.Option(90.0, min=10.0, max=170.0, help="Horizontal field of view, degrees.", callback=finite),
     fps: int = typer.Option(12, min=1, max=120),
 ) -> None:
     """Render a perspective walk-through of a generated tour as a video."""
@@ -130,7 +142,7 @@ def dataset_build(
     clips_per_scene: int = typer.Option(2, "--clips-per-scene", help="Walks (clips) per scene."),
     frames: int = typer.Option(8, "--frames", help="Keyframes per clip."),
     size: str = typer.Option("256x512", "--size", help="HxW of the panoramas, W = 2H."),
-    spacing: float = typer.Option(0.5, "--spacing", help="Metres between keyframes."),
+    spacing: float = typer.Option(0.5, "--spacing", help="Metres between keyframes.", callback=finite),
     seed: int = typer.Option(0, "--seed", help="Seed of the whole dataset (scenes, walks, captions)."),
     out: str = typer.Option("outputs/dataset", "--out", help="Dataset folder or s3:// prefix (SPEC §4)."),
     no_depth: bool = typer.Option(False, "--no-depth", help="Do not write depth panoramas."),
@@ -199,7 +211,7 @@ def evaluate(
     num_tours: int = typer.Option(8, "--num-tours", min=1, help="Test tours drawn from the dataset."),
     views: int = typer.Option(4, "--views", min=1, max=64, help="Views per test tour."),
     steps: int = typer.Option(20, "--steps", min=1, max=1000),
-    guidance: float = typer.Option(DEFAULT_GUIDANCE, "--guidance", min=0.0),
+    guidance: float = typer.Option(DEFAULT_GUIDANCE, "--guidance", min=0.0, callback=finite),
     size: str | None = typer.Option(None, "--size", help="HxW to generate at (default: the model's size)."),
     replicas: int = typer.Option(2, "--replicas", min=1, help="Model replicas (Ray actors) generating tours."),
     seed: int = typer.Option(0, "--seed"),
@@ -320,15 +332,15 @@ def bulk(
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic specs."),
     out: str = typer.Option("outputs/bulk", "--out", help="Output folder or s3:// prefix (SPEC §5)."),
     model: str | None = typer.Option(None, "--model", help="Model directory or s3:// URI (default: bundled)."),
-    replicas: int = typer.Option(1, "--replicas", min=1, help="Model replicas (Ray Data actors)."),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="Model replicas (Ray actors)."),
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Tours per replica call and manifest part."),
-    gpus: float = typer.Option(0.0, "--gpus-per-replica", min=0.0),
-    cpus: float = typer.Option(1.0, "--cpus-per-replica", min=0.1),
+    gpus: float = typer.Option(0.0, "--gpus-per-replica", min=0.0, callback=finite),
+    cpus: float = typer.Option(1.0, "--cpus-per-replica", min=0.1, callback=finite),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip invalid specs instead of refusing."),
     endpoint: str | None = typer.Option(None, "--endpoint", help="Run on a server (http://HOST:PORT) as a job; "
                                         "--out is then a prefix under the server's output root."),
 ) -> None:
-    """Generate many tours on a Ray Data actor pool; a re-run completes what is missing, exactly once."""
+    """Generate many tours on a pool of Ray actors; a re-run completes what is missing, exactly once."""
     from serve.bulk import read_spec_rows, run_bulk, run_online, synthetic_specs, validate_specs
 
     if (specs is None) == (synthetic is None):

@@ -32,8 +32,8 @@ def orbit(num_views: int, radius: float = 1.5, arc_deg: float = 360.0) -> torch.
     return make_pose(yaw_matrix(angles + math.pi / 2), centres)
 
 
-def named_trajectory(kind: str, num_views: int, params: dict | None = None) -> torch.Tensor:
-    """Poses (N, 4, 4) of a named trajectory; ValueError names an unknown kind or parameter or a bad value."""
+def trajectory_params(kind: str, params: dict | None = None) -> dict:
+    """The checked parameters of a named trajectory; ValueError names an unknown kind or parameter or a bad value."""
     defaults = {"walk": WALK_PARAMS, "orbit": ORBIT_PARAMS}.get(kind)
     if defaults is None:
         raise ValueError(f"trajectory.kind: must be 'walk' or 'orbit', got {kind!r}")
@@ -48,6 +48,12 @@ def named_trajectory(kind: str, num_views: int, params: dict | None = None) -> t
             raise ValueError(f"trajectory.{key}: must be at most {MAX_EXTENT_M} m, got {value}")
     if kind == "orbit" and params.get("radius", 1.0) <= 0:
         raise ValueError("trajectory.radius: must be > 0")
+    return params
+
+
+def named_trajectory(kind: str, num_views: int, params: dict | None = None) -> torch.Tensor:
+    """Poses (N, 4, 4) of a named trajectory; ValueError names an unknown kind or parameter or a bad value."""
+    params = trajectory_params(kind, params)
     if num_views < 1:
         raise ValueError(f"num_views: must be >= 1, got {num_views}")
     return (walk if kind == "walk" else orbit)(num_views, **params)

@@ -5,13 +5,15 @@ import asyncio
 import base64
 import hmac
 import os
-import re
 import secrets
 import uuid
 from importlib import resources
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi import Path as FastAPIPath
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -33,16 +35,17 @@ from serve.schemas import (
     TourResponse,
     View,
     error_detail,
+    validation_detail,
 )
 
-TOUR_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+ResourceId = Annotated[str, FastAPIPath(pattern=r"^[A-Za-z0-9_-]{1,128}$")]  # tour and job ids: 422 otherwise
 OPEN_PATHS = ("/healthz", "/viewer", "/docs", "/openapi.json", "/redoc", "/favicon.ico")
 
 
 class ServerSettings(BaseModel):
     """The application's arguments (Serve config YAML `args`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str | None = None  # model directory or s3:// URI; None: the bundled model
     device: str | None = None
     output_root: str = "outputs/served"  # where output="store" writes (SPEC §5); clients never choose the path
@@ -66,6 +69,12 @@ class ServerSettings(BaseModel):
 
 api = FastAPI(title="DiffPano", version="0.1.0",
               description="Text and camera poses in, consistent multi-view 360° panoramas out (SPEC §8).")
+
+
+@api.exception_handler(RequestValidationError)
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field; the offending input is not echoed (NaN, Infinity or 1e400 have no JSON form)."""
+    return JSONResponse({"detail": validation_detail(exc.errors())}, status_code=422)
 
 
 @api.middleware("http")
@@ -240,11 +249,8 @@ class DiffPanoAPI:
         return Response(content=result.pngs[0], media_type="image/png")
 
     @api.get("/v1/tours/{tour_id}", response_model=TourResponse)
-    async def stored_tour(self, tour_id: str) -> TourResponse:
+    async def stored_tour(self, tour_id: ResourceId) -> TourResponse:
         """A tour stored under the server's output root, images inline (what the viewer loads by id)."""
-        if not TOUR_ID.fullmatch(tour_id):
-            raise HTTPException(422, detail=[{"loc": ["path", "tour_id"], "msg": "letters, digits, '-', '_' only",
-                                              "type": "value_error"}])
         return await asyncio.to_thread(read_stored_tour, storage.absolute(self.settings.output_root), tour_id)
 
     @api.post("/v1/jobs", status_code=202, response_model=JobStatus)
@@ -261,12 +267,12 @@ class DiffPanoAPI:
             raise storage_unavailable(err) from None
 
     @api.get("/v1/jobs/{job_id}", response_model=JobStatus)
-    async def job_status(self, job_id: str) -> JobStatus:
+    async def job_status(self, job_id: ResourceId) -> JobStatus:
         """A job's state and counts."""
         return known_job((await self._jobs()).status(job_id), job_id)
 
     @api.delete("/v1/jobs/{job_id}", response_model=JobStatus)
-    async def cancel_job(self, job_id: str) -> JobStatus:
+    async def cancel_job(self, job_id: ResourceId) -> JobStatus:
         """Cancel a job: tours in flight finish, no new ones start; only complete tours stay visible."""
         return known_job(await (await self._jobs()).cancel(job_id), job_id)
 

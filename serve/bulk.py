@@ -1,4 +1,11 @@
-"""Offline bulk jobs (SPEC §9): tour specs in, tours out (SPEC §5) on a Ray Data actor pool, exactly once."""
+"""Offline bulk jobs (SPEC §9): tour specs in, tours out (SPEC §5) on a pool of Ray actors, exactly once.
+
+The pool is plain Ray core actors rather than a Ray Data actor pool: Ray Data passes its actors' constructor
+arguments through the object store while asking for restarts, which Ray cannot honour (ray-project/ray#53727,
+logged as an ERROR on every job), and its output reached the driver only at the end, so progress could not move.
+Here each replica is built from two strings, restarts after a crash and re-runs the batch it held; a batch's
+manifest part is named after its tour ids, so a re-run batch overwrites rather than duplicates.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -94,7 +102,7 @@ def synthetic_specs(count: int, views: int = 4, seed: int = 0, steps: int | None
 
 
 class TourWriter:
-    """Ray Data actor: one model replica that generates a batch of specs and commits them as one manifest part."""
+    """One model replica (a Ray actor): generates a batch of specs and commits them as one manifest part."""
 
     def __init__(self, model: str | None, out: str, device: str | None = None, threads: int | None = None) -> None:
         import torch
@@ -105,10 +113,10 @@ class TourWriter:
         self.pipe.set_progress_bar_config(disable=True)
         self.out = out
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        """Generate the batch's tours (grouped by shared settings), commit the successful ones, report each."""
-        specs = [BulkSpec.model_validate_json(s) for s in batch["spec"]]
-        tours, status, started = [], {}, time.perf_counter()
+    def write(self, batch: list[str]) -> BatchResult:
+        """Generate the batch's tours (JSON specs, grouped by shared settings), commit the successful ones."""
+        specs = [BulkSpec.model_validate_json(s) for s in batch]
+        tours, errors, started = [], {}, time.perf_counter()
         groups: dict[tuple, list[BulkSpec]] = {}
         for s in specs:
             key = (s.view_count(), s.height, s.width, s.num_inference_steps, s.guidance_scale)
@@ -117,13 +125,11 @@ class TourWriter:
             try:
                 tours += self._generate(members)
             except Exception as err:  # noqa: BLE001 - a failing spec is recorded and the rest go on
-                status.update({s.tour_id: f"{type(err).__name__}: {err}" for s in members})
+                errors.update({s.tour_id: f"{type(err).__name__}: {err}" for s in members})
         model_s = time.perf_counter() - started
         if tours:
             commit_tours(self.out, tours)
-        return {"tour_id": [s.tour_id for s in specs], "views": [s.view_count() for s in specs],
-                "error": [status.get(s.tour_id, "") for s in specs],
-                "model_seconds": [model_s / len(specs)] * len(specs)}
+        return BatchResult(views={t.tour_id: len(t.images) for t in tours}, errors=errors, model_seconds=model_s)
 
     def _generate(self, specs: list[BulkSpec]) -> list[Tour]:
         """One pipeline call for specs that share view count, size, steps and guidance."""
@@ -136,6 +142,15 @@ class TourWriter:
                         seed=seeds)
         return [Tour(s.tour_id, out.images[i], list(out.prompts[i]), out.poses[i], out.seeds[i],
                      self.pipe.model_name, steps, guidance) for i, s in enumerate(specs)]
+
+
+@dataclass
+class BatchResult:
+    """What a replica reports for one committed batch."""
+
+    views: dict[str, int]  # tour_id -> views written
+    errors: dict[str, str]  # tour_id -> why it failed
+    model_seconds: float
 
 
 @dataclass
@@ -173,28 +188,20 @@ def run_bulk(specs: list[BulkSpec], out: str, model: str | None = None, replicas
     if todo:
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        env = {"env_vars": storage.worker_env()}
-        ds = ray.data.from_items([{"spec": s.model_dump_json()} for s in todo],
-                                 override_num_blocks=max(1, len(todo) // batch_size))
-        ds = ds.map_batches(
-            TourWriter, fn_constructor_kwargs={"model": model, "out": out, "device": "cuda" if num_gpus else "cpu",
-                                               "threads": max(1, int(cpus_per_replica))},
-            compute=ray.data.ActorPoolStrategy(size=replicas), batch_size=batch_size, batch_format="numpy",
-            num_cpus=cpus_per_replica, num_gpus=num_gpus, runtime_env=env,
-        )
-        bar = tqdm(total=len(todo), unit="tour", disable=not progress, desc="tours")
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            summary.model_seconds += float(np.sum(batch["model_seconds"]))
-            for tid, views, err in zip(batch["tour_id"], batch["views"], batch["error"], strict=True):
-                if err:
-                    summary.failures.append((str(tid), str(err)))
-                else:
-                    summary.tours_done += 1
-                    summary.views_done += int(views)
-            bar.update(len(batch["tour_id"]))
+        writer = ray.remote(TourWriter).options(
+            num_cpus=cpus_per_replica, num_gpus=num_gpus, max_restarts=-1, max_task_retries=-1,
+            runtime_env={"env_vars": storage.worker_env()})
+        pool = [writer.remote(model, out, "cuda" if num_gpus else "cpu", max(1, int(cpus_per_replica)))
+                for _ in range(min(replicas, -(-len(todo) // batch_size)))]
+        batches = [[s.model_dump_json() for s in todo[i:i + batch_size]] for i in range(0, len(todo), batch_size)]
+        bar = tqdm(total=len(todo), unit="tour", disable=not progress, desc="tours", mininterval=0)  # each batch shows
+        for result in _run_on_pool(pool, batches):
+            summary.model_seconds += result.model_seconds
+            summary.tours_done += len(result.views)
+            summary.views_done += sum(result.views.values())
+            summary.failures += list(result.errors.items())
+            bar.update(len(result.views) + len(result.errors))
+            bar.set_postfix_str(f"{summary.tours_done / (time.perf_counter() - started) * 3600:.0f} tours/h")
         bar.close()
     if summary.failures or summary.invalid:
         records = [{"tour_id": t, "error": e} for t, e in summary.failures]
@@ -204,6 +211,20 @@ def run_bulk(specs: list[BulkSpec], out: str, model: str | None = None, replicas
         storage.write_bytes(summary.failures_uri, "\n".join(json.dumps(r) for r in records).encode() + b"\n")
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _run_on_pool(replicas: list, batches: list[list[str]], per_replica: int = 2) -> Iterator[BatchResult]:
+    """Each batch's result as soon as it is committed; a replica holds `per_replica` batches (one queued)."""
+    waiting, running = list(reversed(batches)), {}
+    for replica in replicas * per_replica:
+        if waiting:
+            running[replica.write.remote(waiting.pop())] = replica
+    while running:
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        replica = running.pop(ref)
+        if waiting:
+            running[replica.write.remote(waiting.pop())] = replica
+        yield ray.get(ref)
 
 
 def run_online(endpoint: str, specs: list[BulkSpec], output: str | None, api_key: str | None = None,

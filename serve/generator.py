@@ -36,6 +36,7 @@ class PanoGenerator:
         self.generate_batch.set_max_batch_size(max_batch_views)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_views: collections.deque[int] = collections.deque(maxlen=256)
+        self.batches = 0
         self.last_batch = time.monotonic()
 
     def info(self) -> dict:
@@ -44,8 +45,8 @@ class PanoGenerator:
                 "size_multiple": self.pipe.size_multiple}
 
     def stats(self) -> dict:
-        """Recent batch sizes in views (newest last)."""
-        return {"batch_views": list(self.batch_views)}
+        """Recent batch sizes in views (newest last) and how many batches this replica has run."""
+        return {"batch_views": list(self.batch_views), "batches": self.batches}
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
         """One tour (batched with others arriving at the same time)."""
@@ -55,6 +56,7 @@ class PanoGenerator:
     async def generate_batch(self, jobs: list[GenerationJob]) -> list[GenerationResult | Exception]:
         """Tours of a batch, grouped by settings that one pipeline call must share; errors stay per tour."""
         self.batch_views.append(_views(jobs))
+        self.batches += 1
         results: dict[int, GenerationResult | Exception] = {}
         order = sorted(range(len(jobs)), key=lambda i: _group_key(jobs[i]))
         for _, members in groupby(order, key=lambda i: _group_key(jobs[i])):

@@ -52,6 +52,7 @@ class JobStatus(BaseModel):
     tours_total: int
     tours_done: int
     tours_failed: int
+    tours_running: int  # generating now; after a cancel, 0 means the job has stopped writing
     manifest_uri: str
 
 
@@ -60,14 +61,15 @@ class Job:
 
     def __init__(self, job_id: str, specs: list[BulkSpec], out: str, state: State = "queued") -> None:
         self.job_id, self.specs, self.out, self.state = job_id, specs, out, state
-        self.done, self.failed, self.errors = 0, 0, []
+        self.done, self.failed, self.running, self.errors = 0, 0, 0, []
         self.cancelled = False
         self.task: asyncio.Task | None = None
 
     def status(self) -> JobStatus:
         """The job's current status."""
         return JobStatus(job_id=self.job_id, state=self.state, tours_total=len(self.specs), tours_done=self.done,
-                         tours_failed=self.failed, manifest_uri=storage.join(self.out, "manifest"))
+                         tours_failed=self.failed, tours_running=self.running,
+                         manifest_uri=storage.join(self.out, "manifest"))
 
 
 Generate = Callable[[BulkSpec, str], Awaitable[None]]
@@ -167,12 +169,15 @@ class JobRunner:
             async with gate:
                 if job.cancelled:
                     return
+                job.running += 1
                 try:
                     await self.generate(spec, job.out)
                     job.done += 1
                 except Exception as err:  # noqa: BLE001 - a failing tour is recorded, the rest go on
                     job.failed += 1
                     job.errors.append({"tour_id": spec.tour_id, "error": f"{type(err).__name__}: {err}"})
+                finally:
+                    job.running -= 1
 
         await asyncio.gather(*(one(s) for s in job.specs if s.tour_id not in present))
         if job.errors:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from diffpano.geometry import validate_poses
-from diffpano.trajectories import named_trajectory
+from diffpano.trajectories import named_trajectory, trajectory_params
 
 MAX_PROMPT_CHARS = 1000
 MAX_VIEWS = 16
@@ -23,9 +23,9 @@ Pose = Annotated[list[float], Field(min_length=16, max_length=16)]
 
 
 class Strict(BaseModel):
-    """Unknown fields are refused (422)."""
+    """Unknown fields and non-finite numbers (NaN, Infinity, 1e400) are refused (422)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Trajectory(BaseModel):
@@ -33,6 +33,12 @@ class Trajectory(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     kind: Literal["walk", "orbit"]
+
+    @model_validator(mode="after")
+    def _params(self) -> Trajectory:
+        """Known parameters, finite and in range (422 at `trajectory`)."""
+        trajectory_params(self.kind, self.model_extra)
+        return self
 
     def poses(self, num_views: int) -> np.ndarray:
         """(N, 4, 4) poses; ValueError names a bad parameter."""
@@ -68,10 +74,8 @@ class TourRequest(Sampling):
     @field_validator("poses")
     @classmethod
     def _valid_poses(cls, v: list[list[float]] | None) -> list[list[float]] | None:
-        """Finite, last row (0, 0, 0, 1), R a rotation (SPEC §2)."""
+        """Last row (0, 0, 0, 1), R a rotation (SPEC §2); finiteness is checked per number before."""
         if v is not None:
-            if not all(math.isfinite(x) for pose in v for x in pose):
-                raise ValueError("poses: every number must be finite")
             validate_poses(np.asarray(v, dtype=np.float64).reshape(-1, 4, 4), field="poses")
         return v
 
@@ -165,3 +169,9 @@ class GenerationResult(BaseModel):
 def error_detail(field: str, message: str) -> list[dict[str, Any]]:
     """A FastAPI-style 422 detail naming the field."""
     return [{"loc": ["body", field], "msg": message, "type": "value_error"}]
+
+
+def validation_detail(errors: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pydantic errors as a JSON-safe 422 detail: where, what rule, which kind; never the input itself."""
+    return [{"loc": [p if isinstance(p, int) else str(p) for p in e.get("loc", ())],
+             "msg": str(e.get("msg", "invalid")), "type": str(e.get("type", "value_error"))} for e in errors]

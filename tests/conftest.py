@@ -120,3 +120,30 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tiny_model_dir, tmp_path_factory):
+    """The HTTP app on Serve (127.0.0.1) with the tiny model, an API key and one model replica queueing at most 4."""
+    from helpers import KEY
+    from ray import serve
+
+    from bench.common import free_port
+    from serve.app import build_app
+
+    root = tmp_path_factory.mktemp("served")
+    key_file = root / "key"
+    key_file.write_text(KEY)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    args = {"model": str(tiny_model_dir), "output_root": str(root / "out"), "api_key_file": str(key_file),
+            "max_body_bytes": 8192, "max_height": 64, "max_batch_views": 8, "batch_wait_timeout_s": 0.3,
+            "job_concurrency": 2}
+    deployments = [
+        {"name": "DiffPanoAPI", "ray_actor_options": {"num_cpus": 0}},
+        {"name": "PanoGenerator", "ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 8,
+         "max_queued_requests": 4, "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
+    ]
+    serve.run(build_app(args, deployments), name="diffpano", route_prefix="/", blocking=False)
+    yield f"http://127.0.0.1:{port}", root / "out"
+    serve.shutdown()

@@ -4,7 +4,35 @@ from __future__ import annotations
 
 import re
 
+import requests
+
+KEY = "test-key-123"  # the API key of the `server` fixture
+
+NON_FINITE = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"]
+POSE = "[1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, X]"
+# Each numeric field a client can write, as a body template whose X the test replaces by a non-finite token.
+TOUR_FIELDS = {
+    "seed": '{"prompt": "a", "seed": X}',
+    "num_inference_steps": '{"prompt": "a", "num_inference_steps": X}',
+    "guidance_scale": '{"prompt": "a", "guidance_scale": X}',
+    "height": '{"prompt": "a", "height": X}',
+    "width": '{"prompt": "a", "width": X}',
+    "num_views": '{"prompt": "a", "num_views": X}',
+    "poses": '{"prompt": "a", "poses": [' + POSE + "]}",
+    "trajectory.spacing": '{"prompt": "a", "trajectory": {"kind": "walk", "spacing": X}}',
+    "trajectory.turn_deg": '{"prompt": "a", "trajectory": {"kind": "walk", "turn_deg": X}}',
+    "trajectory.heading_deg": '{"prompt": "a", "trajectory": {"kind": "walk", "heading_deg": X}}',
+    "trajectory.radius": '{"prompt": "a", "trajectory": {"kind": "orbit", "radius": X}}',
+    "trajectory.arc_deg": '{"prompt": "a", "trajectory": {"kind": "orbit", "arc_deg": X}}',
+}
+
 
 def plain(text: str) -> str:
     """CLI output without rich's boxes and line breaks."""
     return re.sub(r"[\s│╭╮╰╯─]+", " ", text)
+
+
+def post(url: str, path: str, body: dict, key: str | None = KEY, **kw) -> requests.Response:
+    """POST a JSON body to the test server with its API key."""
+    headers = {"X-API-Key": key} if key else {}
+    return requests.post(url + path, json=body, headers=headers, timeout=kw.pop("timeout", 120), **kw)

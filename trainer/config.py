@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 class Strict(BaseModel):
     """A config section: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .nan and .inf are refused, naming the key
 
 
 class ModelConfig(Strict):
@@ -127,7 +127,7 @@ class RunSection(Strict):
     log_every: int = Field(1, ge=1)
     sample_every: int = Field(0, ge=0)  # 0: only at the end of a stage
     sample_steps: int = Field(10, ge=1, le=1000)
-    fail_at_step: int | None = None  # testing: one worker raises once at this step (fault-injection)
+    fail_at_step: int | None = None  # testing: the last worker's process is killed once after this step
 
 
 class TrainConfig(Strict):

@@ -41,7 +41,7 @@ async function showTour(tour) {
 }
 
 // Render the current view: per canvas pixel, a camera ray (x right, y down, z forward) rotated by yaw and
-// pitch, then longitude atan2(x, z) and latitude asin(-y) index the panorama (column W-1 wraps to 0).
+// pitch, then longitude atan2(x, z) and latitude asin(-y) index the panorama.
 function draw() {
   const w = canvas.width, h = canvas.height;
   const out = ctx.createImageData(w, h);
@@ -57,12 +57,18 @@ function draw() {
       const x2 = x * cy + z1 * sy, z2 = -x * sy + z1 * cy;        // yaw about y
       const n = Math.hypot(x2, y1, z2);
       const lon = Math.atan2(x2, z2), lat = Math.asin(-y1 / n);
-      let u = Math.floor(((lon + Math.PI) / (2 * Math.PI)) * W) % W;
-      let v = Math.floor(((Math.PI / 2 - lat) / Math.PI) * H);
-      if (u < 0) u += W;
-      if (v >= H) v = H - 1;
-      const s = (v * W + u) * 4, d = (j * w + i) * 4;
-      o[d] = data[s]; o[d + 1] = data[s + 1]; o[d + 2] = data[s + 2]; o[d + 3] = 255;
+      // Bilinear filtering between texel centres: columns wrap (the seam is continuous), rows clamp at the poles.
+      const uf = ((lon + Math.PI) / (2 * Math.PI)) * W - 0.5, vf = ((Math.PI / 2 - lat) / Math.PI) * H - 0.5;
+      const u0 = Math.floor(uf), v0 = Math.floor(vf), fu = uf - u0, fv = vf - v0;
+      const ua = ((u0 % W) + W) % W, ub = (ua + 1) % W;
+      const va = Math.max(0, Math.min(H - 1, v0)), vb = Math.max(0, Math.min(H - 1, v0 + 1));
+      const s00 = (va * W + ua) * 4, s01 = (va * W + ub) * 4, s10 = (vb * W + ua) * 4, s11 = (vb * W + ub) * 4;
+      const w00 = (1 - fu) * (1 - fv), w01 = fu * (1 - fv), w10 = (1 - fu) * fv, w11 = fu * fv;
+      const d = (j * w + i) * 4;
+      for (let c = 0; c < 3; c++) {
+        o[d + c] = w00 * data[s00 + c] + w01 * data[s01 + c] + w10 * data[s10 + c] + w11 * data[s11 + c];
+      }
+      o[d + 3] = 255;
     }
   }
   ctx.putImageData(out, 0, 0);
