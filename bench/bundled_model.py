@@ -77,7 +77,7 @@ def main() -> None:
     """Run every measurement, print a table with the goals, write JSON and a picture grid."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model directory (default: the bundled model)")
-    parser.add_argument("--heldout", required=True, help="dataset of held-out scenes (SPEC §4)")
+    parser.add_argument("--heldout", required=True, help="dataset of held-out scenes (docs/datasets.md)")
     parser.add_argument("--out", default="outputs/bundled-eval")
     parser.add_argument("--tours", type=int, default=8, help="held-out tours for consistency")
     parser.add_argument("--views", type=int, default=4)

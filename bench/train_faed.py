@@ -23,7 +23,7 @@ SIZE = (64, 128)
 def main() -> None:
     """Build the training and held-out sets, train, report reconstruction errors, save."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default=None, help="train on this dataset (SPEC §4) instead of fresh renders")
+    parser.add_argument("--dataset", default=None, help="train on this dataset (docs/datasets.md), not fresh renders")
     parser.add_argument("--scenes", type=int, default=300)
     parser.add_argument("--views", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2000)

@@ -15,10 +15,10 @@ from diffpano.pipelines import DEFAULT_GUIDANCE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="DiffPano: text to consistent 360° panorama tours.")
 
-dataset_app = typer.Typer(no_args_is_help=True, help="Build and import training datasets (SPEC §4).")
+dataset_app = typer.Typer(no_args_is_help=True, help="Build and import training datasets (docs/datasets.md).")
 app.add_typer(dataset_app, name="dataset")
 
-manifest_app = typer.Typer(no_args_is_help=True, help="Maintain Parquet manifests (SPEC §4, §5).")
+manifest_app = typer.Typer(no_args_is_help=True, help="Maintain Parquet manifests (docs/datasets.md, docs/tours.md).")
 app.add_typer(manifest_app, name="manifest")
 
 DEFAULT_OUT = "outputs/tours"
@@ -59,7 +59,7 @@ def generate(
     views: int = typer.Option(4, "--views", min=1, max=64, help="Number of views in the tour."),
     trajectory: str = typer.Option("walk", help="walk, orbit, or a JSON file of poses."),
     spacing: float = typer.Option(1.0, help="Metres between views of a walk.", callback=finite),
-    out: str = typer.Option(DEFAULT_OUT, "--out", help="Output folder or s3:// prefix (SPEC §5)."),
+    out: str = typer.Option(DEFAULT_OUT, "--out", help="Output folder or s3:// prefix (docs/tours.md)."),
     seed: int | None = typer.Option(None, help="Seed that reproduces the tour (random when omitted)."),
     steps: int = typer.Option(30, "--steps", min=1, max=1000, help="Sampler steps."),
     guidance: float = typer.Option(DEFAULT_GUIDANCE, "--guidance", min=0.0, callback=finite,
@@ -144,7 +144,7 @@ def dataset_build(
     size: str = typer.Option("256x512", "--size", help="HxW of the panoramas, W = 2H."),
     spacing: float = typer.Option(0.5, "--spacing", help="Metres between keyframes.", callback=finite),
     seed: int = typer.Option(0, "--seed", help="Seed of the whole dataset (scenes, walks, captions)."),
-    out: str = typer.Option("outputs/dataset", "--out", help="Dataset folder or s3:// prefix (SPEC §4)."),
+    out: str = typer.Option("outputs/dataset", "--out", help="Dataset folder or s3:// prefix (docs/datasets.md)."),
     no_depth: bool = typer.Option(False, "--no-depth", help="Do not write depth panoramas."),
     captioner: str | None = typer.Option(None, "--captioner", help="Local BLIP2 directory for face captions."),
     summariser: str | None = typer.Option(None, "--summariser", help="Local LLM directory to merge captions."),
@@ -171,7 +171,7 @@ def dataset_import(
     images_dir: str = typer.Argument(..., help="Folder (or s3:// prefix) of equirectangular images, W = 2H."),
     poses_file: str = typer.Argument(..., help="JSON or CSV records: image, caption, pose_c2w[, depth, scene_id, "
                                      "clip_id, frame_index]."),
-    out: str = typer.Option(..., "--out", help="Dataset folder or s3:// prefix (SPEC §4)."),
+    out: str = typer.Option(..., "--out", help="Dataset folder or s3:// prefix (docs/datasets.md)."),
 ) -> None:
     """Import existing panoramas with poses and captions as a training dataset; clips already there are skipped."""
     from diffpano.data.importer import import_dataset
@@ -206,8 +206,8 @@ EVAL_WEIGHTS = dict(
 def evaluate(
     out: str = typer.Option("outputs/eval", "--out", help="Report folder or s3:// prefix."),
     model: str | None = typer.Option(None, "--model", help="Model directory or s3:// URI (default: bundled)."),
-    dataset: str | None = typer.Option(None, "--dataset", help="Dataset (SPEC §4) with the test clips."),
-    tours: str | None = typer.Option(None, "--tours", help="Score already generated tours (SPEC §5) instead."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Dataset (docs/datasets.md) with the test clips."),
+    tours: str | None = typer.Option(None, "--tours", help="Score already generated tours (docs/tours.md) instead."),
     num_tours: int = typer.Option(8, "--num-tours", min=1, help="Test tours drawn from the dataset."),
     views: int = typer.Option(4, "--views", min=1, max=64, help="Views per test tour."),
     steps: int = typer.Option(20, "--steps", min=1, max=1000),
@@ -241,7 +241,7 @@ def evaluate(
 @app.command()
 def ablate(
     study: str = typer.Argument(..., help="sk (samples S x reference views K), ea (with/without EA), stages."),
-    dataset: str = typer.Option(..., "--dataset", help="Dataset (SPEC §4) with the test clips."),
+    dataset: str = typer.Option(..., "--dataset", help="Dataset (docs/datasets.md) with the test clips."),
     out: str = typer.Option("outputs/ablation", "--out", help="Report folder or s3:// prefix."),
     model: str | None = typer.Option(None, "--model", help="Model (the two-stage one for 'stages')."),
     one_stage_model: str | None = typer.Option(None, "--one-stage-model", help="One-stage model for 'stages'."),
@@ -325,12 +325,12 @@ def train(
 
 @app.command()
 def bulk(
-    specs: str | None = typer.Option(None, "--specs", help="Tour specs (SPEC §9): JSONL or Parquet, local or s3://."),
+    specs: str | None = typer.Option(None, "--specs", help="Tour specs (docs/bulk-specs.md): JSONL or Parquet, local or s3://."),
     synthetic: int | None = typer.Option(None, "--synthetic", min=1, help="Make N specs from procedural scenes."),
     views: int = typer.Option(4, "--views", min=1, max=16, help="Views per synthetic tour."),
     steps: int | None = typer.Option(None, "--steps", min=1, max=200, help="Sampler steps of synthetic tours."),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic specs."),
-    out: str = typer.Option("outputs/bulk", "--out", help="Output folder or s3:// prefix (SPEC §5)."),
+    out: str = typer.Option("outputs/bulk", "--out", help="Output folder or s3:// prefix (docs/tours.md)."),
     model: str | None = typer.Option(None, "--model", help="Model directory or s3:// URI (default: bundled)."),
     replicas: int = typer.Option(1, "--replicas", min=1, help="Model replicas (Ray actors)."),
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Tours per replica call and manifest part."),
@@ -396,9 +396,9 @@ def serve_command(
     host: str | None = typer.Option(None, "--host", help="Address to listen on (config default 127.0.0.1)."),
     port: int | None = typer.Option(None, "--port", min=1, max=65535),
     model: str | None = typer.Option(None, "--model", help="Model directory or s3:// URI (default: bundled)."),
-    output_root: str | None = typer.Option(None, "--output-root", help="Where output=store writes (SPEC §5)."),
+    output_root: str | None = typer.Option(None, "--output-root", help="Where output=store writes (docs/tours.md)."),
 ) -> None:
-    """Serve the HTTP API (SPEC §8) and the 360° viewer on Ray Serve until interrupted."""
+    """Serve the HTTP API (docs/http-api.md) and the 360° viewer on Ray Serve until interrupted."""
     from ray import serve
 
     from serve.run import start

@@ -90,7 +90,7 @@ class TourGenerator:
 
 @dataclass
 class GeneratedTour:
-    """A tour read back from an output (SPEC §5)."""
+    """A tour read back from an output (docs/tours.md)."""
 
     tour_id: str
     images: np.ndarray  # (N, H, W, 3) uint8

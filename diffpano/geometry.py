@@ -1,4 +1,4 @@
-"""Spherical geometry of equirectangular panoramas: SPEC §1 (pixels), §2 (poses), §3 (epipolar arcs)."""
+"""Spherical geometry of equirectangular panoramas, poses and epipolar arcs (docs/geometry.md)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def check_panorama_size(height: int, width: int, multiple: int = 1, field: str =
 
 
 def pixel_to_direction(u: torch.Tensor, v: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Unit camera-frame direction (..., 3) of pixel (u, v) per SPEC §1 (pixel centres at +0.5)."""
+    """Unit camera-frame direction (..., 3) of pixel (u, v) per docs/geometry.md (pixel centres at +0.5)."""
     theta = 2 * math.pi * (u + 0.5) / width - math.pi
     phi = math.pi / 2 - math.pi * (v + 0.5) / height
     return torch.stack((phi.cos() * theta.sin(), -phi.sin(), phi.cos() * theta.cos()), dim=-1)
@@ -88,7 +88,7 @@ def as_pose_tensor(poses: torch.Tensor | Sequence, field: str = "poses") -> torc
 
 
 def validate_poses(poses: torch.Tensor | Sequence, field: str = "poses", atol: float = POSE_ATOL) -> torch.Tensor:
-    """Check SPEC §2 validity of camera-to-world poses and return them as (..., 4, 4); ValueError names the pose."""
+    """Check camera-to-world poses (docs/geometry.md) and return them as (..., 4, 4); ValueError names the pose."""
     t = as_pose_tensor(poses, field)
     flat = t.reshape(-1, 4, 4).double()
     for i, pose in enumerate(flat):
@@ -109,7 +109,7 @@ def validate_poses(poses: torch.Tensor | Sequence, field: str = "poses", atol: f
 
 
 def relative_pose(pose_t: torch.Tensor, pose_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R_st, c_st): rotation of t-frame directions into s's frame and t's centre in s's frame (SPEC §3)."""
+    """(R_st, c_st): rotation of t-frame directions into s's frame and t's centre in s's frame (docs/geometry.md)."""
     r_s, r_t = pose_s[..., :3, :3], pose_t[..., :3, :3]
     r_st = r_s.transpose(-1, -2) @ r_t
     c_st = (r_s.transpose(-1, -2) @ (pose_t[..., :3, 3] - pose_s[..., :3, 3]).unsqueeze(-1)).squeeze(-1)

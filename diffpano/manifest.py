@@ -87,7 +87,7 @@ def manifest_part_name(ids: list[str]) -> str:
 
 
 def resolve_uri(root: str, uri: str) -> str:
-    """A manifest URI made absolute: relative ones are below the output (or dataset) root (SPEC §4, §5)."""
+    """A manifest URI made absolute: relative ones lie below the root (docs/tours.md, docs/datasets.md)."""
     return uri if uri.startswith(("s3://", "file://", "/")) else storage.join(root, uri)
 
 

@@ -1,4 +1,4 @@
-"""Model directories (SPEC §7): save and load DiffPano models from a local path or an s3:// URI, never a hub."""
+"""Model directories (docs/model-layout.md): save and load DiffPano models from a local path or s3://, never a hub."""
 
 from __future__ import annotations
 

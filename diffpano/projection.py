@@ -1,4 +1,4 @@
-"""Perspective crops and cube maps of equirectangular panoramas (SPEC §1 geometry), batched torch."""
+"""Perspective crops and cube maps of equirectangular panoramas (docs/geometry.md geometry), batched torch."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def view_rotation(yaw_deg: Angle, pitch_deg: Angle, device: torch.device | str |
     yaw = _angle_tensor(yaw_deg, "yaw_deg", device)
     pitch = _angle_tensor(pitch_deg, "pitch_deg", device)
     yaw, pitch = torch.broadcast_tensors(yaw, pitch)
-    # Forward (0, 0, 1) maps to (cos p sin y, -sin p, cos p cos y): SPEC §1 longitude y, latitude p.
+    # Forward (0, 0, 1) maps to (cos p sin y, -sin p, cos p cos y): docs/geometry.md longitude y, latitude p.
     return yaw_matrix(yaw.deg2rad()).to(yaw.device) @ pitch_matrix(pitch.deg2rad()).to(yaw.device)
 
 

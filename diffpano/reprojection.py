@@ -1,4 +1,4 @@
-"""Moving panorama pixels between views with depth and poses (SPEC §1-2): warps and their visibility."""
+"""Moving panorama pixels between views with depth and poses (docs/geometry.md): warps and their visibility."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Circular longitude padding for convolutions, so that panoramas have no seam (SPEC §1)."""
+"""Circular longitude padding for convolutions, so that panoramas have no seam (docs/geometry.md)."""
 
 from __future__ import annotations
 

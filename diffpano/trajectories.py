@@ -1,4 +1,4 @@
-"""Camera trajectories for tours: a walk, an orbit, or poses read from JSON; all SPEC §2 camera-to-world poses."""
+"""Camera trajectories for tours: a walk, an orbit, or poses read from JSON (camera-to-world, docs/geometry.md)."""
 
 from __future__ import annotations
 

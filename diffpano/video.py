@@ -1,4 +1,4 @@
-"""Perspective walk-through videos of panorama tours (SPEC §1-2 conventions), written as GIF or MP4."""
+"""Perspective walk-through videos of panorama tours (docs/geometry.md conventions), written as GIF or MP4."""
 
 from __future__ import annotations
 

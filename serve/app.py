@@ -1,4 +1,4 @@
-"""The HTTP API (SPEC §8): a FastAPI ingress deployment in front of the PanoGenerator model deployment."""
+"""The HTTP API (docs/http-api.md): a FastAPI ingress deployment in front of the PanoGenerator model deployment."""
 # No `from __future__ import annotations`: FastAPI reads the route annotations at run time.
 
 import asyncio
@@ -48,7 +48,7 @@ class ServerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str | None = None  # model directory or s3:// URI; None: the bundled model
     device: str | None = None
-    output_root: str = "outputs/served"  # where output="store" writes (SPEC §5); clients never choose the path
+    output_root: str = "outputs/served"  # where output="store" writes (docs/tours.md); clients never choose the path
     api_key_env: str = "DIFFPANO_API_KEY"  # when this variable (or api_key_file) is set, /v1 needs the key
     api_key_file: str | None = None
     max_body_bytes: int = Field(256 * 1024, ge=1024)
@@ -68,7 +68,7 @@ class ServerSettings(BaseModel):
 
 
 api = FastAPI(title="DiffPano", version="0.1.0",
-              description="Text and camera poses in, consistent multi-view 360° panoramas out (SPEC §8).")
+              description="Text and camera poses in, consistent multi-view 360° panoramas out (docs/http-api.md).")
 
 
 @api.exception_handler(RequestValidationError)
@@ -138,7 +138,7 @@ def read_stored_tour(root: str, tour_id: str) -> TourResponse:
 @serve.deployment(name="DiffPanoAPI", max_ongoing_requests=64)
 @serve.ingress(api)
 class DiffPanoAPI:
-    """Validates requests, asks the model deployment, answers per SPEC §8."""
+    """Validates requests, asks the model deployment, answers per docs/http-api.md."""
 
     def __init__(self, generator: DeploymentHandle, settings: dict) -> None:
         self.generator = generator
@@ -221,7 +221,7 @@ class DiffPanoAPI:
 
     @staticmethod
     def _response(result: GenerationResult, prompts: list[str], poses) -> TourResponse:
-        """SPEC §8 tour body: inline PNGs, or stored URIs."""
+        """docs/http-api.md tour body: inline PNGs, or stored URIs."""
         stored = result.image_uris is not None
         views = [View(view_index=i, prompt=prompts[i], pose_c2w=[float(x) for x in poses[i].reshape(16)],
                       height=result.height, width=result.width,
@@ -255,7 +255,7 @@ class DiffPanoAPI:
 
     @api.post("/v1/jobs", status_code=202, response_model=JobStatus)
     async def submit_job(self, req: JobRequest) -> JobStatus:
-        """Start a bulk job (SPEC §9 specs) whose tours are stored under output (a prefix of the server's root)."""
+        """Start a bulk job (docs/bulk-specs.md) whose tours are stored under output (a prefix of the server's root)."""
         runner = await self._jobs()
         try:
             specs = await asyncio.to_thread(runner.specs_of, req)

@@ -1,4 +1,4 @@
-"""Offline bulk jobs (SPEC §9): tour specs in, tours out (SPEC §5) on a pool of Ray actors, exactly once.
+"""Offline bulk jobs: tour specs (docs/bulk-specs.md) in, tours (docs/tours.md) out on a pool of Ray actors, once.
 
 The pool is plain Ray core actors rather than a Ray Data actor pool: Ray Data passes its actors' constructor
 arguments through the object store while asking for restarts, which Ray cannot honour (ray-project/ray#53727,

@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API (SPEC §8), also the rows of bulk specs (SPEC §9): bounded, strict."""
+"""Bodies of the HTTP API (docs/http-api.md), also the rows of bulk specs (docs/bulk-specs.md): bounded, strict."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ class TourRequest(Sampling):
     @field_validator("poses")
     @classmethod
     def _valid_poses(cls, v: list[list[float]] | None) -> list[list[float]] | None:
-        """Last row (0, 0, 0, 1), R a rotation (SPEC §2); finiteness is checked per number before."""
+        """Last row (0, 0, 0, 1), R a rotation (docs/geometry.md); finiteness is checked per number before."""
         if v is not None:
             validate_poses(np.asarray(v, dtype=np.float64).reshape(-1, 4, 4), field="poses")
         return v

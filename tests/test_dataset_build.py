@@ -1,4 +1,4 @@
-"""`diffpano dataset build` on a local Ray cluster: SPEC §4 output, idempotent re-runs, resume, S3, bad input."""
+"""`diffpano dataset build` on local Ray: docs/datasets.md output, idempotent re-runs, resume, S3, bad input."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC §1-3 geometry: pixels and directions, poses, spherical epipolar sampling."""
+"""docs/geometry.md geometry: pixels and directions, poses, spherical epipolar sampling."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`diffpano dataset import`: images + poses/captions (JSON or CSV) to the SPEC §4 dataset, validated first."""
+"""`diffpano dataset import`: images + poses/captions (JSON or CSV) to the docs/datasets.md dataset, validated first."""
 
 from __future__ import annotations
 

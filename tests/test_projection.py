@@ -29,7 +29,7 @@ def smooth_pano(height: int = 256, dtype: torch.dtype = torch.float64) -> torch.
 
 
 def expected_direction(yaw_deg: float, pitch_deg: float) -> torch.Tensor:
-    """SPEC §1 direction with longitude yaw and latitude pitch."""
+    """docs/geometry.md direction with longitude yaw and latitude pitch."""
     y, p = math.radians(yaw_deg), math.radians(pitch_deg)
     return torch.tensor([math.cos(p) * math.sin(y), -math.sin(p), math.cos(p) * math.cos(y)], dtype=torch.float64)
 

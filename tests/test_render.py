@@ -1,4 +1,4 @@
-"""The renderer against SPEC §1-2: analytic depth, geometry truth between keyframes, augmentations, cube faces."""
+"""The renderer against docs/geometry.md: analytic depth, geometry between keyframes, augmentations, cube faces."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ class Strict(BaseModel):
 
 
 class ModelConfig(Strict):
-    """Where the model starts: a model directory (SPEC §7), or a fresh architecture trained from scratch."""
+    """Where the model starts: a model directory (docs/model-layout.md), or a fresh architecture from scratch."""
 
     base: str | None = None  # model directory or s3:// URI; None builds `arch` from scratch
     arch: Literal["tiny", "tiny-latent", "small-latent", "sd15", "sd21"] = "tiny"
@@ -26,7 +26,7 @@ class ModelConfig(Strict):
 
 
 class DataConfig(Strict):
-    """The dataset (SPEC §4) and how samples are drawn from it."""
+    """The dataset (docs/datasets.md) and how samples are drawn from it."""
 
     dataset: str
     size: tuple[int, int] = (32, 64)

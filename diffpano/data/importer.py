@@ -1,4 +1,4 @@
-"""Import existing equirectangular images with poses and captions (JSON or CSV) into the SPEC §4 dataset format."""
+"""Import equirectangular images with poses and captions (JSON or CSV) as a dataset (docs/datasets.md)."""
 
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def optional(record: dict, key: str) -> object | None:
 
 
 def parse_pose(value: object, where: str) -> np.ndarray:
-    """A valid SPEC §2 pose (4, 4) of 16 numbers, a 4x4 nested list or a string of 16 numbers."""
+    """A valid docs/geometry.md pose (4, 4) of 16 numbers, a 4x4 nested list or a string of 16 numbers."""
     if value is None:
         raise ValueError(f"{where}: missing")
     if isinstance(value, str):

@@ -1,4 +1,4 @@
-"""Torch datasets over a SPEC §4 dataset: single keyframes (stage 1) and windows of a clip (stage 2).
+"""Torch datasets over a docs/datasets.md dataset: single keyframes (stage 1) and windows of a clip (stage 2).
 
 Images are read and decoded in __getitem__ (i.e. in DataLoader workers); __init__ reads only the manifest, and
 the datasets hold plain Python and numpy data so that they pickle to worker processes.
@@ -18,7 +18,7 @@ from diffpano.data.manifest import decode_depth, read_dataset
 from diffpano.geometry import check_panorama_size, nearest_views, yaw_matrix
 from diffpano.manifest import decode_rgb, resolve_uri
 
-FLIP = np.diag([-1.0, 1.0, 1.0, 1.0])  # mirrors camera and world x (SPEC §1: u -> W-1-u maps theta to -theta)
+FLIP = np.diag([-1.0, 1.0, 1.0, 1.0])  # mirrors camera and world x (docs/geometry.md: u -> W-1-u maps theta to -theta)
 
 
 def yaw_roll_pose(pose: np.ndarray, shift: int, width: int) -> np.ndarray:

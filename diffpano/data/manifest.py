@@ -1,4 +1,4 @@
-"""The dataset manifest (SPEC §4): one row per panoramic keyframe, committed a clip at a time."""
+"""The dataset manifest (docs/datasets.md): one row per panoramic keyframe, committed a clip at a time."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ DATASET_SCHEMA = pa.schema(
         ("width", pa.int32()),
     ]
 )
-DEPTH_SCALE = 1000.0  # SPEC §2: depth PNGs hold millimetres
+DEPTH_SCALE = 1000.0  # docs/geometry.md: depth PNGs hold millimetres
 MAX_DEPTH_M = 65.535
 
 

@@ -1,4 +1,4 @@
-"""Vectorised ray casting of procedural scenes: equirectangular (SPEC §1) and cube-face RGB, range depth and labels."""
+"""Vectorised ray casting of procedural scenes: equirectangular (docs/geometry.md) and cube-face RGB, depth, labels."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class View:
 
 @lru_cache(maxsize=8)
 def erp_directions(height: int, width: int) -> np.ndarray:
-    """Camera-frame unit directions (H, W, 3) float32 of SPEC §1 pixel centres (cached per size)."""
+    """Camera-frame unit directions (H, W, 3) float32 of docs/geometry.md pixel centres (cached per size)."""
     theta = (2 * np.pi * (np.arange(width) + 0.5) / width - np.pi)[None, :]
     phi = (np.pi / 2 - np.pi * (np.arange(height) + 0.5) / height)[:, None]
     d = np.stack(np.broadcast_arrays(np.cos(phi) * np.sin(theta), -np.sin(phi), np.cos(phi) * np.cos(theta)), -1)
@@ -148,7 +148,7 @@ class SceneRenderer:
         return room if door is None else len(self.scene.rooms) + next(k for k, d in enumerate(self.doors) if d is door)
 
     def render(self, pose: np.ndarray, height: int, width: int) -> View:
-        """Equirectangular view (H, W) from a camera-to-world pose (SPEC §1-2)."""
+        """Equirectangular view (H, W) from a camera-to-world pose (docs/geometry.md)."""
         check_panorama_size(height, width, field="size")
         return self.render_directions(pose, erp_directions(height, width))
 

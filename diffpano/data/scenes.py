@@ -1,6 +1,6 @@
 """Procedural indoor scenes: multi-room floor plans joined by doorways, furnished by room type, deterministic by seed.
 
-World frame per SPEC §2: metres, gravity along +y, so the floor is the plane y = 0 and the ceiling is y = -height.
+World frame per docs/geometry.md: metres, gravity along +y, so the floor is the plane y = 0, the ceiling y = -height.
 Rooms are axis-aligned rectangles in (x, z) that tile the footprint; walls are their borders.
 """
 

@@ -40,7 +40,7 @@ class PanoAutoencoder(nn.Module):
     """Convolutional autoencoder of panoramas in [-1, 1]: (3, H, W) -> latent (C, H/8, W/8) -> (3, H, W).
 
     Every convolution pads circularly in longitude (make_seamless) and upsampling is nearest-neighbour, so the
-    model treats column W-1 and column 0 as neighbours (SPEC §1).
+    model treats column W-1 and column 0 as neighbours (docs/geometry.md).
     """
 
     def __init__(self, config: AutoencoderConfig | None = None) -> None:
@@ -181,7 +181,7 @@ def autoencoder_features(model: PanoAutoencoder, images: torch.Tensor, batch_siz
         for chunk in images.split(batch_size):
             latent = model.encode(to_signed(chunk)).double()
             rows = latent.shape[-2]
-            # Latitude of each latent row's centre (SPEC §1), so no row gets weight 0.
+            # Latitude of each latent row's centre (docs/geometry.md), so no row gets weight 0.
             lat = math.pi / 2 - math.pi * (torch.arange(rows, dtype=torch.float64) + 0.5) / rows
             out.append((latent.mean(dim=-1) * lat.cos()).flatten(1))
     return torch.cat(out)

@@ -46,7 +46,7 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def ssim(pred: torch.Tensor, target: torch.Tensor, circular: bool = True) -> torch.Tensor:
     """SSIM per image pair, (N,) float64 (torchmetrics, Gaussian 11x11, data_range 1).
 
-    With circular=True the Gaussian window wraps around in longitude (SPEC §1) instead of reflecting at columns 0
+    With circular=True the Gaussian window wraps in longitude (docs/geometry.md) instead of reflecting at columns 0
     and W-1; rows are reflected at the poles either way.
     """
     p, t = _pair(pred, target)

@@ -1,4 +1,4 @@
-// DiffPano tour viewer: perspective views of equirectangular panoramas (SPEC §1 conventions), no dependencies.
+// DiffPano tour viewer: perspective views of equirectangular panoramas (docs/geometry.md conventions), no dependencies.
 "use strict";
 
 const state = { views: [], index: 0, yaw: 0, pitch: 0, fov: 90, pixels: [], sizes: [] };
