@@ -1,10 +1,13 @@
-"""Offline bulk jobs on a local Ray cluster: SPEC §5 output locally and on S3, exactly once, invalid specs refused."""
+"""Offline bulk jobs on local Ray: tours (docs/tours.md) locally and on S3, exactly once, bad specs refused."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -17,7 +20,8 @@ from typer.testing import CliRunner
 
 from diffpano import storage
 from diffpano.cli import app
-from diffpano.manifest import decode_rgb, read_manifest
+from diffpano.manifest import decode_rgb, manifest_lock, read_manifest
+from serve.bulk import synthetic_specs
 
 TINY = ["--steps", "2", "--views", "2"]
 
@@ -28,7 +32,7 @@ def bulk(*args: str) -> tuple[int, str]:
 
 
 def check_output(root: str, tours: int, views: int) -> None:
-    """SPEC §5: one row per view, unique (tour_id, view_index), every image a complete 2:1 PNG; four readers."""
+    """docs/tours.md: one row per view, unique (tour_id, view_index), every image a complete 2:1 PNG; four readers."""
     import duckdb
     import ray
 
@@ -52,8 +56,13 @@ def test_bulk_job_to_a_local_folder_then_compaction_and_a_rerun_add_nothing(ray_
     assert code == 0, text
     assert "5 tours / 10 views written" in text and "0 failed" in text
     check_output(out, 5, 2)
-    table = read_manifest(out).to_pandas()
-    assert table.groupby("tour_id").prompt.nunique().max() >= 1 and set(table.num_inference_steps) == {2}
+    # Each view keeps its own caption, pose and the tour's seed from the synthetic specs (walks through scenes).
+    table = read_manifest(out).to_pandas().sort_values(["tour_id", "view_index"])
+    specs = synthetic_specs(5, views=2, seed=0, steps=2)
+    expected = [(s["tour_id"], v, s["prompts"][v], s["seed"]) for s in specs for v in range(2)]
+    assert list(zip(table.tour_id, table.view_index, table.prompt, table.seed, strict=True)) == expected
+    np.testing.assert_allclose(np.stack(table.pose_c2w), [p for s in specs for p in s["poses"]], atol=1e-6)
+    assert set(table.num_inference_steps) == {2}
     result = CliRunner().invoke(app, ["manifest", "compact", out])  # a re-run reads the compacted manifest too
     assert result.exit_code == 0 and "3 parts -> 1, 10 rows" in result.output, result.output
     code, text = bulk("--synthetic", "5", *TINY, "--out", out, "--model", str(tiny_model_dir))
@@ -99,92 +108,199 @@ def test_invalid_specs_are_refused_with_line_and_field_and_nothing_is_written(ti
     assert code == 2 and "--specs" in text and not out.exists()
 
 
-def test_a_killed_job_reruns_to_every_tour_exactly_once(tiny_model_dir, tmp_path):
-    out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "diffpano.cli", "bulk", "--synthetic", "12", *TINY, "--out", str(out),
-           "--model", str(tiny_model_dir), "--batch-size", "2"]
-    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 240
-    while not list((out / "manifest").glob("part-*.parquet")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-    proc.wait()
-    first = len(read_manifest(str(out)))
-    assert first < 24, "the job finished before it could be killed"
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    check_output(str(out), 12, 2)
+def wait_until(check, what: str, timeout_s: float = 240):
+    """Poll check() until it returns something true, and return that; the timeout only bounds a hang."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
 
 
-def test_an_s3_outage_mid_job_loses_and_duplicates_nothing(ray_local, tiny_model_dir, s3_endpoint, s3_server):
-    import threading
-
-    out = "s3://diffpano-test/outage"
-
-    def outage() -> None:
-        deadline = time.monotonic() + 120
-        while not storage.list_files(f"{out}/manifest", ".parquet") and time.monotonic() < deadline:
-            time.sleep(0.2)
-        s3_server.stop()
-        stopped.append(time.monotonic())
-        time.sleep(3)
-        s3_server.start()
-
-    stopped: list[float] = []
-    thread = threading.Thread(target=outage)
-    thread.start()
-    code, text = bulk("--synthetic", "10", *TINY, "--out", out, "--model", str(tiny_model_dir), "--batch-size", "1")
-    finished = time.monotonic()
-    thread.join()
-    assert stopped and stopped[0] < finished - 1  # the outage fell inside the job
-    assert code == 0 and "10 tours / 20 views written" in text and "0 failed" in text, text  # retried, not lost
-    check_output(out, 10, 2)
-
-
-def parent(pid: int) -> int:
-    """The parent PID of a process (0 when it is gone)."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def writer_pids() -> list[int]:
-    """PIDs of this test's bulk replicas: titled after the map_batches callable, children of the raylet this
-    process started (other Ray clusters on the machine are left alone)."""
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if b"MapBatches(TourWriter)" in cmdline.read_bytes():
-                pid = int(cmdline.parent.name)
-                if parent(parent(pid)) == os.getpid():
-                    pids.append(pid)
-        except OSError:
-            continue
+def waiting_to_publish(out: Path) -> set[int]:
+    """PIDs of the processes blocked on the manifest lock of a local output (/proc/locks marks waiters with '->'):
+    replicas whose batch is generated and whose images are written, waiting to publish the batch's manifest part."""
+    lock = Path(manifest_lock(str(out)))
+    if not lock.exists():
+        return set()
+    inode = lock.stat().st_ino
+    pids = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" in fields:
+            kind, _, _, pid, device = fields[fields.index("->") + 1 : fields.index("->") + 6]
+            if kind == "FLOCK" and int(device.rsplit(":", 1)[1]) == inode:
+                pids.add(int(pid))
     return pids
 
 
+def session_members(sid: int) -> list[int]:
+    """PIDs of the live processes of a session (those a process started with start_new_session=True and their
+    descendants, which stay in its session although Ray puts its workers in process groups of their own)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of a session."""
+    for pid in session_members(sid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_killed_job_reruns_to_every_tour_exactly_once(ray_local, tiny_model_dir, tmp_path):
+    """A job killed (SIGKILL to the driver and every Ray process it started) while publishing, over an output that an
+    earlier job half filled, reruns to every tour exactly once. The kill lands mid-job by construction, not by timing:
+    the test holds the output's manifest lock (as a compaction does), so the job can write images but publish no
+    part, and it is killed once one of its replicas is seen waiting to publish."""
+    out = tmp_path / "killed"
+    code, text = bulk("--synthetic", "4", *TINY, "--out", str(out), "--model", str(tiny_model_dir),
+                      "--batch-size", "2")
+    assert code == 0 and "4 tours / 8 views written" in text, text
+    cmd = [sys.executable, "-m", "diffpano.cli", "bulk", "--synthetic", "12", *TINY, "--out", str(out),
+           "--model", str(tiny_model_dir), "--batch-size", "2"]
+    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
+    with storage.local_lock(manifest_lock(str(out)), exclusive=True):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            wait_until(lambda: waiting_to_publish(out) or proc.poll() is not None, "a replica waiting to publish")
+            assert proc.poll() is None, "the job ended instead of waiting to publish"
+        finally:
+            kill_session(proc.pid)  # the driver and every Ray process it started, replicas waiting on the lock too
+            proc.wait()
+            wait_until(lambda: not session_members(proc.pid), "every process of the killed job to be gone", 60)
+    assert len(read_manifest(str(out))) == 8  # the earlier job's 4 tours; the killed one published nothing
+    assert len(list((out / "images").iterdir())) > 4  # but it had written images of tours it never published
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "8 tours / 16 views written, 4 already there" in plain(done.stdout + done.stderr), done.stdout[-2000:]
+    check_output(str(out), 12, 2)
+
+
+class FlakyProxy:
+    """A TCP proxy to the S3 server that has one outage mid-job, placed by what the job does rather than by a clock.
+
+    It forwards connections until the `nth` request to PUT a key under `prefix` (a manifest part), then goes down:
+    that request is not forwarded, the open connections are cut, and the next `refuse` connections are reset as they
+    arrive, as by a server that died. Then it forwards again (the S3 server itself was never touched).
+    """
+
+    def __init__(self, upstream: str, prefix: bytes, nth: int, refuse: int) -> None:
+        import socket
+        import threading
+
+        host, port = upstream.removeprefix("http://").split(":")
+        self.upstream = (host, int(port))
+        self.pattern = re.compile(rb"PUT /" + re.escape(prefix))
+        self.nth, self.refuse = nth, refuse
+        self.puts = self.refused = self.outages = 0
+        self.down = False
+        self.lock = threading.Lock()
+        self.open: set = set()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            with self.lock:
+                if self.down:
+                    self.refused += 1
+                    self.down = self.refused < self.refuse
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    client.close()  # a reset
+                    continue
+                upstream = socket.create_connection(self.upstream)
+                self.open |= {client, upstream}
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src, dst, requests: bool) -> None:
+        """Copy src to dst; on the client side, watch the request lines for the PUT that starts the outage."""
+        tail = b""
+        try:
+            while data := src.recv(65536):
+                if requests:
+                    seen = tail + data
+                    starts = [m for m in self.pattern.finditer(seen) if m.end() > len(tail)]
+                    tail = seen[-200:]
+                    if starts and self._count(len(starts)):
+                        return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(2)
+
+    def _count(self, puts: int) -> bool:
+        """Count PUTs under the prefix; True (and the outage begins, cutting every connection) at the nth."""
+        with self.lock:
+            before, self.puts = self.puts, self.puts + puts
+            if not before < self.nth <= self.puts:
+                return False
+            self.down, self.outages = True, self.outages + 1
+            for sock in self.open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(2)
+            self.open.clear()
+            return True
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_an_s3_outage_mid_job_loses_and_duplicates_nothing(ray_local, tiny_model_dir, s3_endpoint, monkeypatch):
+    """The S3 endpoint goes down as the job publishes its second manifest part (one part stored, nine to go) and
+    stays down for three connection attempts; the job retries through it and ends with every tour exactly once."""
+    out = "s3://diffpano-test/outage"
+    proxy = FlakyProxy(s3_endpoint, b"diffpano-test/outage/manifest/", nth=2, refuse=3)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # this process and (through worker_env) the replicas
+    try:
+        code, text = bulk("--synthetic", "10", *TINY, "--out", out, "--model", str(tiny_model_dir),
+                          "--batch-size", "1")
+    finally:
+        proxy.close()
+    assert proxy.outages == 1 and proxy.refused == 3, (proxy.outages, proxy.refused)  # the outage hit the job
+    assert code == 0 and "10 tours / 20 views written" in text and "0 failed" in text, text  # retried, not lost
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    check_output(out, 10, 2)
+
+
 def test_a_replica_that_dies_is_replaced_and_its_batch_retried(ray_local, tiny_model_dir, tmp_path):
+    """A replica is killed (SIGKILL) while it holds a generated batch it has not published: the test holds the
+    manifest lock until a replica waits on it, kills that one, then lets go. The restarted replica redoes the batch."""
     import threading
 
     out = tmp_path / "replica-killed"
-    killed: list[int] = []
-
-    def kill_a_replica() -> None:
-        deadline = time.monotonic() + 120
-        while not list((out / "manifest").glob("part-*.parquet")) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for pid in writer_pids()[:1]:
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-
-    thread = threading.Thread(target=kill_a_replica)
-    thread.start()
-    code, text = bulk("--synthetic", "12", "--steps", "6", "--views", "2", "--out", str(out), "--model",
-                      str(tiny_model_dir), "--batch-size", "2")
-    thread.join()
-    assert killed, "no replica was found to kill"
+    result: list[tuple[int, str]] = []
+    job = threading.Thread(target=lambda: result.append(bulk(
+        "--synthetic", "12", "--steps", "6", "--views", "2", "--out", str(out), "--model", str(tiny_model_dir),
+        "--batch-size", "2")))
+    with storage.local_lock(manifest_lock(str(out)), exclusive=True):
+        job.start()
+        pid = min(wait_until(lambda: waiting_to_publish(out), "a replica waiting to publish"))
+        assert b"TourWriter" in Path(f"/proc/{pid}/cmdline").read_bytes()  # one of this job's replicas
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: pid not in waiting_to_publish(out), "the killed replica to let go of the lock")
+        assert not read_manifest(str(out)).num_rows  # nothing was published before the kill
+    job.join()
+    code, text = result[0]
     assert code == 0 and "12 tours / 24 views written" in text and "0 failed" in text, text
     check_output(str(out), 12, 2)

@@ -1,8 +1,8 @@
 """The bundled model: loads offline from the package, follows prompt and seed, and keeps its measured quality.
 
-The regression guards hold the model to what it measured when it was shipped (MODEL.md). The consistency guard
-uses the goals' bounds (<= 0.6x unrelated, <= 0.8x no-EA). The adherence guards sit below the goals on this small
-set (walls >= 0.75 of 12; rooms >= 0.25), since the room-type goal (0.7) is not reached yet.
+The regression guards hold the model to what it measured when it was shipped (MODEL.md, "Regression guard"), less a
+stated margin, on enough prompts that a model which ignores them fails: each guard says its chance level. Room type
+needs the 72 prompts of the model card to be told from chance, which takes minutes, so that guard is a slow test.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from diffpano.data.materials import WALL_COLOURS
 from diffpano.metrics.adherence import adherence, load_classifier
 from diffpano.metrics.consistency import as_unit_images, epipolar_error
 from diffpano.modelio import BUNDLED_MODEL, resolve_model
+from diffpano.pipelines import DEFAULT_GUIDANCE
 from diffpano.trajectories import walk
 
 STEPS = 15
@@ -50,22 +51,46 @@ def test_outputs_follow_the_wall_colour_of_the_prompt_and_the_seed(pipe):
     assert np.abs(red.images.astype(int) - other.images.astype(int)).mean() > 5
 
 
-def test_regression_guard_prompt_adherence(pipe):
-    """One prompt per wall colour (rotating room types), 15 steps, default guidance: the shipped weights give walls
-    0.83 and rooms 0.33 here (chance 1/12 and 1/6); the 72 prompts of MODEL.md at 30 steps give 0.94 and 0.43."""
+def test_regression_guard_wall_colour(pipe):
+    """One prompt per wall colour (rotating room types), 15 steps, default guidance. The shipped weights: 10 of 12
+    walls right (beige reads as pink, brown as gray). Guard: 8 of 12, two prompts below. A model that
+    ignores the colour is right with chance 1/12 per prompt: P(Binomial(12, 1/12) >= 8) = 8e-7.
+
+    Room type is not guarded here: 12 prompts cannot tell it from chance (the model gets 4 of 12, and a model that
+    ignores the room, right 1/6 of the time, gets 4 or more with probability 0.13); see the slow test below."""
     rooms = ("bedroom", "living room", "kitchen", "bathroom", "office", "hallway")
     prompts = [f"A {rooms[i % 6]} with {c} walls and a wooden floor." for i, c in enumerate(WALL_COLOURS)]
     prompts = [p.replace("A office", "An office") for p in prompts]
     poses = np.stack([walk(1).numpy()] * len(prompts))
     images = pipe([[p] for p in prompts], poses, num_inference_steps=STEPS, seed=list(range(len(prompts)))).images
     result = adherence(load_classifier(), images[:, 0], prompts)
-    assert result["wall_accuracy"] >= 0.75, result
-    assert result["room_accuracy"] >= 0.25, result
+    assert result["walls_stated"] == 12 and result["wall_accuracy"] >= 8 / 12, result
+
+
+@pytest.mark.slow
+def test_regression_guard_prompt_adherence_on_the_72_prompts_of_the_model_card(pipe):
+    """The model card's 72 prompts (12 wall colours x 6 room types, bench/bundled_model.py, prompt i with seed i) at
+    15 steps and the default guidance: the shipped weights get walls 68/72 = 0.944 and rooms 32/72 = 0.444 (at the
+    card's 30 steps: 0.944 and 0.431). Guards: the measured figures less 0.10, about 1.7 binomial standard errors
+    of the room figure: walls >= 0.84 (61 of 72), rooms >= 0.34 (25 of 72). The prompts are balanced, so a model
+    that ignores the room type is right 12 times in expectation: P(Binomial(72, 1/6) >= 25) = 1.6e-4; for walls,
+    P(Binomial(72, 1/12) >= 61) < 1e-50."""
+    from bench.bundled_model import prompt_panoramas, prompts_grid
+
+    prompts = prompts_grid()
+    images = prompt_panoramas(pipe, prompts, num_inference_steps=STEPS, guidance_scale=DEFAULT_GUIDANCE)
+    result = adherence(load_classifier(), images, prompts)
+    assert result["rooms_stated"] == result["walls_stated"] == 72, result
+    assert result["wall_accuracy"] >= 0.84, result
+    assert result["room_accuracy"] >= 0.34, result
 
 
 def test_regression_guard_multi_view_consistency(pipe):
-    """Held-out walks, the goals' bounds: neighbouring views agree along epipolar arcs at most 0.6x as badly as
-    unrelated views and 0.8x as badly as the same model without EA (the shipped weights: 0.45 and 0.51)."""
+    """Two held-out walks (seed 424242), 15 steps: neighbouring views' epipolar error over that against unrelated
+    views, and over that of the same model with its EA modules off. The shipped weights: 0.455 and 0.513 (the goals
+    are 0.6 and 0.8). Guards: the measured ratios plus 0.10, <= 0.55 and <= 0.61; the same ratios on three other
+    held-out pairs of walks (seeds 1, 2, 3) spread 0.38-0.46 and 0.52-0.58. A model whose views ignore each other
+    scores about 1 against unrelated views, and one whose EA modules do nothing exactly 1 against EA off."""
     from diffpano.data.build import BuildSpec, render_clips
 
     spec = BuildSpec(scenes=1, clips_per_scene=2, frames=4, height=128, width=256, seed=424242)
@@ -80,4 +105,4 @@ def test_regression_guard_multi_view_consistency(pipe):
                          for i, (x, p) in enumerate(tours)])
     no_ea = np.mean([epipolar_error(as_unit_images(x), as_unit_images(x), torch.as_tensor(p))
                      for x, (_, p) in zip(flat, tours, strict=True)])
-    assert own <= 0.6 * unrelated and own <= 0.8 * no_ea, (own, unrelated, no_ea)
+    assert own / unrelated <= 0.55 and own / no_ea <= 0.61, (own, unrelated, no_ea)

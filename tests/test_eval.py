@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from helpers import plain
 from typer.testing import CliRunner
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 from diffpano.cli import app
 from diffpano.data.build import BuildSpec, render_clips
 from diffpano.data.manifest import commit_clips
+from diffpano.evaluation import read_tours, select_eval_tours
 from diffpano.manifest import read_manifest
 
 
@@ -37,10 +39,28 @@ def test_eval_writes_metrics_report_and_pictures(ray_local, dataset, tiny_model_
     for name in ("metrics.json", "report.md", "samples.png"):
         assert (out / name).stat().st_size > 0
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("paired_psnr_capped", "paired_ssim", "epipolar_score", "epipolar_error_unrelated",
-                "reprojection_psnr_ratio", "seam_colour_ratio", "adherence_room_accuracy", "faed"):
-        assert isinstance(metrics[key], float), key
     assert metrics["tours"] == 2 and metrics["views"] == 6
+    # The tours generated are the dataset's test windows (same prompts and poses), and the metrics are theirs:
+    # PSNR against the ground truth (area-resized to the model's size) and the seam ratio recomputed here.
+    truth = select_eval_tours(dataset, 2, 3, seed=0)
+    generated = read_tours(str(out / "tours"), [t.tour_id for t in truth])
+    for g, t in zip(generated, truth, strict=True):
+        assert g.prompts == t.prompts and np.allclose(g.poses, t.poses, atol=1e-6)
+    fake = np.concatenate([g.images for g in generated]).astype(np.float64) / 255
+    n, h, w, _ = fake.shape
+    real = np.concatenate([t.rgb for t in truth]).astype(np.float64)
+    f = real.shape[1] // h
+    real = real.reshape(n, h, f, w, f, 3).mean(axis=(2, 4)).round() / 255
+    psnr = 10 * np.log10(1 / ((fake - real) ** 2).mean(axis=(1, 2, 3)))
+    assert metrics["paired_psnr_capped"] == pytest.approx(float(np.minimum(psnr, 100).mean()), rel=1e-6)
+    assert 0 < metrics["paired_psnr_capped"] < 30  # an untrained model is far from the renders
+    jumps = np.abs(np.roll(fake, -1, axis=2) - fake).mean(axis=(1, 3))  # (views, W): column k to k + 1, wrapping
+    seam = jumps[:, -1] / (jumps[:, :-1].mean(axis=1) + 1e-6)
+    assert metrics["seam_colour_ratio"] == pytest.approx(float(seam.mean()), rel=1e-5)
+    assert -1 < metrics["paired_ssim"] < 1 and 0 <= metrics["epipolar_score"] <= 1
+    assert metrics["epipolar_error_unrelated"] > 0 and 0 < metrics["reprojection_psnr_ratio"] < 10
+    assert metrics["faed"] > 0 and metrics["adherence_room_accuracy"] * 6 == pytest.approx(
+        round(metrics["adherence_room_accuracy"] * 6))  # a share of the 6 views
     assert any("Inception" in m for m in metrics["missing"]) and "not measured" in text
     assert "| epipolar_score |" in (out / "report.md").read_text()
     assert read_manifest(str(out / "tours")).num_rows == 6

@@ -54,15 +54,26 @@ def test_a_new_runner_resumes_unfinished_jobs_without_redoing_tours(tmp_path):
 
 
 def test_a_job_whose_output_cannot_be_read_ends_failed_with_the_error(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("not a folder")
+    root = str(tmp_path / "served")
+    broken = storage.join(root, "jobs", "broken", "manifest", "part-0.parquet")
+    storage.write_bytes(broken, b"not parquet")  # the output's manifest cannot be read, so nothing is known done
+    generated: list[str] = []
 
-    async def run() -> dict:
-        runner = JobRunner(str(tmp_path / "served"), fake_generate)
-        status = await runner.start_job([spec("t0")], None)
-        runner.jobs[status.job_id].out = str(blocker / "out")  # its manifest can't be listed: a storage failure
-        await runner.jobs[status.job_id].task
-        return runner.status(status.job_id).model_dump()
+    async def generate(s: BulkSpec, out: str) -> None:
+        generated.append(s.tour_id)
+        await fake_generate(s, out)
 
-    status = asyncio.run(run())
-    assert status["state"] == "failed", status
+    async def run() -> tuple[dict, list[dict]]:
+        runner = JobRunner(root, generate)
+        status = await runner.start_job([spec("t0")], "jobs/broken")
+        job = runner.jobs[status.job_id]
+        await job.task
+        return runner.status(status.job_id).model_dump(), job.errors
+
+    status, errors = asyncio.run(run())
+    assert status["state"] == "failed" and status["tours_done"] == 0 and generated == [], status
+    # The error is the job's (no tour named): the read that failed, with the part it could not read.
+    assert len(errors) == 1 and errors[0]["tour_id"] is None, errors
+    assert errors[0]["error"].startswith("ArrowInvalid: ") and "part-0.parquet" in errors[0]["error"], errors
+    record = json.loads(storage.read_bytes(storage.join(root, "_jobs", f"{status['job_id']}.json")))
+    assert record["state"] == "failed"  # stored, so a restarted replica does not resume it

@@ -140,10 +140,47 @@ def test_inception_score_of_known_distributions():
     confident = torch.eye(16).repeat(5, 1)  # every class equally often in every split, each prediction certain
     mean, std = distribution.inception_score(confident, splits=5)
     assert mean == pytest.approx(16.0) and std == pytest.approx(0.0, abs=1e-9)
-    probs = SmallFeatureNet(seed=0, classes=16).probabilities(torch.randint(0, 256, (20, 3, 32, 64), dtype=torch.uint8))
-    assert probs.shape == (20, 16)
-    torch.testing.assert_close(probs.sum(1), torch.ones(20, dtype=torch.float64))
-    assert 1.0 <= distribution.inception_score(probs, splits=2)[0] <= 16.0
+    # Certain predictions of uneven classes: E KL = H(p(y)), so IS = exp(H) = 2 ** 1.75 for p(y) = 1/2, 1/4, 1/8, 1/8.
+    uneven = torch.eye(4)[[0, 0, 0, 0, 1, 1, 2, 3]]
+    assert distribution.inception_score(uneven, splits=1) == pytest.approx((2**1.75, 0.0))
+    # Two unsure halves: p(y|x) = (0.9, 0.1) or (0.1, 0.9), p(y) = (0.5, 0.5): KL = 0.9 ln 1.8 + 0.1 ln 0.2 for each.
+    soft = torch.tensor([[0.9, 0.1], [0.1, 0.9]]).repeat(3, 1)
+    assert distribution.inception_score(soft, splits=1)[0] == pytest.approx(math.exp(0.9 * math.log(1.8)
+                                                                                      + 0.1 * math.log(0.2)))
+    # Splits are consecutive: one split of certain, balanced predictions (16) and one of uniform ones (1).
+    mean, std = distribution.inception_score(torch.cat((confident[:16], uniform[:16])), splits=2)
+    assert mean == pytest.approx(8.5) and std == pytest.approx(math.sqrt(2 * 7.5**2))
+
+
+def test_inception_score_agrees_with_torchmetrics(scenes):
+    """torchmetrics' InceptionScore (PanFusion's implementation) fed the same class logits: the same mean and std
+    over the same splits (torchmetrics shuffles with torch's RNG first, so the test replays that permutation)."""
+    from torchmetrics.image.inception import InceptionScore
+
+    net = SmallFeatureNet(seed=0)
+    weights = torch.randn(64, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    class Logits(nn.Module):
+        """Class logits of images: the small net's features, standardised over the batch, through a random head
+        (the random net alone predicts nearly the same class for every panorama, which would make IS ~ 1)."""
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            f = net.features(images)
+            return 3 * ((f - f.mean(0)) / f.std(0)) @ weights
+
+    images = torch.cat((scenes["a"], scenes["b"], scenes["noise"][:8]))  # 32 panoramas
+    probs = torch.softmax(Logits()(images), dim=1)
+    for splits in (1, 4):
+        metric = InceptionScore(feature=Logits(), splits=splits)
+        metric.update(images)
+        torch.manual_seed(splits)
+        order = torch.randperm(32)
+        torch.manual_seed(splits)
+        reference = metric.compute()
+        mean, std = distribution.inception_score(probs[order], splits=splits)
+        assert mean == pytest.approx(float(reference[0]), rel=1e-9) and mean > 2  # far from IS = 1 (one class)
+        if splits > 1:
+            assert std == pytest.approx(float(reference[1]), rel=1e-6) and std > 0.01
 
 
 def test_small_text_image_scorer_is_deterministic_in_range_and_fits_colour_words():
@@ -370,18 +407,44 @@ def _write_tiny_clip(directory) -> None:
 
 
 def test_clip_scorer_loads_a_local_directory_and_scores_like_torchmetrics(tmp_path, scenes):
+    """ClipScorer against torchmetrics' own clip_score, given the same saved CLIP directory (loaded separately)."""
+    from torchmetrics.functional.multimodal import clip_score
+    from transformers import CLIPModel, CLIPProcessor
+
     _write_tiny_clip(tmp_path / "clip")
     scorer = features.ClipScorer(tmp_path / "clip", batch_size=3)
     assert isinstance(scorer, features.TextImageScorer)
-    images = scenes["a"][:4]
-    texts = ["a red room with a bed", "a blue sofa", scenes["captions"][0], ""]  # a long caption is truncated
-    s = scorer.score(images, texts)
-    assert s.shape == (4,) and bool(((s >= 0) & (s <= 100)).all())
-    inputs = scorer.processor(text=texts, images=list(images), return_tensors="pt", padding=True, truncation=True,
-                              max_length=24)
-    with torch.no_grad():
-        out = scorer.model(**inputs)
-    cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds).double()
-    torch.testing.assert_close(s, (100 * cos).clamp(min=0), atol=1e-4, rtol=1e-4)
+
+    class Projected(nn.Module):
+        """The CLIP model as torchmetrics calls it. transformers 5 returns the projected embeddings as the
+        pooler_output of an output object where torchmetrics 1.9 expects the tensor itself; nothing else changes."""
+
+        def __init__(self, model) -> None:
+            super().__init__()
+            self.model, self.config = model, model.config
+
+        def get_image_features(self, pixel_values):
+            return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+
+        def get_text_features(self, input_ids, attention_mask):
+            return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+    def reference_model():
+        model = CLIPModel.from_pretrained(str(tmp_path / "clip"), local_files_only=True).eval()
+        return Projected(model), CLIPProcessor.from_pretrained(str(tmp_path / "clip"), local_files_only=True)
+
+    images = torch.cat((scenes["a"][:4], scenes["noise"][:2]))
+    texts = ["a red room with a bed", "a blue sofa", "a kitchen with a table", "", "room", "a bed a bed a sofa"]
+    s = scorer.score(images, texts)  # in batches of 3, texts and images through one processor call
+    assert s.shape == (6,) and s.dtype == torch.float64
+    with torch.no_grad():  # torchmetrics clamps the mean of a call at 0: one pair per call gives each pair's score
+        reference = torch.stack([clip_score(img, text, reference_model) for img, text in zip(images, texts,
+                                                                                           strict=True)])
+    torch.testing.assert_close(s, reference.double(), atol=1e-4, rtol=1e-4)
+    assert (s > 0).sum() >= 2 and len(set(s.round(decimals=3).tolist())) >= 3, s  # not all clamped, not constant
+    assert distribution.clip_score(scorer, images, texts, batch_size=4) == pytest.approx(float(s.mean()))
+    # A caption longer than the text model's 24 positions is truncated (keeping its end token) instead of failing.
+    long = scorer.score(images[:1], [scenes["captions"][0]])
+    assert long.shape == (1,) and 0 <= float(long[0]) <= 100
     with pytest.raises(MissingWeights, match="--clip"):
         features.ClipScorer(tmp_path / "absent")

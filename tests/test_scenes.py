@@ -9,7 +9,7 @@ import pytest
 
 from diffpano.data.materials import WALL_COLOURS
 from diffpano.data.scenes import ROOM_TYPES, WALL_THICKNESS, generate_scene
-from diffpano.data.walks import clip_poses
+from diffpano.data.walks import clip_poses, room_route
 
 SEEDS = range(60)
 
@@ -81,13 +81,42 @@ def test_furniture_stays_inside_its_room_without_overlaps(scenes):
                     assert not (a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3])
 
 
+def _spaced_along(route: np.ndarray, points: np.ndarray, spacing: float) -> bool:
+    """True when points[i] is the point of the polyline `route` at arc length s0 + i * spacing for some s0 where
+    points[0] lies on it (every such s0 is tried: a route may pass the same place twice)."""
+    seg = np.diff(route, axis=0)
+    length = np.linalg.norm(seg, axis=1)
+    keep = length > 1e-9
+    starts, seg, length = route[:-1][keep], seg[keep], length[keep]
+    cum = np.concatenate([[0.0], np.cumsum(length)])
+
+    def at(s: float) -> np.ndarray:
+        j = min(int(np.searchsorted(cum, s, side="right")) - 1, len(seg) - 1)
+        return starts[j] + (s - cum[j]) / length[j] * seg[j]
+
+    firsts = []
+    for j in range(len(seg)):
+        t = float(np.clip(np.dot(points[0] - starts[j], seg[j]) / length[j] ** 2, 0, 1))
+        if np.linalg.norm(starts[j] + t * seg[j] - points[0]) < 1e-6:
+            firsts.append(cum[j] + t * length[j])
+    return any(
+        s0 + spacing * (len(points) - 1) <= cum[-1] + 1e-9
+        and all(np.linalg.norm(at(s0 + spacing * i) - p) < 1e-6 for i, p in enumerate(points))
+        for s0 in firsts
+    )
+
+
 def test_walks_stay_at_eye_height_inside_rooms_and_pass_from_room_to_room(scenes):
     rooms_visited = []
     for k, scene in enumerate(scenes[:20]):
         poses = clip_poses(scene, 16, 0.5, np.random.default_rng(k))
         centres = poses[:, :3, 3]
+        # Keyframes are 0.5 m apart along the walk's route: the straight line between two of them is never longer
+        # (shorter where the route turns a corner), and keyframe i is the route's point at arc length s0 + 0.5 i.
         steps = np.linalg.norm(np.diff(centres[:, [0, 2]], axis=0), axis=1)
-        assert np.allclose(steps, 0.5, atol=1e-6) or steps.max() <= 0.5 + 1e-6
+        assert steps.max() <= 0.5 + 1e-6, steps
+        route = room_route(scene, 0.5 * 15 + 1.0, np.random.default_rng(k))  # clip_poses draws its route first
+        assert _spaced_along(route, centres[:, [0, 2]], 0.5), (k, steps)
         assert np.allclose(centres[:, 1], centres[0, 1]) and 1.4 < -centres[0, 1] < 1.7
         located = [scene.locate(x, z) for x, z in centres[:, [0, 2]]]
         assert all(room >= 0 for room, _ in located)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import os
 import random
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -241,14 +243,21 @@ def out_of_time(began: float, limit: float | None, world: int, device: torch.dev
 
 
 def maybe_fail(cfg: TrainConfig, step: int, rank: int, world: int, run_root: str) -> None:
-    """Fault injection for tests: the last worker raises once when reaching run.fail_at_step."""
+    """Fault injection for tests: once `run.fail_at_step` steps are done (a checkpoint of that step already reported),
+    the last worker's process dies by SIGKILL, as an out-of-memory kill or a lost node ends one: no exception, no
+    cleanup.
+
+    RUN_ROOT/injected-failure-STEP records the process id and the time of death ({"pid", "time"}); while it exists
+    the failure is not injected again, so the restarted worker group goes on. In a local session (`--local`) the
+    process that dies is the command itself, since nothing is there to restart it.
+    """
     if cfg.run.fail_at_step != step or rank != world - 1:
         return
     marker = storage.join(run_root, f"injected-failure-{step}")
     if storage.exists(marker):
         return
-    storage.write_bytes(marker, b"1")
-    raise RuntimeError(f"injected worker failure at step {step}")
+    storage.write_bytes(marker, json.dumps({"pid": os.getpid(), "time": time.time()}).encode())
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def sample_tour(pipe, cfg: TrainConfig, stage: int, captions: list[str], uri: str) -> None:
