@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import requests
 
@@ -36,3 +37,12 @@ def post(url: str, path: str, body: dict, key: str | None = KEY, **kw) -> reques
     """POST a JSON body to the test server with its API key."""
     headers = {"X-API-Key": key} if key else {}
     return requests.post(url + path, json=body, headers=headers, timeout=kw.pop("timeout", 120), **kw)
+
+
+def wait_until(check, what: str, timeout_s: float = 300, poll_s: float = 0.05):
+    """Poll check() until it returns something true, and return that; the timeout only bounds a hang."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll_s)
+    return value

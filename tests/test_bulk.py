@@ -10,12 +10,11 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
-from helpers import plain
+from helpers import plain, wait_until
 from typer.testing import CliRunner
 
 from diffpano import storage
@@ -107,14 +106,6 @@ def test_invalid_specs_are_refused_with_line_and_field_and_nothing_is_written(ti
     code, text = bulk("--specs", str(tmp_path / "missing.jsonl"), "--out", str(out))
     assert code == 2 and "--specs" in text and not out.exists()
 
-
-def wait_until(check, what: str, timeout_s: float = 240):
-    """Poll check() until it returns something true, and return that; the timeout only bounds a hang."""
-    deadline = time.monotonic() + timeout_s
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 def waiting_to_publish(out: Path) -> set[int]:

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import requests
+from helpers import wait_until
 
 from bench.common import free_port
 from diffpano.manifest import read_manifest
@@ -56,14 +57,6 @@ def running_replicas() -> int:
     return states.get("RUNNING", 0)
 
 
-def wait_until(check, what: str, timeout_s: float = 300):
-    """Poll check() until it returns something true, and return that; the timeout only bounds a hang."""
-    deadline = time.monotonic() + timeout_s
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-    return value
-
 
 def test_a_job_scales_the_model_replicas_up_and_they_scale_down_when_it_drains(scaling_server):
     """A job of 400 tours, more than one replica gets through before a second one starts, keeps a queue in front
@@ -85,11 +78,11 @@ def test_a_job_scales_the_model_replicas_up_and_they_scale_down_when_it_drains(s
         assert status["state"] == "running", status  # ended before a second replica ran: no scale-up to see
         return running_replicas() == 2
 
-    wait_until(scaled_up, "a second model replica while the job runs")
+    wait_until(scaled_up, "a second model replica while the job runs", poll_s=0.5)
     up = time.monotonic() - started
     r = requests.delete(f"{url}/v1/jobs/{job_id}", timeout=30)
     assert r.status_code == 200 and r.json()["state"] == "cancelled", r.text
-    wait_until(lambda: running_replicas() == 1, "the replicas to scale back down after the job drained", 120)
+    wait_until(lambda: running_replicas() == 1, "the replicas to scale down after the job drained", 120, poll_s=0.5)
 
     def settled() -> tuple[dict, object] | None:
         """The job's status and manifest once every tour it counts as done is in the manifest (tours that were in
@@ -97,7 +90,7 @@ def test_a_job_scales_the_model_replicas_up_and_they_scale_down_when_it_drains(s
         status, table = job(), read_manifest(f"{OUTPUT_ROOT}/jobs/scale").to_pandas()
         return (status, table) if table.tour_id.nunique() == status["tours_done"] else None
 
-    status, table = wait_until(settled, "the tours in flight at the cancel to be stored", 60)
+    status, table = wait_until(settled, "the tours in flight at the cancel to be stored", 60, poll_s=0.5)
     print(f"second replica at {up:.0f} s; back to one at {time.monotonic() - started:.0f} s; "
           f"{status['tours_done']} tours done")
     assert status["state"] == "cancelled" and 0 < status["tours_done"] < 400, status
