@@ -2,7 +2,8 @@
 
 The regression guards hold the model to what it measured when it was shipped (MODEL.md, "Regression guard"), less a
 stated margin, on enough prompts that a model which ignores them fails: each guard says its chance level. Room type
-needs the 72 prompts of the model card to be told from chance, which takes minutes, so that guard is a slow test.
+needs the 72 prompts of the model card to be told from chance, which takes minutes: the adherence guards are slow
+tests (`make test-slow`, which CI runs too).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def test_outputs_follow_the_wall_colour_of_the_prompt_and_the_seed(pipe):
     assert np.abs(red.images.astype(int) - other.images.astype(int)).mean() > 5
 
 
+@pytest.mark.slow  # a minute; the default suite keeps the consistency guard and the colour/seed test above
 def test_regression_guard_wall_colour(pipe):
     """One prompt per wall colour (rotating room types), 15 steps, default guidance. The shipped weights: 10 of 12
     walls right (beige reads as pink, brown as gray). Guard: 8 of 12, two prompts below. A model that
