@@ -75,7 +75,7 @@ def test_a_job_scales_the_model_replicas_up_and_they_scale_down_when_it_drains(s
 
     def scaled_up() -> bool:
         status = job()
-        assert status["state"] == "running", status  # ended before a second replica ran: no scale-up to see
+        assert status["state"] in ("queued", "running"), status  # ended before a second replica ran: nothing to see
         return running_replicas() == 2
 
     wait_until(scaled_up, "a second model replica while the job runs", poll_s=0.5)
