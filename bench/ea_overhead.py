@@ -26,7 +26,7 @@ from common import (
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from diffpano.epipolar import EpipolarAdapter, EpipolarContext
+from diffpano.epipolar import EpipolarAdapter, EpipolarContext, epipolar_kwargs
 from diffpano.factory import sd_unet_config, tiny_unet_config
 from diffpano.seamless import make_seamless
 from diffpano.trajectories import walk
@@ -85,8 +85,8 @@ def step_fn(unet: nn.Module, adapter: EpipolarAdapter, x: torch.Tensor, emb: tor
     """A closure running one denoising step (one UNet forward, EA active iff ctx is given)."""
 
     def run() -> torch.Tensor:
-        with torch.no_grad(), adapter.use(ctx):
-            return unet(x, TIMESTEP, encoder_hidden_states=emb).sample
+        with torch.no_grad():
+            return unet(x, TIMESTEP, encoder_hidden_states=emb, cross_attention_kwargs=epipolar_kwargs(ctx)).sample
 
     return run
 

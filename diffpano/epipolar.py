@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
@@ -17,6 +16,7 @@ from diffpano.geometry import circular_grid_sample, epipolar_samples, nearest_vi
 MAX_REF_VIEWS = 16
 MAX_SAMPLES = 64
 GEOMETRY_FEATURES = 4  # inverse depth, parallax cosine, log distance, source latitude
+EPIPOLAR_KWARG = "epipolar"  # key of the EpipolarContext in a UNet call's cross_attention_kwargs
 
 
 def check_epipolar_settings(num_ref_views: int, num_samples: int, near: float, far: float) -> None:
@@ -166,8 +166,6 @@ class EpipolarAdapter(ModelMixin, ConfigMixin):
                 for t, c in zip(targets, channels, strict=True)
             }
         )
-        self.enabled = True
-        self._context: EpipolarContext | None = None
 
     @classmethod
     def for_unet(cls, unet: nn.Module, up_blocks: list[int] | None = None, **kwargs) -> EpipolarAdapter:
@@ -185,19 +183,31 @@ class EpipolarAdapter(ModelMixin, ConfigMixin):
         return cls(targets=targets, channels=channels, **kwargs)
 
     def attach(self, unet: nn.Module) -> None:
-        """Hook the EA modules in after their UNet transformers (re-attaching replaces earlier hooks)."""
+        """Hook the EA modules in after their UNet transformers (re-attaching replaces earlier hooks).
+
+        A UNet call applies them when given `cross_attention_kwargs=epipolar_kwargs(ctx)`, and not otherwise.
+        """
         for handle in getattr(unet, "_diffpano_epipolar_hooks", []):
             handle.remove()
-        unet._diffpano_epipolar_hooks = [
-            unet.get_submodule(t).register_forward_hook(self._hook_for(_key(t))) for t in self.config.targets
+        handles = [
+            unet.get_submodule(t).register_forward_hook(self._hook_for(_key(t)), with_kwargs=True)
+            for t in self.config.targets
         ]
+        # diffusers' attention processors warn about cross_attention_kwargs they do not take, so the context is
+        # dropped before it reaches them
+        handles += [
+            m.register_forward_pre_hook(_drop_epipolar_kwarg, with_kwargs=True)
+            for m in unet.modules()
+            if isinstance(m, Attention)
+        ]
+        unet._diffpano_epipolar_hooks = handles
 
     def _hook_for(self, key: str):
-        """A forward hook that applies the EA module `key` to a transformer's output while a context is active."""
+        """A forward hook applying the EA module `key` to a transformer's output with the call's EpipolarContext."""
 
-        def hook(module: nn.Module, args: tuple, output):
-            ctx = self._context
-            if ctx is None or not self.enabled:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output):
+            ctx = (kwargs.get("cross_attention_kwargs") or {}).get(EPIPOLAR_KWARG)
+            if ctx is None:
                 return None
             if isinstance(output, tuple):
                 return (self.blocks[key](output[0], ctx),) + output[1:]
@@ -227,14 +237,17 @@ class EpipolarAdapter(ModelMixin, ConfigMixin):
         ref_index, ref_valid = nearest_views(poses, k)
         return EpipolarContext(poses, ref_index, ref_valid, s, near, far, cfg.pe_freqs)
 
-    @contextmanager
-    def use(self, ctx: EpipolarContext | None) -> Iterator[None]:
-        """Within the block, UNet calls on batches of G*N views apply the EA modules with `ctx`."""
-        previous, self._context = self._context, ctx
-        try:
-            yield
-        finally:
-            self._context = previous
+
+def epipolar_kwargs(ctx: EpipolarContext | None) -> dict | None:
+    """`cross_attention_kwargs` of a UNet call whose attached EA modules use ctx (None: they add nothing)."""
+    return None if ctx is None else {EPIPOLAR_KWARG: ctx}
+
+
+def _drop_epipolar_kwarg(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of an attention layer: its call without the EA context."""
+    if EPIPOLAR_KWARG not in kwargs:
+        return None
+    return args, {k: v for k, v in kwargs.items() if k != EPIPOLAR_KWARG}
 
 
 def _key(target: str) -> str:

@@ -1,4 +1,4 @@
-"""Evaluation sets and tour generation for evaluation: which clips are scored, and a batch generator for workers."""
+"""Evaluation: which clips are scored, reading generated tours back, every metric of them, and the report."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 from diffpano import storage
 from diffpano.data.manifest import decode_depth, read_dataset
-from diffpano.manifest import Tour, commit_tours, decode_rgb, read_manifest, resolve_uri
+from diffpano.manifest import decode_rgb, read_manifest, resolve_uri
+from diffpano.metrics.images import channels_first as _nchw
+from diffpano.metrics.images import resize_uint8 as _resize_to
 
 
 @dataclass
@@ -58,34 +60,6 @@ def select_eval_tours(dataset: str, num_tours: int, views: int, seed: int = 0, l
 def _poses(column) -> np.ndarray:
     """(N, 4, 4) float64 of a manifest's pose_c2w column."""
     return np.stack([np.asarray(p, np.float64).reshape(4, 4) for p in column])
-
-
-class TourGenerator:
-    """Generates tours from batches of EvalTour fields and commits them to an output (a callable class for workers)."""
-
-    def __init__(self, model: str | None, out: str, steps: int, guidance: float, size: tuple[int, int] | None = None,
-                 device: str | None = None, variant: dict | None = None) -> None:
-        from diffpano.modelio import resolve_model
-
-        self.pipe = resolve_model(model, device)
-        self.pipe.set_progress_bar_config(disable=True)
-        self.out, self.steps, self.guidance, self.size = out, steps, guidance, size
-        self.variant = dict(variant or {})
-
-    def __call__(self, batch: dict) -> dict:
-        """Generate each tour of the batch (columns tour_id, prompts, poses, seed) and commit them; returns ids."""
-        tours = []
-        for tour_id, prompts, poses, seed in zip(batch["tour_id"], batch["prompts"], batch["poses"], batch["seed"],
-                                                 strict=True):
-            poses = np.stack(list(poses)).astype(np.float64).reshape(-1, 4, 4)
-            h, w = self.size or (None, None)
-            result = self.pipe(list(prompts), poses, height=h, width=w, num_inference_steps=self.steps,
-                               guidance_scale=self.guidance, seed=int(seed), **self.variant)
-            tours.append(Tour(tour_id=str(tour_id), images=result.images[0], prompts=result.prompts[0],
-                              poses=result.poses[0], seed=int(seed), model=self.pipe.model_name,
-                              num_inference_steps=self.steps, guidance_scale=self.guidance))
-        commit_tours(self.out, tours)
-        return {"tour_id": np.array([t.tour_id for t in tours]), "views": np.array([len(t.images) for t in tours])}
 
 
 @dataclass
@@ -145,19 +119,6 @@ def load_tools(inception: str | None = None, clip: str | None = None, faed: str 
         if adherence else None,
         lpips_weights=lpips_weights,
     )
-
-
-def _nchw(images: np.ndarray) -> torch.Tensor:
-    """(N, 3, H, W) uint8 tensor of (N, H, W, 3) arrays."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-
-
-def _resize_to(images: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """(N, 3, h, w) uint8 of (N, H, W, 3) uint8 resized by area averaging."""
-    x = _nchw(images)
-    if tuple(x.shape[-2:]) == size:
-        return x
-    return F.interpolate(x.float(), size=size, mode="area").round().clamp(0, 255).to(torch.uint8)
 
 
 def _mean_of(rows: list[dict]) -> dict:
@@ -224,7 +185,7 @@ def score_tours(generated: list[GeneratedTour], truth: list[EvalTour] | None, to
                                _resize_to(fake.permute(0, 2, 3, 1).numpy(), faed_size))
     elif tools.faed is None:
         missing.append("FAED needs a panorama autoencoder: pass --faed DIR or keep the bundled one (train one with "
-                       "`python bench/train_faed.py --dataset DATASET`)")
+                       "`python scripts/train_faed.py --dataset DATASET`)")
     metrics["missing"] = missing
     return metrics
 

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import torch
 import transformers
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import AutoTokenizer
 
 from diffpano import storage
 from diffpano.epipolar import EpipolarAdapter
 from diffpano.pipelines import MultiViewPanoPipeline
+from diffpano.schedulers import scheduler_from_class
 
 log = logging.getLogger(__name__)
 CACHE_DIR = Path(os.environ.get("DIFFPANO_CACHE", Path.home() / ".cache" / "diffpano"))
@@ -68,7 +70,7 @@ def load_model(
     encoder_cls = getattr(transformers, index.get("text_encoder", [None, "AutoModel"])[1])
     text_encoder = encoder_cls.from_pretrained(text_encoder_dir(root))
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-    scheduler = DDIMScheduler.from_pretrained(root / "scheduler")
+    scheduler = load_scheduler(root, index)
     if (root / "epipolar").is_dir():
         epipolar = EpipolarAdapter.from_pretrained(root / "epipolar")
     else:
@@ -77,6 +79,13 @@ def load_model(
     pipe = MultiViewPanoPipeline(unet, scheduler, text_encoder, tokenizer, vae=vae, epipolar=epipolar.eval())
     pipe.model_name = f"{Path(str(uri).rstrip('/')).name}@{model_digest(pipe)[:12]}"
     return place(pipe, device, dtype)
+
+
+def load_scheduler(root: Path, index: dict) -> SchedulerMixin:
+    """The scheduler model_index.json names ("scheduler": ["diffusers", "<Class>"]), built from scheduler/'s config."""
+    config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    entry = index.get("scheduler") or [None, config.get("_class_name", "DDIMScheduler")]
+    return scheduler_from_class(str(entry[1]), config)
 
 
 PACKAGE_REF = "package.json"

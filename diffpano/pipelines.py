@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 import math
 import random
 from collections.abc import Sequence
@@ -11,37 +11,49 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from PIL import Image
 
-from diffpano.epipolar import EpipolarAdapter, EpipolarContext
+from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_BATCH_VIEWS, MAX_SEED
+from diffpano.epipolar import EpipolarAdapter, EpipolarContext, epipolar_kwargs
 from diffpano.geometry import check_panorama_size, validate_poses
+from diffpano.schedulers import fresh_scheduler, make_scheduler
 from diffpano.seamless import make_seamless
 from diffpano.text import encode_prompts
 
-MAX_SEED = 2**63 - 1
 DECODE_CHUNK = 8
-DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's; also the bundled model's best measured (MODEL.md)
-DEFAULT_WINDOW_VIEWS = 8  # views denoised jointly per window of a long tour
+OUTPUT_TYPES = ("np", "pil", "latent")
 
 Prompts = str | Sequence[str] | Sequence[Sequence[str]]
+Generators = torch.Generator | Sequence[torch.Generator]
 
 
 @dataclass
 class PanoramaOutput(BaseOutput):
-    """Generated panoramas as uint8 arrays (B, H, W, 3)."""
+    """Generated panoramas: uint8 (B, H, W, 3) ("np"), a list of PIL images ("pil") or (B, c, h, w) ("latent")."""
 
-    images: np.ndarray
+    images: np.ndarray | list[Image.Image] | torch.Tensor
 
 
 @dataclass
 class TourOutput(BaseOutput):
-    """Generated tours: images (B, N, H, W, 3) uint8, poses (B, N, 4, 4), prompts and seeds per tour."""
+    """Generated tours: images (B, N, H, W, 3) uint8 (or as output_type), poses (B, N, 4, 4), prompts, seeds."""
 
-    images: np.ndarray
+    images: np.ndarray | list[list[Image.Image]] | torch.Tensor
     poses: np.ndarray
     prompts: list[list[str]]
     seeds: list[int]
+
+
+@dataclass
+class Sampling:
+    """How a call samples: steps, CFG scale, eta, and the scheduler each denoising run copies afresh."""
+
+    steps: int
+    guidance: float
+    scheduler: SchedulerMixin
+    eta: float = 0.0
 
 
 def to_pil(image: np.ndarray) -> Image.Image:
@@ -60,6 +72,42 @@ def resolve_seeds(seed: int | Sequence[int] | None, count: int) -> list[int]:
     if any(not 0 <= s <= MAX_SEED for s in seeds):
         raise ValueError(f"seed: seeds must be in [0, 2^63 - 1], got {seeds}")
     return seeds
+
+
+def resolve_generators(
+    generator: Generators | None, seed: int | Sequence[int] | None, count: int
+) -> tuple[list[torch.Generator], list[int]]:
+    """One generator per tour (given, or a CPU generator per seed) and the seeds (a generator's initial_seed)."""
+    if generator is not None and seed is not None:
+        raise ValueError("seed/generator: give one of seed and generator, not both")
+    if generator is None:
+        seeds = resolve_seeds(seed, count)
+        return [torch.Generator("cpu").manual_seed(s) for s in seeds], seeds
+    # one generator for several tours draws them in turn (diffusers' convention); a list gives each its own
+    gens = [generator] * count if isinstance(generator, torch.Generator) else list(generator)
+    if not all(isinstance(g, torch.Generator) for g in gens):
+        raise ValueError("generator: expected a torch.Generator or a list of them, one per tour")
+    if len(gens) != count:
+        raise ValueError(f"generator: got {len(gens)} generators for {count} tours")
+    return gens, [g.initial_seed() for g in gens]
+
+
+def step_kwargs(scheduler: SchedulerMixin, generator, eta: float) -> dict:
+    """The optional arguments scheduler.step accepts (diffusers' prepare_extra_step_kwargs)."""
+    params = inspect.signature(scheduler.step).parameters
+    extra = {}
+    if "eta" in params:
+        extra["eta"] = eta
+    if "generator" in params:
+        extra["generator"] = generator
+    return extra
+
+
+def view_generators(step_seeds: list[list[int]], views: torch.Tensor) -> list[torch.Generator]:
+    """CPU generators for a run's (tour, view) samples, in batch order, each seeded by its tour and view alone."""
+    return [
+        torch.Generator("cpu").manual_seed(step_seeds[i][j]) for i, row in enumerate(views.tolist()) for j in row
+    ]
 
 
 class PanoPipeline(DiffusionPipeline):
@@ -101,16 +149,18 @@ class PanoPipeline(DiffusionPipeline):
         check_panorama_size(height, width, self.size_multiple, field="height/width")
         return height, width
 
-    def _epipolar_scope(self, ctx: EpipolarContext | None):
-        """Context in which UNet calls see the multi-view layout (none for a single-view model)."""
-        return contextlib.nullcontext()
-
-    def _initial_noise(self, seeds: list[int], views: int, height: int, width: int) -> torch.Tensor:
-        """x_T (B, N, c, h, w): each tour's noise drawn from its own seed on the CPU, so batching changes nothing."""
+    def _initial_noise(
+        self, generators: list[torch.Generator], views: int, height: int, width: int
+    ) -> tuple[torch.Tensor, list[list[int]]]:
+        """x_T (B, N, c, h, w), each tour's drawn from its own generator (on its device: the CPU for seeds), so
+        batching changes nothing; then one seed per view for the scheduler's own noise, drawn from the same one."""
         f = self.vae_factor
         shape = (views, self.unet.config.in_channels, height // f, width // f)
-        noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
-        return torch.stack(noise).to(self.device, self.unet.dtype)
+        noise, step_seeds = [], []
+        for g in generators:
+            noise.append(torch.randn(shape, generator=g, device=g.device).cpu())
+            step_seeds.append(torch.randint(0, MAX_SEED, (views,), generator=g, device=g.device).tolist())
+        return torch.stack(noise).to(self.device, self.unet.dtype), step_seeds
 
     def _encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Model-space tensors (B, c, h, w) of uint8 images (B, H, W, 3)."""
@@ -130,6 +180,16 @@ class PanoPipeline(DiffusionPipeline):
             out.append(img.permute(0, 2, 3, 1).cpu().numpy())
         return np.concatenate(out)
 
+    def _postprocess(self, x: torch.Tensor, output_type: str):
+        """x (B, N, c, h, w) as output_type: the tensor itself, uint8 (B, N, H, W, 3) or lists (tours) of PIL lists."""
+        if output_type == "latent":
+            return x
+        flat = self._decode(x.flatten(0, 1))
+        images = flat.reshape(*x.shape[:2], *flat.shape[1:])
+        if output_type == "pil":
+            return [[to_pil(view) for view in tour] for tour in images]
+        return images
+
     def _embed(self, prompts: list[str]) -> torch.Tensor:
         """Prompt embeddings (P, L, D) in the UNet's dtype."""
         return encode_prompts(self.tokenizer, self.text_encoder, prompts).to(self.unet.dtype)
@@ -139,35 +199,40 @@ class PanoPipeline(DiffusionPipeline):
         x_t: torch.Tensor,
         cond: torch.Tensor,
         uncond: torch.Tensor,
-        steps: int,
-        guidance: float,
+        sampling: Sampling,
         ctx: EpipolarContext | None = None,
         known: torch.Tensor | None = None,
         clean: torch.Tensor | None = None,
+        generators: list[torch.Generator] | None = None,
         progress=None,
     ) -> torch.Tensor:
-        """Denoise x_T (B, V, c, h, w) jointly; views where `known` (B, V) is True follow `clean`, noised to each t."""
+        """Denoise x_T (B, V, c, h, w) jointly; views where `known` (B, V) is True follow `clean`, noised to each t.
+
+        `generators` (one per view, B*V) drive a stochastic scheduler's noise; the EA modules see ctx (None: off).
+        """
         b, v = x_t.shape[:2]
-        sched = self.scheduler
-        sched.set_timesteps(steps, device=self.device)
+        sched = fresh_scheduler(sampling.scheduler)  # multistep and ancestral schedulers keep state while sampling
+        sched.set_timesteps(sampling.steps, device=self.device)
+        extra = step_kwargs(sched, generators, sampling.eta)
+        guidance = sampling.guidance
         cfg = guidance > 1.0
         emb = cond.flatten(0, 1)
         if cfg:
             emb = torch.cat((uncond.expand(b * v, *uncond.shape[-2:]), emb))  # the EA modules see 2 copies of ctx
         x = (x_t * sched.init_noise_sigma).flatten(0, 1)
         keep = None if known is None else known.flatten().view(-1, 1, 1, 1)
+        attention_kwargs = epipolar_kwargs(ctx)
         for t in sched.timesteps:
             if keep is not None:
                 noised = sched.add_noise(clean.flatten(0, 1), x_t.flatten(0, 1), t.repeat(b * v))
-                x = torch.where(keep, noised, x)
+                x = torch.where(keep, noised.to(x.dtype), x)
             inp = torch.cat((x, x)) if cfg else x
             inp = sched.scale_model_input(inp, t)
-            with self._epipolar_scope(ctx):
-                eps = self.unet(inp, t, encoder_hidden_states=emb).sample
+            eps = self.unet(inp, t, encoder_hidden_states=emb, cross_attention_kwargs=attention_kwargs).sample
             if cfg:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
-            x = sched.step(eps, t, x).prev_sample
+            x = sched.step(eps, t, x, **extra).prev_sample
             if progress is not None:
                 progress.update()
         if keep is not None:
@@ -175,12 +240,31 @@ class PanoPipeline(DiffusionPipeline):
         return x.view_as(x_t)
 
     @staticmethod
-    def check_sampling(num_inference_steps: int, guidance_scale: float) -> None:
-        """ValueError naming the field when steps or guidance are out of range."""
+    def check_sampling(num_inference_steps: int, guidance_scale: float, eta: float = 0.0) -> None:
+        """ValueError naming the field when steps, guidance or eta are out of range."""
         if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= 1000:
             raise ValueError(f"num_inference_steps: must be an integer in [1, 1000], got {num_inference_steps!r}")
         if not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale: must be a finite number >= 0, got {guidance_scale!r}")
+        if not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"eta: must be a finite number >= 0, got {eta!r}")
+
+    @staticmethod
+    def check_output(output_type: str) -> None:
+        """ValueError naming output_type unless it is one of OUTPUT_TYPES."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type: expected one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+
+    def _sampling(
+        self, steps: int, guidance: float, eta: float, scheduler: str | None, output_type: str
+    ) -> Sampling:
+        """Validated sampling settings; scheduler None is the pipeline's own, a name one of SCHEDULER_NAMES."""
+        self.check_sampling(steps, guidance, eta)
+        self.check_output(output_type)
+        if scheduler is not None and not isinstance(scheduler, str):
+            raise ValueError(f"scheduler: expected a scheduler name, got {type(scheduler).__name__}")
+        template = self.scheduler if scheduler is None else make_scheduler(scheduler, self.scheduler.config)
+        return Sampling(steps, float(guidance), template, float(eta))
 
     @torch.no_grad()
     def __call__(
@@ -188,22 +272,36 @@ class PanoPipeline(DiffusionPipeline):
         prompt: str | Sequence[str],
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 30,
+        num_inference_steps: int = DEFAULT_STEPS,
         guidance_scale: float = DEFAULT_GUIDANCE,
         seed: int | Sequence[int] | None = None,
-    ) -> PanoramaOutput:
-        """One panorama per prompt."""
+        generator: Generators | None = None,
+        eta: float = 0.0,
+        scheduler: str | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+    ) -> PanoramaOutput | tuple:
+        """One panorama per prompt.
+
+        seed (one per prompt) or generator (one, or a list with one per prompt) make it reproducible. scheduler names
+        a sampler (diffpano.schedulers.SCHEDULER_NAMES; None: the model's own); eta is DDIM's. output_type "np" gives
+        uint8 arrays (B, H, W, 3) (diffusers' "np" is float; this project's callers take uint8), "pil" a list of PIL
+        images, "latent" the model-space tensor (B, c, h, w). return_dict=False returns a tuple.
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt: expected a string or a non-empty list of strings")
         height, width = self.check_size(height, width)
-        self.check_sampling(num_inference_steps, guidance_scale)
-        seeds = resolve_seeds(seed, len(prompts))
-        x_t = self._initial_noise(seeds, 1, height, width)
+        sampling = self._sampling(num_inference_steps, guidance_scale, eta, scheduler, output_type)
+        generators, _ = resolve_generators(generator, seed, len(prompts))
+        x_t, step_seeds = self._initial_noise(generators, 1, height, width)
         cond = self._embed(prompts).unsqueeze(1)
+        view_gens = view_generators(step_seeds, torch.zeros(len(prompts), 1, dtype=torch.long))
         with self.progress_bar(total=num_inference_steps) as bar:
-            x = self._denoise(x_t, cond, self._embed([""]), num_inference_steps, guidance_scale, progress=bar)
-        return PanoramaOutput(images=self._decode(x.flatten(0, 1)))
+            x = self._denoise(x_t, cond, self._embed([""]), sampling, generators=view_gens, progress=bar)
+        images = self._postprocess(x, output_type)
+        images = images[:, 0] if output_type != "pil" else [tour[0] for tour in images]
+        return PanoramaOutput(images=images) if return_dict else (images,)
 
 
 class MultiViewPanoPipeline(PanoPipeline):
@@ -218,10 +316,6 @@ class MultiViewPanoPipeline(PanoPipeline):
         self.register_modules(epipolar=epipolar)
         epipolar.attach(unet)
 
-    def _epipolar_scope(self, ctx: EpipolarContext | None):
-        """UNet calls inside see the tour layout through the EA modules."""
-        return self.epipolar.use(ctx)
-
     @torch.no_grad()
     def __call__(
         self,
@@ -229,7 +323,7 @@ class MultiViewPanoPipeline(PanoPipeline):
         poses,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 30,
+        num_inference_steps: int = DEFAULT_STEPS,
         guidance_scale: float = DEFAULT_GUIDANCE,
         seed: int | Sequence[int] | None = None,
         num_ref_views: int | None = None,
@@ -238,12 +332,22 @@ class MultiViewPanoPipeline(PanoPipeline):
         known_views: dict | Sequence[dict] | None = None,
         window_views: int | None = None,
         window_context: int | None = None,
-    ) -> TourOutput:
+        generator: Generators | None = None,
+        eta: float = 0.0,
+        scheduler: str | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+    ) -> TourOutput | tuple:
         """Generate B tours of N views from poses (N, 4, 4) or (B, N, 4, 4) and prompts (one, per view, per tour).
 
         known_views maps view indices to given images (H, W, 3) that are kept fixed while the other views are generated
         consistent with them (one dict, or one per tour with the same keys). Tours longer than window_views are
         generated in windows in which new views attend to up to window_context already generated nearby views.
+        seed (one per tour) or generator (one, or a list with one per tour) make a tour reproducible, alone or in a
+        batch, with any scheduler. scheduler names a sampler (diffpano.schedulers.SCHEDULER_NAMES; None: the model's
+        own); eta is DDIM's. output_type "np" gives uint8 arrays (B, N, H, W, 3) (diffusers' "np" is float; this
+        project's callers and manifests take uint8), "pil" lists (tours) of lists (views) of PIL images, "latent" the
+        model-space tensor (B, N, c, h, w). return_dict=False returns the tuple (images, poses, prompts, seeds).
         """
         poses_t = validate_poses(poses, field="poses").double()
         if poses_t.ndim == 3:
@@ -254,9 +358,9 @@ class MultiViewPanoPipeline(PanoPipeline):
         b, n = len(prompts), poses_t.shape[1]
         poses_t = poses_t.expand(b, n, 4, 4)
         height, width = self.check_size(height, width)
-        self.check_sampling(num_inference_steps, guidance_scale)
-        seeds = resolve_seeds(seed, b)
-        window = int(window_views or DEFAULT_WINDOW_VIEWS)
+        sampling = self._sampling(num_inference_steps, guidance_scale, eta, scheduler, output_type)
+        generators, seeds = resolve_generators(generator, seed, b)
+        window = int(window_views or MAX_BATCH_VIEWS)  # views denoised jointly per window of a long tour
         context_n = window // 2 if window_context is None else int(window_context)
         if window < 1 or not 0 <= context_n < window:
             raise ValueError(
@@ -266,7 +370,7 @@ class MultiViewPanoPipeline(PanoPipeline):
         self.epipolar.context(poses_t[:1, :1], num_ref_views, num_samples)  # validates K and S early
         known, clean = self._known(known_views, b, n, height, width)
 
-        x_t = self._initial_noise(seeds, n, height, width)
+        x_t, step_seeds = self._initial_noise(generators, n, height, width)
         cond = self._embed([p for tour in prompts for p in tour]).unflatten(0, (b, n))
         uncond = self._embed([""])
         result = clean if clean is not None else torch.zeros_like(x_t)
@@ -278,13 +382,15 @@ class MultiViewPanoPipeline(PanoPipeline):
                 fixed = done[idx[0]]  # context views and user-given views stay as they are
                 ctx = self.epipolar.context(poses_t[sel], num_ref_views, num_samples) if use_epipolar else None
                 x = self._denoise(
-                    x_t[sel], cond[sel], uncond, num_inference_steps, guidance_scale, ctx,
-                    fixed.to(self.device).expand(b, -1) if fixed.any() else None, result[sel], bar,
+                    x_t[sel], cond[sel], uncond, sampling, ctx,
+                    fixed.to(self.device).expand(b, -1) if fixed.any() else None, result[sel],
+                    view_generators(step_seeds, idx), bar,
                 )
                 result[sel] = x
                 done[idx[0]] = True
-        images = self._decode(result.flatten(0, 1)).reshape(b, n, height, width, 3)
-        return TourOutput(images=images, poses=poses_t.cpu().numpy(), prompts=prompts, seeds=seeds)
+        images = self._postprocess(result, output_type)
+        out = TourOutput(images=images, poses=poses_t.cpu().numpy(), prompts=prompts, seeds=seeds)
+        return out if return_dict else (out.images, out.poses, out.prompts, out.seeds)
 
     @staticmethod
     def _per_view_prompts(prompt: Prompts, views: int, tours: int) -> list[list[str]]:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 from importlib import resources
 
-import ray
 import yaml
-from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from serve.app import build_app
+
+def ensure_ray() -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local one: the one place serve/ calls ray.init."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
 
 
 def default_config() -> str:
@@ -30,11 +34,14 @@ def load_config(path: str | None, overrides: dict | None = None) -> ServeDeployS
 def start(path: str | None = None, host: str | None = None, port: int | None = None,
           overrides: dict | None = None) -> str:
     """Start Ray (if needed), Serve's proxy and the application; returns the endpoint's base URL."""
+    from ray import serve
+
+    from serve.app import build_app
+
     config = load_config(path, overrides)
     http = config.http_options.model_dump(exclude_unset=True)
     http.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    ensure_ray()
     serve.start(http_options=http)
     for app in config.applications:
         deployments = [d.model_dump(exclude_unset=True) for d in app.deployments]

@@ -1,117 +1,68 @@
-"""Bodies of the HTTP API (docs/http-api.md), also the rows of bulk specs (docs/bulk-specs.md): bounded, strict."""
+"""Bodies of the HTTP API (docs/http-api.md): requests build on the tour specs (diffpano.specs); no Ray here."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from diffpano.geometry import validate_poses
-from diffpano.trajectories import named_trajectory, trajectory_params
+from diffpano.specs import BulkSpec, Prompt, Sampling, Strict, TourSpec
 
-MAX_PROMPT_CHARS = 1000
-MAX_VIEWS = 16
-MAX_STEPS = 200
-MAX_GUIDANCE = 30.0
-MAX_SEED = 2**63 - 1
-DEFAULT_VIEWS = 4
+MAX_INLINE_SPECS = 10_000
+PREFIX = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_./-]{0,255}$")
 
-Prompt = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS, strip_whitespace=True)]
-Pose = Annotated[list[float], Field(min_length=16, max_length=16)]
-
-
-class Strict(BaseModel):
-    """Unknown fields and non-finite numbers (NaN, Infinity, 1e400) are refused (422)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-class Trajectory(BaseModel):
-    """A named trajectory with its parameters (walk: spacing, turn_deg, heading_deg; orbit: radius, arc_deg)."""
-
-    model_config = ConfigDict(extra="allow")
-    kind: Literal["walk", "orbit"]
-
-    @model_validator(mode="after")
-    def _params(self) -> Trajectory:
-        """Known parameters, finite and in range (422 at `trajectory`)."""
-        trajectory_params(self.kind, self.model_extra)
-        return self
-
-    def poses(self, num_views: int) -> np.ndarray:
-        """(N, 4, 4) poses; ValueError names a bad parameter."""
-        return named_trajectory(self.kind, num_views, dict(self.model_extra or {})).numpy()
-
-
-class Sampling(Strict):
-    """Settings every generation request shares."""
-
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
-    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
-    height: int | None = Field(None, ge=8, le=4096)
-    width: int | None = Field(None, ge=16, le=8192)
-    output: Literal["inline", "store"] = "inline"
+Output = Literal["inline", "store"]
+State = Literal["queued", "running", "done", "failed", "cancelled"]
 
 
 class PanoramaRequest(Sampling):
     """POST /v1/panoramas: one prompt, one panorama."""
 
     prompt: Prompt
+    output: Output = "inline"
 
 
-class TourRequest(Sampling):
-    """POST /v1/tours: one prompt or one per view, explicit poses or a named trajectory (walk by default)."""
+class TourRequest(TourSpec):
+    """POST /v1/tours: a tour spec, answered inline or stored under the server's output root."""
 
-    prompt: Prompt | None = None
-    prompts: list[Prompt] | None = Field(None, min_length=1, max_length=MAX_VIEWS)
-    num_views: int | None = Field(None, ge=1, le=MAX_VIEWS)
-    poses: list[Pose] | None = Field(None, min_length=1, max_length=MAX_VIEWS)
-    trajectory: Trajectory | None = None
+    output: Output = "inline"
 
-    @field_validator("poses")
+
+class JobRequest(Strict):
+    """POST /v1/jobs: specs inline or a specs URI, and a prefix under the server's output root."""
+
+    specs: list[dict] | None = Field(None, min_length=1, max_length=MAX_INLINE_SPECS)
+    specs_uri: str | None = Field(None, max_length=1024)
+    output: str | None = Field(None, max_length=256)
+
+    @field_validator("output")
     @classmethod
-    def _valid_poses(cls, v: list[list[float]] | None) -> list[list[float]] | None:
-        """Last row (0, 0, 0, 1), R a rotation (docs/geometry.md); finiteness is checked per number before."""
-        if v is not None:
-            validate_poses(np.asarray(v, dtype=np.float64).reshape(-1, 4, 4), field="poses")
+    def _relative(cls, v: str | None) -> str | None:
+        """A relative prefix without '..': the job writes below the server's root only."""
+        if v is not None and (not PREFIX.match(v) or ".." in v.split("/")):
+            raise ValueError("output: a relative prefix of letters, digits, '-', '_', '.', '/' without '..'")
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> TourRequest:
-        """Exactly one of prompt/prompts, at most one of poses/trajectory, and one view count for all of them."""
-        if (self.prompt is None) == (self.prompts is None):
-            raise ValueError("prompt/prompts: give exactly one of them")
-        if self.poses is not None and self.trajectory is not None:
-            raise ValueError("poses/trajectory: give at most one of them")
-        counts = {name: n for name, n in (("num_views", self.num_views),
-                                          ("prompts", len(self.prompts) if self.prompts else None),
-                                          ("poses", len(self.poses) if self.poses else None)) if n is not None}
-        if len(set(counts.values())) > 1:
-            raise ValueError(f"num_views/prompts/poses: view counts disagree: {counts}")
-        self.pose_array()  # trajectory parameters are checked here, answered with 422
+    def _one_source(self) -> JobRequest:
+        """Exactly one of specs/specs_uri."""
+        if (self.specs is None) == (self.specs_uri is None):
+            raise ValueError("specs/specs_uri: give exactly one of them")
         return self
 
-    def view_count(self) -> int:
-        """Number of views of the tour."""
-        if self.poses:
-            return len(self.poses)
-        if self.prompts:
-            return len(self.prompts)
-        return self.num_views or DEFAULT_VIEWS
 
-    def pose_array(self) -> np.ndarray:
-        """(N, 4, 4) poses: explicit, from the trajectory, or a walk."""
-        n = self.view_count()
-        if self.poses is not None:
-            return np.asarray(self.poses, dtype=np.float64).reshape(n, 4, 4)
-        return (self.trajectory or Trajectory(kind="walk")).poses(n)
+class JobStatus(BaseModel):
+    """A job as GET /v1/jobs/{id} reports it."""
 
-    def prompt_list(self) -> list[str]:
-        """One prompt per view."""
-        return list(self.prompts) if self.prompts else [self.prompt] * self.view_count()
+    job_id: str
+    state: State
+    tours_total: int
+    tours_done: int
+    tours_failed: int
+    tours_running: int  # generating now; after a cancel, 0 means the job has stopped writing
+    manifest_uri: str
 
 
 class View(BaseModel):
@@ -135,22 +86,10 @@ class TourResponse(BaseModel):
     manifest_uri: str | None = None
 
 
-class GenerationJob(BaseModel):
-    """What the ingress asks of a model replica: one tour, its settings resolved."""
+class GenerationJob(BulkSpec):
+    """What the ingress asks of a model replica: one tour with its seed and size resolved, stored when store_root."""
 
-    tour_id: str
-    prompts: list[str]
-    poses: list[list[float]]
-    seed: int
-    num_inference_steps: int
-    guidance_scale: float
-    height: int | None
-    width: int | None
     store_root: str | None = None
-
-    def views(self) -> int:
-        """Number of views (what batching counts)."""
-        return len(self.prompts)
 
 
 class GenerationResult(BaseModel):

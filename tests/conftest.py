@@ -8,10 +8,38 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# A test using one of these fixtures gets the marker, so `make test-unit` (-m "not ray and not serve and not s3")
+# runs the fast tests without Ray, Serve or S3; modules that start Ray otherwise declare `pytestmark`.
+FIXTURE_MARKERS = {"ray_local": "ray", "server": "serve", "s3_server": "s3", "s3_endpoint": "s3"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests by the real parts their fixtures start."""
+    for item in items:
+        for name in FIXTURE_MARKERS.keys() & set(getattr(item, "fixturenames", ())):
+            item.add_marker(FIXTURE_MARKERS[name])
+
+
+def _ray_running() -> bool:
+    """Whether this process has started or joined Ray."""
+    ray = sys.modules.get("ray")
+    return bool(ray and ray.is_initialized())
+
+
+@pytest.fixture(autouse=True)
+def _ray_tests_are_marked(request):
+    """Fail a test that starts Ray without the `ray` marker (it would run in `make test-unit`)."""
+    before = _ray_running()
+    yield
+    if not before and _ray_running() and not request.node.get_closest_marker("ray"):
+        pytest.fail("this test started Ray: mark it with pytest.mark.ray")
 
 
 class S3Server:
@@ -125,10 +153,9 @@ def ray_local():
 @pytest.fixture(scope="module")
 def server(ray_local, tiny_model_dir, tmp_path_factory):
     """The HTTP app on Serve (127.0.0.1) with the tiny model, an API key and one model replica queueing at most 4."""
-    from helpers import KEY
+    from helpers import KEY, free_port
     from ray import serve
 
-    from bench.common import free_port
     from serve.app import build_app
 
     root = tmp_path_factory.mktemp("served")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import time
 
 import requests
@@ -46,3 +47,9 @@ def wait_until(check, what: str, timeout_s: float = 300, poll_s: float = 0.05):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(poll_s)
     return value
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1, picked by the OS."""
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return s.getsockname()[1]

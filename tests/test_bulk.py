@@ -14,15 +14,21 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
+import pytest
 from helpers import plain, wait_until
 from typer.testing import CliRunner
 
 from diffpano import storage
-from diffpano.cli import app
+from diffpano.cli import build_app
 from diffpano.manifest import decode_rgb, manifest_lock, read_manifest
-from serve.bulk import synthetic_specs
+from diffpano.specs import synthetic_specs
+
+app = build_app()
 
 TINY = ["--steps", "2", "--views", "2"]
+
+
+pytestmark = pytest.mark.ray  # bulk jobs, dataset builds and training run on Ray here
 
 
 def bulk(*args: str) -> tuple[int, str]:

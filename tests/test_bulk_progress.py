@@ -8,7 +8,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from diffpano.manifest import read_manifest
+
+pytestmark = pytest.mark.ray  # bulk jobs, dataset builds and training run on Ray here
 
 
 def test_progress_advances_as_each_batch_is_committed_and_the_run_logs_no_error(tiny_model_dir, tmp_path):

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from diffpano.data.materials import WALL_COLOURS
-from diffpano.metrics.adherence import adherence, load_classifier
-from diffpano.metrics.consistency import as_unit_images, epipolar_error
+from diffpano.defaults import DEFAULT_GUIDANCE
+from diffpano.metrics.adherence import adherence, load_classifier, prompt_panoramas, prompts_grid
+from diffpano.metrics.consistency import epipolar_error
+from diffpano.metrics.images import float_images
 from diffpano.modelio import BUNDLED_MODEL, resolve_model
-from diffpano.pipelines import DEFAULT_GUIDANCE
 from diffpano.trajectories import walk
 
 STEPS = 15
@@ -71,14 +72,12 @@ def test_regression_guard_wall_colour(pipe):
 
 @pytest.mark.slow
 def test_regression_guard_prompt_adherence_on_the_72_prompts_of_the_model_card(pipe):
-    """The model card's 72 prompts (12 wall colours x 6 room types, bench/bundled_model.py, prompt i with seed i) at
+    """The model card's 72 prompts (12 wall colours x 6 room types, prompts_grid, prompt i with seed i) at
     15 steps and the default guidance: the shipped weights get walls 68/72 = 0.944 and rooms 32/72 = 0.444 (at the
     card's 30 steps: 0.944 and 0.431). Guards: the measured figures less 0.10, about 1.7 binomial standard errors
     of the room figure: walls >= 0.84 (61 of 72), rooms >= 0.34 (25 of 72). The prompts are balanced, so a model
     that ignores the room type is right 12 times in expectation: P(Binomial(72, 1/6) >= 25) = 1.6e-4; for walls,
     P(Binomial(72, 1/12) >= 61) < 1e-50."""
-    from bench.bundled_model import prompt_panoramas, prompts_grid
-
     prompts = prompts_grid()
     images = prompt_panoramas(pipe, prompts, num_inference_steps=STEPS, guidance_scale=DEFAULT_GUIDANCE)
     result = adherence(load_classifier(), images, prompts)
@@ -102,9 +101,9 @@ def test_regression_guard_multi_view_consistency(pipe):
         poses, prompts = clip.poses.astype(np.float64), list(clip.captions)
         tours.append((pipe(prompts, poses, num_inference_steps=STEPS, seed=k).images[0], poses))
         flat.append(pipe(prompts, poses, num_inference_steps=STEPS, seed=k, use_epipolar=False).images[0])
-    own = np.mean([epipolar_error(as_unit_images(x), as_unit_images(x), torch.as_tensor(p)) for x, p in tours])
-    unrelated = np.mean([epipolar_error(as_unit_images(x), as_unit_images(tours[1 - i][0]), torch.as_tensor(p))
+    own = np.mean([epipolar_error(float_images(x), float_images(x), torch.as_tensor(p)) for x, p in tours])
+    unrelated = np.mean([epipolar_error(float_images(x), float_images(tours[1 - i][0]), torch.as_tensor(p))
                          for i, (x, p) in enumerate(tours)])
-    no_ea = np.mean([epipolar_error(as_unit_images(x), as_unit_images(x), torch.as_tensor(p))
+    no_ea = np.mean([epipolar_error(float_images(x), float_images(x), torch.as_tensor(p))
                      for x, (_, p) in zip(flat, tours, strict=True)])
     assert own / unrelated <= 0.55 and own / no_ea <= 0.61, (own, unrelated, no_ea)

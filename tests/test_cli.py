@@ -12,8 +12,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from diffpano import storage
-from diffpano.cli import app
+from diffpano.cli import build_app
 from diffpano.manifest import TOUR_SCHEMA, read_manifest
+
+app = build_app()
 
 runner = CliRunner()
 
@@ -97,3 +99,23 @@ def test_generate_to_s3(tiny_model_dir, s3_endpoint):
     result = generate(tiny_model_dir, out)
     assert result.exit_code == 0, result.output
     check_tours(out, 1, 3)
+
+
+def test_generate_with_a_named_scheduler_is_reproducible_and_differs_from_the_default(tiny_model_dir, tmp_path):
+    """--scheduler euler-a (stochastic) twice with one seed: the same images; DDIM (the model's own) gives others."""
+    images = {}
+    for name, extra in (("a", ["--scheduler", "euler-a"]), ("b", ["--scheduler", "euler-a"]), ("ddim", [])):
+        out = tmp_path / name
+        result = generate(tiny_model_dir, out, *extra)
+        assert result.exit_code == 0, result.output
+        df = read_manifest(str(out)).to_pandas().sort_values("view_index")
+        images[name] = [storage.read_bytes(storage.join(str(out), u)) for u in df.image_uri]
+    assert images["a"] == images["b"]
+    assert images["a"] != images["ddim"]
+
+
+def test_an_unknown_scheduler_is_refused_naming_the_choices(tiny_model_dir, tmp_path):
+    result = generate(tiny_model_dir, tmp_path / "x", "--scheduler", "plms")
+    assert result.exit_code == 2
+    assert "--scheduler" in plain(result.output) and "dpmpp-2m" in plain(result.output)
+    assert not (tmp_path / "x").exists()

@@ -18,8 +18,10 @@ from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 
 from cluster import render
-from diffpano.cli import app
+from diffpano.cli import build_app
 from trainer.config import load_config
+
+app = build_app()
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"

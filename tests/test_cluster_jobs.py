@@ -13,12 +13,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import plain
+from helpers import free_port, plain
 from typer.testing import CliRunner
 
-from bench.common import free_port
-from diffpano.cli import app
+from diffpano.cli import build_app
 from diffpano.manifest import read_manifest
+
+app = build_app()
+
+
+pytestmark = pytest.mark.ray  # bulk jobs, dataset builds and training run on Ray here
 
 
 @pytest.fixture(scope="module")

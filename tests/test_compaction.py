@@ -16,9 +16,11 @@ from helpers import plain
 from typer.testing import CliRunner
 
 from diffpano import storage
-from diffpano.cli import app
+from diffpano.cli import build_app
 from diffpano.compaction import compact
 from diffpano.manifest import Tour, commit_tours, read_manifest
+
+app = build_app()
 
 VIEWS = 2
 

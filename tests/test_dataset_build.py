@@ -13,16 +13,21 @@ import pyarrow.dataset as pads
 import pytest
 from typer.testing import CliRunner
 
+from batch.dataset import build_dataset
 from diffpano import storage
-from diffpano.cli import app
+from diffpano.cli import build_app
 from diffpano.data.build import BuildSpec, clip_id, render_clips
 from diffpano.data.loaders import ClipDataset
 from diffpano.data.manifest import DATASET_SCHEMA, decode_depth, read_dataset
 from diffpano.geometry import validate_poses
 from diffpano.manifest import decode_rgb
-from trainer.dataset_builder import build_dataset
+
+app = build_app()
 
 ARGS = ["dataset", "build", "--scenes", "2", "--clips-per-scene", "2", "--frames", "3", "--size", "32x64", "--quiet"]
+
+
+pytestmark = pytest.mark.ray  # bulk jobs, dataset builds and training run on Ray here
 
 
 def plain(text: str) -> str:
@@ -145,7 +150,7 @@ def test_build_to_s3(ray_local, s3_endpoint):
 def test_local_processes_build_the_same_dataset_without_ray(built, tmp_path):
     """`--processes 2` renders in a local process pool (Ray unimportable) and writes what Ray tasks wrote."""
     out = tmp_path / "local"
-    code = "import sys; sys.modules['ray'] = None\nfrom diffpano.cli import app\napp(sys.argv[1:])"
+    code = "import sys; sys.modules['ray'] = None\nfrom diffpano.cli import build_app\nbuild_app()(sys.argv[1:])"
     done = subprocess.run([sys.executable, "-c", code, *ARGS, "--out", str(out), "--processes", "2"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

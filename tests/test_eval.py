@@ -9,11 +9,16 @@ import pytest
 from helpers import plain
 from typer.testing import CliRunner
 
-from diffpano.cli import app
+from diffpano.cli import build_app
 from diffpano.data.build import BuildSpec, render_clips
 from diffpano.data.manifest import commit_clips
 from diffpano.evaluation import read_tours, select_eval_tours
 from diffpano.manifest import read_manifest
+
+app = build_app()
+
+
+pytestmark = pytest.mark.ray  # bulk jobs, dataset builds and training run on Ray here
 
 
 @pytest.fixture(scope="module")

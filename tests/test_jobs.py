@@ -9,8 +9,8 @@ import numpy as np
 
 from diffpano import storage
 from diffpano.manifest import Tour, commit_tours, read_manifest
-from serve.bulk import BulkSpec
-from serve.jobs import JobRunner
+from diffpano.specs import BulkSpec
+from serve.online import JobRunner
 
 
 def spec(tour_id: str) -> BulkSpec:

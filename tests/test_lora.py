@@ -1,13 +1,19 @@
-"""Stage-1 LoRA through peft: only adapters train, the seam stays closed, merging keeps the function."""
+"""Stage-1 LoRA through peft: only adapters train, the seam stays closed, merging keeps the function; a LoRA run
+also writes the adapter alone, which diffusers' StableDiffusionPipeline and our load_lora apply to the base."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from safetensors.torch import save_file
+from torch import nn
 
-from diffpano.factory import tiny_unet_config
-from diffpano.lora import add_lora, merge_lora
+from diffpano.factory import build_pipeline, default_scheduler, tiny_unet_config, tiny_vae_config
+from diffpano.lora import LORA_FILE, add_lora, load_lora, merge_lora
 from diffpano.seamless import make_seamless
 
 
@@ -40,3 +46,139 @@ def test_lora_trains_only_adapters_and_merges_into_a_plain_seamless_unet(tmp_pat
 def test_bad_rank():
     with pytest.raises(ValueError, match="lora_rank"):
         add_lora(UNet2DConditionModel(**tiny_unet_config()), rank=0)
+
+
+def _write_tiny_sd(directory: Path) -> None:
+    """A tiny random Stable Diffusion directory written by diffusers' own StableDiffusionPipeline.save_pretrained:
+    a latent UNet with cross-attention, a VAE, a CLIP text encoder and a CLIP tokenizer over single letters."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    vocab = {c: i for i, c in enumerate(letters + [c + "</w>" for c in letters])}
+    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    words = directory.parent / "clip-vocab"
+    words.mkdir()
+    (words / "vocab.json").write_text(json.dumps(vocab))
+    (words / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"))
+    end = vocab["<|endoftext|>"]
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=end, pad_token_id=end))
+    unet = UNet2DConditionModel(**tiny_unet_config(4, cross_attention_dim=32) | {"sample_size": 8})
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**tiny_vae_config()), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=default_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def lora_run(train_dataset, tmp_path_factory):
+    """A plain Stable Diffusion directory, and a short stage-1 LoRA run on it (local, CPU) with an EMA."""
+    from trainer.config import load_config
+    from trainer.run import train
+
+    root = tmp_path_factory.mktemp("lora")
+    base = root / "sd"
+    _write_tiny_sd(base)
+    cfg = load_config("trainer/configs/tiny.yaml", [
+        f"data.dataset={train_dataset}", f"model.base={base}", "stage1.steps=3", "stage1.lora_rank=4",
+        "stage1.lora_alpha=8", "stage1.lr=0.01", "stage1.ema.enabled=true", "stage1.ema.decay=0.5",
+        "scaling.num_workers=0", "run.checkpoint_every=100"])
+    [result] = train(cfg, [1], "lora", str(root / "runs"), local_device="cpu")
+    assert result.steps == 3
+    return base, root / "runs" / "lora"
+
+
+def _unet_out(unet: nn.Module) -> torch.Tensor:
+    """The UNet's output on a fixed latent input (seamless, as DiffPano runs every UNet)."""
+    g = torch.Generator().manual_seed(3)
+    x, emb = torch.randn(2, 4, 8, 16, generator=g), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        return make_seamless(unet.eval())(x, torch.tensor([10, 700]), encoder_hidden_states=emb).sample
+
+
+def test_stage1_lora_is_a_diffusers_file_that_diffusers_and_load_lora_apply(lora_run):
+    from diffusers import StableDiffusionPipeline
+
+    from diffpano.modelio import load_model
+
+    base, run = lora_run
+    assert (run / "lora" / LORA_FILE).is_file()
+    merged = _unet_out(load_model(run / "stage1-model", "cpu").unet)  # the export, the LoRA merged
+    plain = _unet_out(StableDiffusionPipeline.from_pretrained(base).unet)
+    sd = StableDiffusionPipeline.from_pretrained(base)
+    sd.load_lora_weights(str(run / "lora"))
+    loaded = _unet_out(sd.unet)
+    ours = load_model(base, "cpu")  # a plain SD directory: fresh (zero, so inactive) EA modules are added
+    load_lora(ours, str(run / "lora"))
+    assert not any("lora" in k for k in ours.unet.state_dict())  # fused
+    fused = _unet_out(ours.unet)
+    print(f"max |diffusers+lora - merged export| {(loaded - merged).abs().max():.3g}, "
+          f"max |load_lora - merged export| {(fused - merged).abs().max():.3g}, "
+          f"LoRA delta {(merged - plain).abs().max():.3g}")
+    assert (merged - plain).abs().max() > 1e-3  # the LoRA learned something
+    torch.testing.assert_close(loaded, merged, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused, merged, rtol=1e-4, atol=1e-5)
+    half = load_model(base, "cpu")
+    load_lora(half, str(run / "lora"), scale=0.5)
+    w0, w1, w_half = (m.state_dict() for m in (load_model(base, "cpu").unet, ours.unet, half.unet))
+    changed = [k for k in w0 if not torch.equal(w0[k], w1[k])]
+    assert changed and all(k.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight"))
+                           for k in changed)
+    for k in changed:  # scale 0.5 adds half the LoRA's weight delta
+        torch.testing.assert_close(w_half[k], w0[k] + (w1[k] - w0[k]) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_load_lora_from_s3_and_its_errors(lora_run, s3_endpoint, tmp_path):
+    from diffpano import storage
+    from diffpano.modelio import load_model
+
+    base, run = lora_run
+    uri = "s3://diffpano-test/shared/lora"
+    storage.copy_tree(str(run / "lora"), uri)
+    pipe, local = load_model(base, "cpu"), load_model(base, "cpu")
+    load_lora(pipe, uri)
+    load_lora(local, str(run / "lora"))
+    torch.testing.assert_close(_unet_out(pipe.unet), _unet_out(local.unet), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=f"no {LORA_FILE}"):
+        load_lora(pipe, str(tmp_path))
+    moved = {"down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+             "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")}  # other attention names
+    with pytest.raises(ValueError, match="do not match"):
+        load_lora(build_pipeline(tiny_unet_config(4) | moved), str(run / "lora"))
+    wider = {"block_out_channels": (32, 48, 64)}  # the same names, other shapes
+    with pytest.raises(ValueError, match="does not fit"):
+        load_lora(build_pipeline(tiny_unet_config(4) | wider), str(run / "lora"))
+    (tmp_path / "bad").mkdir()
+    save_file({"text_encoder.x.lora.down.weight": torch.zeros(1, 1)}, tmp_path / "bad" / LORA_FILE)
+    with pytest.raises(ValueError, match="do not match"):
+        load_lora(pipe, str(tmp_path / "bad"))
+
+
+def test_generate_applies_a_lora_file_to_a_base_model(lora_run, tmp_path):
+    """`diffpano generate --model BASE --lora RUN/lora`: the tour differs from the base's; a folder without the file
+    is refused naming --lora."""
+    from typer.testing import CliRunner
+
+    from diffpano import storage
+    from diffpano.cli import build_app
+    from diffpano.manifest import read_manifest
+
+    base, run = lora_run
+    runner, app = CliRunner(), build_app()
+    images = {}
+    for name, extra in (("base", []), ("lora", ["--lora", str(run / "lora")])):
+        out = tmp_path / name
+        args = ["generate", "a red room", "--views", "2", "--steps", "2", "--seed", "1", "--model", str(base),
+                "--out", str(out), *extra]
+        result = runner.invoke(app, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        uris = read_manifest(str(out)).to_pandas().sort_values("view_index").image_uri
+        images[name] = [storage.read_bytes(storage.join(str(out), u)) for u in uris]
+    assert images["base"] != images["lora"]
+    result = runner.invoke(app, ["generate", "x", "--model", str(base), "--lora", str(tmp_path), "--out",
+                                 str(tmp_path / "none")])
+    assert result.exit_code == 2 and "--lora" in result.output and not (tmp_path / "none").exists()

@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch.profiler import ProfilerActivity, profile
 
-from diffpano.epipolar import EpipolarAdapter
+from diffpano.epipolar import EpipolarAdapter, epipolar_kwargs
 from diffpano.factory import tiny_unet_config, tiny_vae_config
 from diffpano.seamless import is_seamless, make_seamless
 from diffpano.trajectories import walk
@@ -78,8 +78,7 @@ def test_fresh_ea_modules_give_exactly_the_single_view_output():
     x, emb = torch.randn(4, 3, 16, 32), torch.randn(4, 77, 32)
     with torch.no_grad():
         single = unet(x, 500, encoder_hidden_states=emb).sample
-        with adapter.use(ctx):
-            multi = unet(x, 500, encoder_hidden_states=emb).sample
+        multi = unet(x, 500, encoder_hidden_states=emb, cross_attention_kwargs=epipolar_kwargs(ctx)).sample
     assert torch.equal(single, multi)
 
 
@@ -91,13 +90,9 @@ def test_trained_ea_modules_mix_views_by_pose():
     other = adapter.context(walk(4, spacing=2.5, turn_deg=30).unsqueeze(0))
     with torch.no_grad():
         single = unet(x, 500, encoder_hidden_states=emb).sample
-        with adapter.use(ctx):
-            multi = unet(x, 500, encoder_hidden_states=emb).sample
-        with adapter.use(other):
-            moved = unet(x, 500, encoder_hidden_states=emb).sample
-        adapter.enabled = False
-        with adapter.use(ctx):
-            switched_off = unet(x, 500, encoder_hidden_states=emb).sample
+        multi = unet(x, 500, encoder_hidden_states=emb, cross_attention_kwargs=epipolar_kwargs(ctx)).sample
+        moved = unet(x, 500, encoder_hidden_states=emb, cross_attention_kwargs=epipolar_kwargs(other)).sample
+        switched_off = unet(x, 500, encoder_hidden_states=emb, cross_attention_kwargs=epipolar_kwargs(None)).sample
     assert (multi - single).abs().max() > 1e-3
     assert (multi - moved).abs().max() > 1e-3  # the output depends on the poses
     assert torch.equal(switched_off, single)
@@ -106,14 +101,13 @@ def test_trained_ea_modules_mix_views_by_pose():
 def test_gradients_reach_the_ea_parameters():
     unet, adapter, ctx = multiview_unet()
     x, emb = torch.randn(4, 3, 16, 32), torch.randn(4, 77, 32)
-    with adapter.use(ctx):
-        unet(x, 500, encoder_hidden_states=emb).sample.square().mean().backward()
+    ea = epipolar_kwargs(ctx)
+    unet(x, 500, encoder_hidden_states=emb, cross_attention_kwargs=ea).sample.square().mean().backward()
     for block in adapter.blocks.values():
         assert block.to_out.weight.grad.abs().sum() > 0  # zero-initialised, yet learning starts here
         torch.nn.init.normal_(block.to_out.weight, std=0.1)
     adapter.zero_grad()
-    with adapter.use(ctx):
-        unet(x, 500, encoder_hidden_states=emb).sample.square().mean().backward()
+    unet(x, 500, encoder_hidden_states=emb, cross_attention_kwargs=ea).sample.square().mean().backward()
     for name, p in adapter.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 

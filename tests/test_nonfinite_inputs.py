@@ -11,7 +11,9 @@ import pytest
 from helpers import NON_FINITE, TOUR_FIELDS, plain
 from typer.testing import CliRunner
 
-from diffpano.cli import app
+from diffpano.cli import build_app
+
+app = build_app()
 
 GOOD_SPEC = '{"tour_id": "good", "prompt": "a room", "num_inference_steps": 2}'
 

@@ -54,6 +54,73 @@ def test_epipolar_switch_changes_only_the_multi_view_coupling(tiny_pipe):
     assert np.abs(without[0].astype(int) - noise_first.astype(int)).max() <= 1
 
 
+def test_epipolar_off_equals_a_model_without_ea_modules(tiny_pipe):
+    from diffpano.factory import build_tiny_pipeline
+
+    bare = build_tiny_pipeline(latent=False, seed=0)  # the same weights; its EA modules are zero-initialised
+    bare.set_progress_bar_config(disable=True)
+    assert np.array_equal(tour(tiny_pipe, use_epipolar=False), tour(bare))
+    assert not np.array_equal(tour(tiny_pipe), tour(bare))
+
+
+def test_ancestral_sampler_same_seed_same_tour_and_batching_changes_nothing(tiny_pipe):
+    a, b, other = (tour(tiny_pipe, seed=s, scheduler="euler-a") for s in (7, 7, 8))
+    assert np.array_equal(a, b)
+    assert np.abs(a.astype(int) - other.astype(int)).mean() > 1
+    both = tiny_pipe([["a blue bedroom"] * 3] * 2, torch.stack([walk(3, spacing=0.8)] * 2), seed=[8, 7],
+                     scheduler="euler-a", **FAST).images
+    assert np.abs(both[1].astype(int) - a.astype(int)).max() <= 1
+    assert np.abs(both[0].astype(int) - other.astype(int)).max() <= 1
+
+
+def test_ancestral_sampler_windows_of_a_long_tour_are_batch_independent(tiny_pipe):
+    args = dict(scheduler="euler-a", window_views=3, window_context=1) | FAST
+    alone = tiny_pipe("a red bedroom", walk(5), seed=3, **args).images[0]
+    both = tiny_pipe([["a red bedroom"] * 5, ["a green office"] * 5], torch.stack([walk(5)] * 2), seed=[3, 4],
+                     **args).images
+    assert np.abs(both[0].astype(int) - alone.astype(int)).max() <= 1
+
+
+def test_generator_is_the_same_as_its_seed(tiny_pipe):
+    by_seed = tour(tiny_pipe, seed=5, scheduler="euler-a")
+    out = tiny_pipe("a blue bedroom", walk(3, spacing=0.8), generator=torch.Generator().manual_seed(5),
+                    scheduler="euler-a", **FAST)
+    assert np.array_equal(out.images[0], by_seed) and out.seeds == [5]
+    poses = torch.stack([walk(3, spacing=0.8)] * 2)
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    listed = tiny_pipe([["a blue bedroom"] * 3] * 2, poses, generator=gens, **FAST)
+    seeded = tiny_pipe([["a blue bedroom"] * 3] * 2, poses, seed=[5, 6], **FAST)
+    assert np.array_equal(listed.images, seeded.images) and listed.seeds == [5, 6]
+
+
+def test_ddim_eta_adds_reproducible_noise(tiny_pipe):
+    plain, noisy = tour(tiny_pipe, seed=2, scheduler="ddim"), tour(tiny_pipe, seed=2, scheduler="ddim", eta=1.0)
+    assert np.abs(plain.astype(int) - noisy.astype(int)).mean() > 0.5
+    assert np.array_equal(noisy, tour(tiny_pipe, seed=2, scheduler="ddim", eta=1.0))
+
+
+def test_output_types_and_tuples(tiny_latent_pipe):
+    pipe, poses = tiny_latent_pipe, walk(2)
+    images = pipe("a room", poses, seed=0, **FAST).images
+    assert isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.shape == (1, 2, 16, 32, 3)
+    pil = pipe("a room", poses, seed=0, output_type="pil", **FAST).images
+    assert len(pil) == 1 and len(pil[0]) == 2 and pil[0][1].size == (32, 16)
+    assert np.array_equal(np.asarray(pil[0][1]), images[0, 1])
+    latent = pipe("a room", poses, seed=0, output_type="latent", **FAST).images
+    f = pipe.vae_factor
+    assert isinstance(latent, torch.Tensor) and latent.shape == (1, 2, pipe.unet.config.in_channels, 16 // f, 32 // f)
+    assert np.array_equal(pipe._postprocess(latent, "np"), images)
+    tup = pipe("a room", poses, seed=0, return_dict=False, **FAST)
+    assert isinstance(tup, tuple) and np.array_equal(tup[0], images) and tup[3] == [0]
+    pano = PanoPipeline(pipe.unet, pipe.scheduler, pipe.text_encoder, pipe.tokenizer, vae=pipe.vae)
+    pano.set_progress_bar_config(disable=True)
+    assert pano(["a", "b"], seed=0, **FAST).images.shape == (2, 16, 32, 3)
+    assert [im.size for im in pano(["a", "b"], seed=0, output_type="pil", **FAST).images] == [(32, 16)] * 2
+    assert pano("a", seed=0, output_type="latent", **FAST).images.shape == (1, latent.shape[2], 16 // f, 32 // f)
+    (only,) = pano("a", seed=0, return_dict=False, **FAST)
+    assert only.shape == (1, 16, 32, 3)
+
+
 def test_single_view_pipeline(tiny_pipe):
     pano = PanoPipeline(tiny_pipe.unet, tiny_pipe.scheduler, tiny_pipe.text_encoder, tiny_pipe.tokenizer)
     pano.set_progress_bar_config(disable=True)
@@ -146,6 +213,11 @@ def test_s3_round_trip(tiny_pipe, s3_endpoint, tmp_path, monkeypatch):
         (dict(guidance_scale=float("nan")), "guidance_scale"),
         (dict(seed=-1), "seed"),
         (dict(window_views=2, window_context=2), "window"),
+        (dict(scheduler="heun"), "scheduler"),
+        (dict(seed=1, generator=torch.Generator().manual_seed(1)), "seed/generator"),
+        (dict(generator=[torch.Generator()] * 2), "generator: got 2"),
+        (dict(output_type="pt"), "output_type"),
+        (dict(eta=-1.0), "eta"),
     ],
 )
 def test_bad_input_names_the_field(tiny_pipe, kwargs, field):
@@ -163,7 +235,7 @@ def test_missing_model_directory_is_a_clear_error(tmp_path):
 def test_sd15_shaped_unet_runs_one_multiview_forward_pass():
     from diffusers import UNet2DConditionModel
 
-    from diffpano.epipolar import EpipolarAdapter
+    from diffpano.epipolar import EpipolarAdapter, epipolar_kwargs
     from diffpano.factory import sd_unet_config
     from diffpano.seamless import make_seamless
 
@@ -171,6 +243,8 @@ def test_sd15_shaped_unet_runs_one_multiview_forward_pass():
     adapter = EpipolarAdapter.for_unet(unet)
     assert [t.split(".")[1] for t in adapter.config.targets] == ["2"] * 3 + ["3"] * 3  # the two highest-res blocks
     adapter.attach(unet)
-    with torch.no_grad(), adapter.use(adapter.context(walk(2).unsqueeze(0))):
-        out = unet(torch.randn(2, 4, 32, 64), 500, encoder_hidden_states=torch.randn(2, 77, 768)).sample
+    ea = epipolar_kwargs(adapter.context(walk(2).unsqueeze(0)))
+    with torch.no_grad():
+        out = unet(torch.randn(2, 4, 32, 64), 500, encoder_hidden_states=torch.randn(2, 77, 768),
+                   cross_attention_kwargs=ea).sample
     assert out.shape == (2, 4, 32, 64) and torch.isfinite(out).all()

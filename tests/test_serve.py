@@ -53,6 +53,21 @@ def test_tours_take_explicit_poses_per_view_prompts_and_trajectories(server):
     assert r.json()["views"][0]["height"] == 32
 
 
+def test_a_request_chooses_its_scheduler_and_its_seed_still_reproduces_the_tour(server):
+    """euler-a draws noise at every step: the same seed gives the same tour, another scheduler another tour."""
+    url, _ = server
+    body = {"prompt": "a blue office", "num_views": 2, "num_inference_steps": STEPS, "seed": 9}
+    views = {}
+    for name in ("euler-a", "euler-a", "ddim"):
+        r = post(url, "/v1/tours", body | {"scheduler": name})
+        assert r.status_code == 200, r.text
+        views.setdefault(name, []).append([v["image_png_base64"] for v in r.json()["views"]])
+    assert views["euler-a"][0] == views["euler-a"][1]
+    assert views["euler-a"][0] != views["ddim"][0]
+    r = post(url, "/v1/tours", body | {"scheduler": "plms"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "scheduler"]
+
+
 def test_panorama_is_one_png(server):
     url, _ = server
     r = post(url, "/v1/panoramas", {"prompt": "a blue office", "num_inference_steps": STEPS})
@@ -278,7 +293,7 @@ def test_viewer_draws_a_stored_tour_smoothly_in_headless_chromium_without_consol
 def test_packaged_serve_config_is_valid_and_uses_current_keys():
     from ray.serve.config import AutoscalingConfig
 
-    from serve.app import ServerSettings
+    from serve.ingress import ServerSettings
     from serve.run import load_config
 
     config = load_config(None, {"model": "/models/x"})
@@ -360,7 +375,9 @@ def test_bad_jobs_get_422(server, body, field):
 def test_diffpano_bulk_submits_to_the_endpoint_and_follows_the_job(server):
     from typer.testing import CliRunner
 
-    from diffpano.cli import app
+    from diffpano.cli import build_app
+
+    app = build_app()
 
     url, out = server
     result = CliRunner().invoke(app, ["bulk", "--synthetic", "3", "--views", "2", "--steps", "2", "--endpoint", url,

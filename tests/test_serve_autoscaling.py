@@ -7,12 +7,14 @@ import time
 
 import pytest
 import requests
-from helpers import wait_until
+from helpers import free_port, wait_until
 
-from bench.common import free_port
 from diffpano.manifest import read_manifest
 
 OUTPUT_ROOT = "s3://diffpano-test/served"
+
+
+pytestmark = pytest.mark.ray  # bulk jobs, dataset builds and training run on Ray here
 
 
 @pytest.fixture(scope="module")

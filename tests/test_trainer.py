@@ -18,8 +18,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from diffpano import storage
-from diffpano.cli import app
+from diffpano.cli import build_app
 from trainer.config import load_config
+
+app = build_app()
 
 CONFIG = "trainer/configs/tiny.yaml"
 
@@ -271,8 +273,8 @@ def test_one_stage_ablation_trains_the_unet_with_the_ea_modules():
 def test_local_training_runs_without_ray_and_stops_at_its_time_limit(train_dataset, tmp_path):
     """`--local cpu`: every stage in one process with Ray unimportable; a time limit ends stage 1 early, exported."""
     code = ("import sys; sys.modules['ray'] = None\n"
-            "from diffpano.cli import app\n"
-            "app(sys.argv[1:])")
+            "from diffpano.cli import build_app\n"
+            "build_app()(sys.argv[1:])")
     args = ["train", "all", "--config", CONFIG, "--name", "local", "--storage", str(tmp_path), "--local", "cpu",
             "--set", f"data.dataset={train_dataset}", "--set", "model.arch=tiny-latent", "--set", "vae.steps=2",
             "--set", "vae.strip_rows=8", "--set", "stage1.steps=100000", "--set", "stage1.time_limit_s=4",

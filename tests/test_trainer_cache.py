@@ -31,6 +31,9 @@ from trainer.cache import (
 F16 = dict(rtol=2e-3, atol=2e-3)
 
 
+pytestmark = pytest.mark.ray  # bulk jobs, dataset builds and training run on Ray here
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, s3_endpoint) -> str:
     """A 2-clip x 2-keyframe dataset of 16x32 panoramas (S3 is up first: every job then shares one worker env)."""

@@ -303,7 +303,7 @@ def _write_on_ray(uri: str, items: list[dict], actor: type, actor_kwargs: dict, 
     import ray
     from ray.data.datasource import FilenameProvider
 
-    from trainer.dataset_builder import ensure_ray
+    from trainer.ray_init import ensure_ray
 
     class PartNames(FilenameProvider):
         """Deterministic part names: one per write task."""

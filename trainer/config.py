@@ -57,8 +57,8 @@ class EmaConfig(Strict):
     decay: float = Field(0.999, gt=0.0, lt=1.0)
 
 
-class StageConfig(Strict):
-    """One training stage."""
+class LoopConfig(Strict):
+    """What the training loop of every stage reads: length, batch, optimiser, clipping, EMA, time limit."""
 
     steps: int = Field(100, ge=0)
     batch_size: int = Field(4, ge=1)  # per worker; stage 2: tours (clips) per worker
@@ -68,12 +68,17 @@ class StageConfig(Strict):
     grad_accum: int = Field(1, ge=1, le=1024)
     max_grad_norm: float = Field(1.0, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
+    ema: EmaConfig = EmaConfig()
+
+
+class StageConfig(LoopConfig):
+    """Stage 1 or 2."""
+
     lora_rank: int = Field(0, ge=0, le=1024)  # 0: train the whole UNet (stage 1) / keep it frozen (stage 2)
     lora_alpha: float | None = None
     views: int = Field(4, ge=2, le=64)  # stage 2: views per clip window
     train_unet: bool = False  # stage 2: train the whole UNet with the EA modules (one-stage training, an ablation)
     size: tuple[int, int] | None = None  # [H, W] of this stage; None: data.size
-    ema: EmaConfig = EmaConfig()
 
     @field_validator("size")
     @classmethod
@@ -82,15 +87,13 @@ class StageConfig(Strict):
         return check_size(v)
 
 
-class VaeStageConfig(Strict):
+class VaeStageConfig(LoopConfig):
     """Stage 0: train the VAE of a fresh latent architecture on the dataset's panoramas (reconstruction + KL), or
     fine-tune the decoder of a base model's VAE."""
 
     steps: int = Field(0, ge=0)  # 0: no VAE stage (a base model's VAE, or a pixel-space model)
-    batch_size: int = Field(4, ge=1)
     lr: float = Field(1e-3, gt=0.0, le=1.0)
-    warmup_steps: int = Field(0, ge=0)
-    time_limit_s: float | None = Field(None, gt=0.0)  # stop (and export) after this many seconds of training
+    weight_decay: float = Field(0.01, ge=0.0)  # AdamW's default
     kl_weight: float = Field(1e-6, ge=0.0)
     strip_rows: int | None = Field(None, ge=8)  # train on random full-width strips of this many rows (cheaper)
     # Fine-tune only the decoder of model.base's VAE: the encoder, its latent space and scaling_factor stay as they

@@ -29,7 +29,8 @@ def run_paths(storage_root: str, name: str) -> dict[str, str]:
     """Where a run keeps its pieces below STORAGE/NAME."""
     root = storage.join(storage.absolute(storage_root), name)
     return {"root": root, "init": storage.join(root, "init-model"), "vae": storage.join(root, "vae-model"),
-            "stage1": storage.join(root, "stage1-model"), "model": storage.join(root, "model")}
+            "stage1": storage.join(root, "stage1-model"), "model": storage.join(root, "model"),
+            "lora": storage.join(root, "lora")}  # a stage-1 LoRA alone, in diffusers' format
 
 
 def check_dataset(cfg: TrainConfig) -> None:
@@ -79,9 +80,10 @@ def initial_model(cfg: TrainConfig, target: str) -> str:
 
 
 def loop_config(cfg: TrainConfig, stage: int, paths: dict, init_model: str, caches: tuple) -> dict:
-    """What the stage loop (train_vae or train_stage) gets: config, model to start from, caches, export folder."""
+    """What the stage loop (train_vae or train_stage) gets: config, model to start from, caches, export folders."""
     return {"cfg": cfg.model_dump(mode="json"), "stage": stage, "run_root": paths["root"], "init_model": init_model,
-            "text_cache": caches[0], "latent_cache": caches[1], "export": export_of(paths, stage)}
+            "text_cache": caches[0], "latent_cache": caches[1], "export": export_of(paths, stage),
+            "lora": paths["lora"]}
 
 
 def stage_trainer(cfg: TrainConfig, stage: int, paths: dict, init_model: str, caches: tuple):
@@ -151,7 +153,7 @@ def train(cfg: TrainConfig, stages: list[int], name: str, storage_root: str,
         raise ValueError(f"vae.decoder_only: model.base has no VAE to fine-tune (pixel space): {cfg.model.base}")
     paths = run_paths(storage_root, name)
     if cfg.scaling.num_workers and local_device is None:
-        from trainer.dataset_builder import ensure_ray
+        from trainer.ray_init import ensure_ray
 
         ensure_ray(log_to_driver=True)  # the workers' progress lines
     actors = 0 if local_device else cfg.data.cache_actors

@@ -1,8 +1,8 @@
 """The training session a stage loop runs in: Ray Train's worker context, or one local worker in this process.
 
-The loops (trainer.loop, trainer.vae) reach Ray Train only through these functions. Inside `local(device)` they run
-as the only worker of a session with no Ray at all (no checkpoint to resume, reports kept in memory), which is how a
-machine without Ray trains: one process, one device.
+The training loop (trainer.skeleton, running the stages of trainer.loop and trainer.vae) reaches Ray Train only
+through these functions. Inside `local(device)` it runs as the only worker of a session with no Ray at all (no
+checkpoint to resume, reports kept in memory), which is how a machine without Ray trains: one process, one device.
 """
 
 from __future__ import annotations

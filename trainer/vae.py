@@ -1,32 +1,18 @@
-"""Stage 0, the loop of a Ray Train worker or a local session: the VAE of a fresh latent model on the panoramas, or
-the decoder of a base model's VAE."""
+"""Stage 0 for the training skeleton (trainer.skeleton): the VAE of a fresh latent model on the panoramas, or the
+decoder of a base model's VAE."""
 
 from __future__ import annotations
 
-import time
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers.optimization import get_scheduler
 from torch import nn
 
-from diffpano.modelio import load_model, save_model
-from trainer import session
-from trainer.config import TrainConfig
-from trainer.loop import (
-    Batches,
-    RunLog,
-    _seed,
-    allow_tf32,
-    load_state,
-    log_and_checkpoint,
-    make_dataset,
-    maybe_fail,
-    out_of_time,
-    save_state,
-)
+from diffpano.modelio import save_model
+from trainer import skeleton
+from trainer.loop import make_dataset
+from trainer.skeleton import Loss, Stage, Worker
 
 SCALE_SAMPLES = 64  # panoramas whose latents set the VAE's scaling_factor (unit variance for the UNet)
 
@@ -55,62 +41,42 @@ def strips(x: torch.Tensor, rows: int | None, generator: torch.Generator) -> tor
 
 def train_vae(config: dict) -> None:
     """train_loop_per_worker of stage 0: L1 reconstruction + KL, then the scaling factor, then the export."""
-    cfg = TrainConfig.model_validate(config["cfg"])
-    vcfg, run_root = cfg.vae, config["run_root"]
-    rank, world = session.rank_and_world()
-    device = session.device()
-    _seed(cfg.run.seed * 1000 + rank)
-    allow_tf32(cfg, device)
-    pipe = load_model(config["init_model"], device, torch.float32)
-    for module in (pipe.unet, pipe.text_encoder, pipe.epipolar):
-        module.requires_grad_(False)
-    if vcfg.decoder_only:
-        for module in (pipe.vae.encoder, pipe.vae.quant_conv):
-            if module is not None:
-                module.requires_grad_(False)
-    params = [p for p in pipe.vae.parameters() if p.requires_grad]
-    model = Reconstruct(pipe.vae).train()
-    ddp = session.prepare(model)
-    optimizer = torch.optim.AdamW(params, lr=vcfg.lr)
-    lr_sched = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=vcfg.warmup_steps)
-    step, consumed = 0, 0
-    with session.latest_checkpoint() as d:
-        if d is not None:
-            step, consumed = load_state(d, params, optimizer, lr_sched, None, rank)
-    dataset = make_dataset(cfg, 0, None, 1)
-    data = Batches(dataset, vcfg.batch_size, rank, world, cfg.run.seed, cfg.data.loader_workers, 1, consumed)
-    log = RunLog(run_root, 0) if rank == 0 else None
-    generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + rank * 104729 + step)
-    began = time.monotonic()
-    while step < vcfg.steps:
-        maybe_fail(cfg, step, rank, world, run_root)
-        started = time.perf_counter()
-        x = strips(next(data)["image"], vcfg.strip_rows, generator).to(device)
-        recon, kl = ddp(x, generator)
+    skeleton.run(config, VaeStage)
+
+
+class VaeStage(Stage):
+    """Stage 0: the whole VAE of a fresh latent model, or only the decoder of a base model's VAE."""
+
+    def __init__(self, w: Worker) -> None:
+        super().__init__(w)
+        self.number, self.settings = 0, w.cfg.vae
+        pipe = w.pipe
+        for module in (pipe.unet, pipe.text_encoder, pipe.epipolar):
+            module.requires_grad_(False)
+        if self.settings.decoder_only:
+            for module in (pipe.vae.encoder, pipe.vae.quant_conv):
+                if module is not None:
+                    module.requires_grad_(False)
+        self.params = [p for p in pipe.vae.parameters() if p.requires_grad]
+        self.model = Reconstruct(pipe.vae).train()
+        self.dataset = make_dataset(w.cfg, 0, None, 1)
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> Loss:
+        """L1 reconstruction of random strips plus kl_weight x KL."""
+        x = strips(batch["image"], self.settings.strip_rows, generator).to(self.w.device)
+        recon, kl = model(x, generator)
         l1 = F.l1_loss(recon, x)
-        loss = l1 + vcfg.kl_weight * kl
-        loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
-        optimizer.step()
-        lr_sched.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        metrics = {"loss": loss.item(), "l1": l1.item(), "kl": kl.item(), "lr": lr_sched.get_last_lr()[0],
-                   "grad_norm": grad_norm, "samples_per_s": x.shape[0] * world / (time.perf_counter() - started),
-                   "step": step, "time": time.time()}
-        stop = out_of_time(began, vcfg.time_limit_s, world, device)
-        log_and_checkpoint(cfg, log, metrics, step if stop else vcfg.steps,
-                           partial(save_state, params=params, optimizer=optimizer, lr_sched=lr_sched,
-                                   ema=None, step=step, consumed=data.consumed, rank=rank))
-        if stop:
-            break
-    if rank == 0:
+        return Loss(l1 + self.settings.kl_weight * kl, x.shape[0], {"l1": l1.item(), "kl": kl.item()})
+
+    def export(self, step: int) -> None:
+        """The model directory with the trained VAE and (a whole VAE trained) its measured scaling factor."""
+        pipe, export = self.w.pipe, self.w.config["export"]
         pipe.vae.eval()
-        if not vcfg.decoder_only:  # an unchanged encoder keeps the scaling_factor the UNet was trained with
-            pipe.vae.register_to_config(scaling_factor=latent_scale(pipe, dataset))
-        pipe.model_name = f"{Path(run_root).name}-vae@{step}"
-        save_model(pipe, config["export"])
-        print(f"vae: exported {config['export']} (scaling_factor {pipe.vae.config.scaling_factor:.4f})", flush=True)
+        if not self.settings.decoder_only:  # an unchanged encoder keeps the scaling_factor the UNet was trained with
+            pipe.vae.register_to_config(scaling_factor=latent_scale(pipe, self.dataset))
+        pipe.model_name = f"{Path(self.w.config['run_root']).name}-vae@{step}"
+        save_model(pipe, export)
+        print(f"vae: exported {export} (scaling_factor {pipe.vae.config.scaling_factor:.4f})", flush=True)
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ panorama; prompts are parsed for the room type and wall colour they state, and t
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Sequence
@@ -22,14 +23,18 @@ from diffpano.data.materials import WALL_COLOURS
 from diffpano.data.render import SceneRenderer, camera_pose
 from diffpano.data.scenes import ROOM_TYPES, Room, Scene, generate_scene
 from diffpano.geometry import check_panorama_size
+from diffpano.metrics.images import channels_first, float_images
 from diffpano.modelio import pick_device
 from diffpano.seamless import make_seamless
+from diffpano.trajectories import walk
 
 INPUT_SIZE = (64, 128)
 COLOURS = tuple(WALL_COLOURS)
 BUNDLED = Path(__file__).resolve().parent.parent / "assets" / "metrics" / "adherence"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 CAMERA_CLEARANCE = 0.35  # metres from walls and furniture footprints
+HELD_OUT_SEED_OFFSET = 1_000_003  # the classifier's held-out scenes: seed + this, so they are not training scenes
+FLOORS = ("a wooden floor", "a carpet", "a tiled floor", "a stone floor")
 
 _SPELLINGS = {"grey": "gray", "livingroom": "living room"}
 _ROOM_WORDS = {**{t: t for t in ROOM_TYPES}, "corridor": "hallway", "lounge": "living room"}
@@ -123,22 +128,10 @@ class AdherenceClassifier(nn.Module):
 
 def _as_input(panoramas: np.ndarray | torch.Tensor, arg: str = "panoramas") -> torch.Tensor:
     """(N, 3, 64, 128) float in [0, 1] of uint8 (N, H, W, 3) images or float (N, 3, H, W) tensors in [0, 1]."""
-    x = panoramas if isinstance(panoramas, torch.Tensor) else torch.as_tensor(np.asarray(panoramas))
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4 or 3 not in (x.shape[1], x.shape[-1]):
-        raise ValueError(f"{arg}: expected (N, H, W, 3) uint8 or (N, 3, H, W) images, got {tuple(x.shape)}")
-    if x.shape[-1] == 3 and x.shape[1] != 3:
-        x = x.permute(0, 3, 1, 2)
+    x = channels_first(panoramas, arg, single=True)
     check_panorama_size(int(x.shape[2]), int(x.shape[3]), field=arg)
-    if x.dtype == torch.uint8:
-        x = x.float() / 255.0
-    else:
-        x = x.float()
-        if x.numel() and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
-            raise ValueError(f"{arg}: float images must be in [0, 1], got [{x.min():.3f}, {x.max():.3f}]")
     # Area averaging: a generated 256x512 panorama looks like a supersampled rendering, not an aliased one.
-    return x if tuple(x.shape[-2:]) == INPUT_SIZE else F.interpolate(x, size=INPUT_SIZE, mode="area")
+    return float_images(x, name=arg, check_range=True, size=INPUT_SIZE)
 
 
 @torch.no_grad()
@@ -340,3 +333,23 @@ def adherence(model: AdherenceClassifier, panoramas: np.ndarray | torch.Tensor, 
         "rooms_unstated": len(x) - len(room_hits), "walls_unstated": len(x) - len(wall_hits),
         "count": len(x),
     }
+
+
+def prompts_grid() -> list[str]:
+    """The model card's 72 prompts: one per (wall colour, room type), in the dataset captions' style, floors cycling."""
+    out = []
+    for i, (colour, room) in enumerate(itertools.product(COLOURS, ROOM_TYPES)):
+        article = "An" if room[0] in "aeiou" else "A"
+        out.append(f"{article} {room} with {colour} walls and {FLOORS[i % len(FLOORS)]}.")
+    return out
+
+
+def prompt_panoramas(pipe, prompts: Sequence[str], **gen) -> np.ndarray:
+    """One panorama per prompt (N, H, W, 3) uint8 from a pipeline, prompt i with seed i, in batches of 12 one-view
+    tours; gen is passed on to the pipeline (height, width, num_inference_steps, guidance_scale, ...)."""
+    images = []
+    for i in range(0, len(prompts), 12):
+        chunk = list(prompts[i : i + 12])
+        out = pipe([[p] for p in chunk], np.stack([walk(1)] * len(chunk)), seed=list(range(i, i + len(chunk))), **gen)
+        images.append(out.images[:, 0])
+    return np.concatenate(images)

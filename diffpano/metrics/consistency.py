@@ -6,29 +6,14 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from diffpano.geometry import circular_grid_sample, epipolar_samples, nearest_views
+from diffpano.metrics.images import float_images, resize
 from diffpano.reprojection import warp
 
 EVAL_SIZE = (64, 128)
 NULL_EPS = 1e-4  # below this the images have no texture to match: no evidence of consistency
-
-
-def as_unit_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) float in [0, 1] of uint8 (N, H, W, 3) arrays or float (N, 3, H, W) tensors."""
-    x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
-    if x.ndim != 4:
-        raise ValueError(f"images: expected 4 dimensions (N, H, W, 3) or (N, 3, H, W), got {tuple(x.shape)}")
-    if x.shape[-1] == 3 and x.shape[1] != 3:
-        x = x.permute(0, 3, 1, 2)
-    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-
-
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Area-averaged resize (a low-pass, so sampling the arcs does not alias)."""
-    return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode="area")
 
 
 def epipolar_error(
@@ -46,7 +31,8 @@ def epipolar_error(
         raise ValueError(f"poses: need N >= 2 views with one pose and one image each, got {n} poses, "
                          f"{targets.shape[0]} targets, {references.shape[0]} references")
     h, w = size
-    tgt, ref = _resize(targets, size), _resize(references, size)
+    # Area averaging is a low-pass, so sampling the arcs does not alias.
+    tgt, ref = resize(targets, size), resize(references, size)
     idx, valid = nearest_views(poses, 1)
     samples = epipolar_samples(poses, idx, valid, h, w, num_samples, near, far)
     grid = samples.grid[:, 0]  # (N, hw, S, 2)
@@ -65,13 +51,13 @@ def epipolar_consistency(images, poses, num_samples: int = 64, size: tuple[int, 
     one scene, and 0 (no evidence) for textureless images whose null error vanishes. With `unrelated` images
     (views of other scenes at the same positions) their error is reported too.
     """
-    x = as_unit_images(images)
+    x = float_images(images)
     err = epipolar_error(x, x, poses, num_samples, size=size)
     err_null = epipolar_error(x, torch.roll(x, x.shape[-1] // 2, dims=-1), poses, num_samples, size=size)
     out = {"epipolar_error": err, "epipolar_error_null": err_null,
            "epipolar_score": 0.0 if err_null < NULL_EPS else max(0.0, 1.0 - err / err_null)}
     if unrelated is not None:
-        out["epipolar_error_unrelated"] = epipolar_error(x, as_unit_images(unrelated), poses, num_samples, size=size)
+        out["epipolar_error_unrelated"] = epipolar_error(x, float_images(unrelated), poses, num_samples, size=size)
     return out
 
 
@@ -92,10 +78,9 @@ def reprojection_scores(images, depths: np.ndarray, poses: np.ndarray, min_overl
     images (N, ...) are the views to score; depths (N, H, W) metres and poses (N, 4, 4) are the ground truth.
     Pairs (i, i+1) both ways; PSNR of identical overlaps is infinite and is capped at 100 dB for the mean.
     """
-    x = as_unit_images(images)
+    x = float_images(images)
     depths, poses = np.asarray(depths, np.float32), np.asarray(poses, np.float64)
-    if x.shape[-2:] != depths.shape[-2:]:
-        x = F.interpolate(x, size=depths.shape[-2:], mode="area")
+    x = resize(x, depths.shape[-2:])
     psnrs, ssims = [], []
     for i in range(len(x) - 1):
         for s, t in ((i, i + 1), (i + 1, i)):

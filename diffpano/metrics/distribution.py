@@ -10,12 +10,8 @@ import torch
 from scipy import linalg
 from scipy.special import rel_entr
 
-from diffpano.metrics.features import (
-    MISSING,
-    FeatureExtractor,
-    TextImageScorer,
-    to_uint8,
-)
+from diffpano.metrics.features import MISSING, FeatureExtractor, TextImageScorer
+from diffpano.metrics.images import to_uint8
 from diffpano.metrics.views import CROP_SIZE, VIEW_FAMILIES, check_panoramas, view_images, views_per_panorama
 
 CLIP_FAMILIES = ("full", "horizontal")

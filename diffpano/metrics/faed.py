@@ -15,6 +15,7 @@ from torch import nn
 
 from diffpano import storage
 from diffpano.metrics.distribution import RunningStats, frechet_distance
+from diffpano.metrics.images import float_images, scale_values
 from diffpano.seamless import make_seamless
 
 CONFIG_FILE = "config.json"
@@ -80,28 +81,19 @@ def _check_size(x: torch.Tensor) -> None:
         )
 
 
-def to_signed(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images (0..255) or float images in [0, 1] as float32 in [-1, 1]."""
-    if images.dtype == torch.uint8:
-        return images.float() / 127.5 - 1
-    if not images.is_floating_point():
-        raise ValueError(f"images: expected uint8 or float in [0, 1], got {images.dtype}")
-    return images.float() * 2 - 1
-
-
 def _item_image(item: object) -> torch.Tensor:
     """One training image as float in [-1, 1]: a PanoramaDataset dict (its 'image' is in [-1, 1]) or a tensor."""
     if isinstance(item, dict):
         return item["image"].float()
     if isinstance(item, torch.Tensor):
-        return to_signed(item)
+        return scale_values(item, "signed")
     raise TypeError(f"images: expected tensors or dicts with 'image', got {type(item).__name__}")
 
 
 def _training_batches(source: object, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Endless batches (b, 3, H, W) in [-1, 1] of a tensor, a map-style dataset or a re-iterable of images."""
     if isinstance(source, torch.Tensor):
-        images = to_signed(source)
+        images = float_images(source, "signed", layout="nchw")
         while True:
             yield images[torch.randint(images.shape[0], (batch_size,), generator=generator)]
     if hasattr(source, "__len__") and hasattr(source, "__getitem__"):
@@ -168,7 +160,7 @@ def reconstruction_error(model: PanoAutoencoder, images: torch.Tensor, batch_siz
     total, count = 0.0, 0
     with torch.inference_mode():
         for chunk in images.split(batch_size):
-            x = to_signed(chunk)
+            x = float_images(chunk, "signed", layout="nchw")
             total += float(F.l1_loss(model(x), x, reduction="sum"))
             count += x.numel()
     return total / count
@@ -179,7 +171,7 @@ def autoencoder_features(model: PanoAutoencoder, images: torch.Tensor, batch_siz
     out = []
     with torch.inference_mode():
         for chunk in images.split(batch_size):
-            latent = model.encode(to_signed(chunk)).double()
+            latent = model.encode(float_images(chunk, "signed", layout="nchw")).double()
             rows = latent.shape[-2]
             # Latitude of each latent row's centre (docs/geometry.md), so no row gets weight 0.
             lat = math.pi / 2 - math.pi * (torch.arange(rows, dtype=torch.float64) + 0.5) / rows

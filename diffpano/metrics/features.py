@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffpano.metrics.images import float_images, resize
+
 INCEPTION_SIZE = 299
 _SCORER_CONV_DIM = 32
 MISSING: dict[str, str] = {
@@ -67,22 +69,6 @@ def check_images(images: torch.Tensor, name: str = "images") -> None:
         raise ValueError(f"{name}: expected uint8 images, got {images.dtype}")
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images unchanged; float images in [0, 1] scaled to 0..255 and rounded."""
-    if images.dtype == torch.uint8:
-        return images
-    if not images.is_floating_point():
-        raise ValueError(f"images: expected uint8 or float in [0, 1], got {images.dtype}")
-    return (images.float() * 255).round().clamp(0, 255).to(torch.uint8)
-
-
-def resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Float images (N, C, H, W) resized bilinearly (antialiased when shrinking) to height x width."""
-    if tuple(images.shape[-2:]) == (height, width):
-        return images
-    return F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-
-
 class TorchScriptInception:
     """FID/IS Inception-v3 from a TorchScript file (clean-fid / StyleGAN3 `inception-2015-12-05.pt` convention)."""
 
@@ -98,7 +84,7 @@ class TorchScriptInception:
         check_images(images)
         out = []
         for chunk in images.split(self.batch_size):
-            x = resize(chunk.to(self.device, torch.float32), INCEPTION_SIZE, INCEPTION_SIZE)
+            x = resize(chunk.to(self.device, torch.float32), (INCEPTION_SIZE, INCEPTION_SIZE), "bilinear")
             x = x.round().clamp(0, 255).to(torch.uint8)
             with torch.inference_mode():
                 y = self.model(x, return_features=True) if return_features else self.model(x)
@@ -192,8 +178,8 @@ class SmallFeatureNet:
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images as float in [-1, 1] at the net's square input size."""
-        x = images.float() / 127.5 - 1
-        return resize(x, self.input_size, self.input_size)
+        size = (self.input_size, self.input_size)
+        return float_images(images, "signed", layout="nchw", size=size, resize_mode="bilinear")
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled features (N, dim) float64 of uint8 images (N, 3, H, W)."""
@@ -241,7 +227,7 @@ class SmallTextImageScorer:
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Conv features plus per-channel mean and std of uint8 images, (N, conv dim + 6) float64."""
         check_images(images)
-        x = images.double() / 255
+        x = float_images(images, dtype=torch.float64, layout="nchw")
         stats = torch.cat((x.mean(dim=(2, 3)), x.std(dim=(2, 3))), dim=1)
         return torch.cat((self.net.features(images), stats), dim=1)
 

@@ -10,27 +10,17 @@ import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from diffpano.metrics.features import MissingWeights
+from diffpano.metrics.images import float_images
 
 PSNR_CAP = 100.0  # dB; identical images have infinite PSNR
 SSIM_PAD = 5  # half-width of torchmetrics' default 11-tap Gaussian window (sigma 1.5)
 LPIPS_BACKBONES = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}
 
 
-def to_unit(images: torch.Tensor, name: str = "images") -> torch.Tensor:
-    """Images (N, C, H, W) as float64 in [0, 1]: uint8 divided by 255, floats taken to be in [0, 1] already."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4:
-        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"{name}: expected a tensor of shape (N, C, H, W), got {got}")
-    if images.dtype == torch.uint8:
-        return images.double() / 255
-    if not images.is_floating_point():
-        raise ValueError(f"{name}: expected uint8 or float in [0, 1], got {images.dtype}")
-    return images.double()
-
-
 def _pair(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """pred and target in [0, 1] float64, or raise ValueError unless they have the same shape."""
-    p, t = to_unit(pred, "pred"), to_unit(target, "target")
+    p = float_images(pred, name="pred", dtype=torch.float64, layout="nchw")
+    t = float_images(target, name="target", dtype=torch.float64, layout="nchw")
     if p.shape != t.shape:
         raise ValueError(f"pred/target: shapes differ, {tuple(p.shape)} vs {tuple(t.shape)}")
     return p, t

@@ -40,20 +40,33 @@ def save_figure(fig, uri: str) -> str:
     return uri
 
 
+CELL_WIDTH = 3.2  # inches per panorama: 352 pixels at save_figure's 110 dpi
+TITLE_HEIGHT = 0.32  # inches above each row for two lines of prompt
+GAP = 0.08  # inches between cells and between rows
+
+
 def tour_grid(tours: list[tuple[np.ndarray, list[str]]], uri: str, max_tours: int = 4, max_views: int = 4) -> str:
-    """A grid of sample tours: one row per tour, one panorama per view, the first view's prompt above each row."""
+    """A grid of sample tours: one row per tour, one panorama per view, the first view's prompt above each row.
+
+    Each cell keeps the panoramas' aspect (W = 2H): the figure's size is computed from the grid, and every image
+    fills an axes of its own shape, placed in inches, so neither matplotlib's layout nor the figure squashes it.
+    """
     tours = tours[:max_tours]
     cols = max(1, min(max_views, max(len(images) for images, _ in tours)))
-    fig, axes = plt.subplots(len(tours), cols, figsize=(3.2 * cols, 2.0 * len(tours)), squeeze=False)
+    shapes = [np.shape(images[0])[:2] for images, _ in tours if len(images)]
+    h, w = shapes[0] if shapes else (1, 2)
+    cell_h = CELL_WIDTH * h / w
+    row_h = TITLE_HEIGHT + cell_h
+    fig_w, fig_h = cols * CELL_WIDTH + (cols - 1) * GAP, len(tours) * row_h + (len(tours) - 1) * GAP
+    fig = plt.figure(figsize=(fig_w, fig_h))
     for r, (images, prompts) in enumerate(tours):
-        for c in range(cols):
-            ax = axes[r][c]
+        bottom = fig_h - r * (row_h + GAP) - row_h  # inches from the figure's bottom edge
+        for c in range(min(cols, len(images))):
+            ax = fig.add_axes((c * (CELL_WIDTH + GAP) / fig_w, bottom / fig_h, CELL_WIDTH / fig_w, cell_h / fig_h))
+            ax.imshow(images[c], aspect="equal", interpolation="nearest")
             ax.axis("off")
-            if c < len(images):
-                ax.imshow(images[c], aspect="auto", interpolation="nearest")
         text = "\n".join(textwrap.wrap(prompts[0], 40 * cols)[:2])
-        axes[r][0].set_title(text, loc="left", fontsize=7)
-    fig.tight_layout()
+        fig.text(0, (bottom + cell_h + GAP / 2) / fig_h, text, fontsize=7, ha="left", va="bottom")
     return save_figure(fig, uri)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from diffpano.metrics.consistency import as_unit_images
+from diffpano.metrics.images import float_images
 
 EPS = 1e-6
 
@@ -23,7 +23,7 @@ def column_jumps(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def seam_scores(images) -> dict:
     """Seam colour and gradient jumps relative to the mean interior column pair (1 = as smooth as the inside)."""
-    x = as_unit_images(images)
+    x = float_images(images)
     colour, gradient = column_jumps(x)
     inner_c, inner_g = colour[:, :-1].mean(-1), gradient[:, 1:-1].mean(-1)
     seam_c = colour[:, -1] / (inner_c + EPS)

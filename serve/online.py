@@ -1,59 +1,18 @@
 """Online bulk jobs (POST /v1/jobs): tours of a spec list sent through the model deployment, resumable from output."""
 
+from __future__ import annotations
+
 import asyncio
 import json
-import re
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Literal
-
-from pydantic import BaseModel, Field, field_validator, model_validator
 
 from diffpano import storage
-from diffpano.manifest import read_manifest
-from serve.bulk import BulkSpec, read_spec_rows, validate_specs
-from serve.schemas import Strict
+from diffpano.specs import BulkSpec, read_spec_rows, validate_specs
+from diffpano.tours import error_text, pending, record_failures
+from serve.schemas import JobRequest, JobStatus, State
 
-MAX_INLINE_SPECS = 10_000
-PREFIX = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_./-]{0,255}$")
 BACKOFF_S = 1.0
-
-State = Literal["queued", "running", "done", "failed", "cancelled"]
-
-
-class JobRequest(Strict):
-    """POST /v1/jobs: specs inline or a specs URI, and a prefix under the server's output root."""
-
-    specs: list[dict] | None = Field(None, min_length=1, max_length=MAX_INLINE_SPECS)
-    specs_uri: str | None = Field(None, max_length=1024)
-    output: str | None = Field(None, max_length=256)
-
-    @field_validator("output")
-    @classmethod
-    def _relative(cls, v: str | None) -> str | None:
-        """A relative prefix without '..': the job writes below the server's root only."""
-        if v is not None and (not PREFIX.match(v) or ".." in v.split("/")):
-            raise ValueError("output: a relative prefix of letters, digits, '-', '_', '.', '/' without '..'")
-        return v
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "JobRequest":
-        """Exactly one of specs/specs_uri."""
-        if (self.specs is None) == (self.specs_uri is None):
-            raise ValueError("specs/specs_uri: give exactly one of them")
-        return self
-
-
-class JobStatus(BaseModel):
-    """A job as GET /v1/jobs/{id} reports it."""
-
-    job_id: str
-    state: State
-    tours_total: int
-    tours_done: int
-    tours_failed: int
-    tours_running: int  # generating now; after a cancel, 0 means the job has stopped writing
-    manifest_uri: str
 
 
 class Job:
@@ -152,7 +111,7 @@ class JobRunner:
             await self._generate_all(job)
         except Exception as err:  # noqa: BLE001 - reported through the job's status
             job.state = "failed"
-            job.errors.append({"tour_id": None, "error": f"{type(err).__name__}: {err}"})
+            job.errors.append({"tour_id": None, "error": error_text(err)})
         try:
             await self._save(job)
         except OSError:
@@ -160,8 +119,8 @@ class JobRunner:
 
     async def _generate_all(self, job: Job) -> None:
         """Generate the specs not yet in the output's manifest, a few at a time."""
-        present = set(await asyncio.to_thread(lambda: read_manifest(job.out).column("tour_id").to_pylist()))
-        job.done = sum(s.tour_id in present for s in job.specs)
+        todo = await asyncio.to_thread(pending, job.out, job.specs)
+        job.done = len(job.specs) - len(todo)
         job.state = "running"
         gate = asyncio.Semaphore(self.concurrency)
 
@@ -175,14 +134,11 @@ class JobRunner:
                     job.done += 1
                 except Exception as err:  # noqa: BLE001 - a failing tour is recorded, the rest go on
                     job.failed += 1
-                    job.errors.append({"tour_id": spec.tour_id, "error": f"{type(err).__name__}: {err}"})
+                    job.errors.append({"tour_id": spec.tour_id, "error": error_text(err)})
                 finally:
                     job.running -= 1
 
-        await asyncio.gather(*(one(s) for s in job.specs if s.tour_id not in present))
-        if job.errors:
-            data = "\n".join(json.dumps(e) for e in job.errors).encode() + b"\n"
-            await asyncio.to_thread(storage.write_bytes, storage.join(job.out, "failures", f"{job.job_id}.jsonl"),
-                                    data)
+        await asyncio.gather(*(one(s) for s in todo))
+        await asyncio.to_thread(record_failures, job.out, job.job_id, job.errors)
         if not job.cancelled:
             job.state = "done" if not job.failed or job.done else "failed"

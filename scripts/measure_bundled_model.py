@@ -6,8 +6,10 @@ Figures (held-out: prompts built from the 12 colours x 6 room types, and clips o
 - seam: colour jump between the last and first column / mean interior jump, median over views (goal <= 1);
 - consistency: epipolar error between neighbouring views of held-out tours, over the same error against views of
   unrelated tours (goal <= 0.6) and over the error of the same model with its EA modules off (goal <= 0.8);
-- an S x K grid of the same model (inference-time reference views K and samples S).
-Run: python bench/bundled_model.py --heldout outputs/dataset-heldout [--model DIR] [--out outputs/bundled-eval]
+- an S x K grid of the same model (inference-time reference views K and samples S);
+- the model card's pictures: heldout_tours.png (6 held-out tours) and prompt_grid.png (the first 24 prompts).
+Run: python scripts/measure_bundled_model.py --heldout outputs/dataset-heldout [--model DIR] [--out DIR]
+     [--pictures-only] (only the two pictures, same prompts, tours and seeds: no figures.json)
 """
 
 from __future__ import annotations
@@ -22,43 +24,24 @@ import numpy as np
 import torch
 
 from diffpano.data.materials import WALL_COLOURS
-from diffpano.data.scenes import ROOM_TYPES
+from diffpano.defaults import DEFAULT_GUIDANCE
 from diffpano.evaluation import select_eval_tours
-from diffpano.metrics.adherence import adherence, load_classifier
-from diffpano.metrics.consistency import as_unit_images, epipolar_error
+from diffpano.metrics.adherence import adherence, load_classifier, predict, prompt_panoramas, prompts_grid
+from diffpano.metrics.consistency import epipolar_error
+from diffpano.metrics.images import float_images
 from diffpano.metrics.report import tour_grid
 from diffpano.metrics.seam import column_jumps
 from diffpano.modelio import resolve_model
-from diffpano.pipelines import DEFAULT_GUIDANCE
 from diffpano.trajectories import walk
 
 GOALS = {"tour_seconds": 30.0, "wall_accuracy": 0.80, "room_accuracy": 0.70, "seam_colour_ratio_median": 1.0,
          "epipolar_vs_unrelated": 0.6, "epipolar_vs_no_ea": 0.8}
-FLOORS = ("a wooden floor", "a carpet", "a tiled floor", "a stone floor")
-
-
-def prompts_grid() -> list[str]:
-    """One prompt per (wall colour, room type), in the dataset captions' style, floors cycling."""
-    out = []
-    for i, (colour, room) in enumerate(itertools.product(WALL_COLOURS, ROOM_TYPES)):
-        article = "An" if room[0] in "aeiou" else "A"
-        out.append(f"{article} {room} with {colour} walls and {FLOORS[i % len(FLOORS)]}.")
-    return out
-
-
-def prompt_panoramas(pipe, prompts: list[str], **gen) -> np.ndarray:
-    """One panorama per prompt (N, H, W, 3), prompt i with seed i, in batches of 12 one-view tours."""
-    images = []
-    for i in range(0, len(prompts), 12):
-        chunk = prompts[i : i + 12]
-        out = pipe([[p] for p in chunk], np.stack([walk(1)] * len(chunk)), seed=list(range(i, i + len(chunk))), **gen)
-        images.append(out.images[:, 0])
-    return np.concatenate(images)
+PICTURE_TOURS, PICTURE_PROMPTS = 6, 24  # held-out tours and prompts (4 to a row) the model card's pictures show
 
 
 def seam_ratios(images: np.ndarray) -> np.ndarray:
     """Per view: seam colour jump / mean interior column jump."""
-    colour, _ = column_jumps(as_unit_images(images))
+    colour, _ = column_jumps(float_images(images))
     return (colour[:, -1] / (colour[:, :-1].mean(-1) + 1e-8)).numpy()
 
 
@@ -66,11 +49,19 @@ def tour_errors(tours: list[np.ndarray], poses: list[np.ndarray]) -> tuple[float
     """Mean epipolar error of the tours' neighbouring views, and against the next tour's views (unrelated)."""
     own, unrelated = [], []
     for i, (images, p) in enumerate(zip(tours, poses, strict=True)):
-        x = as_unit_images(images)
-        other = as_unit_images(tours[(i + 1) % len(tours)])
+        x = float_images(images)
+        other = float_images(tours[(i + 1) % len(tours)])
         own.append(epipolar_error(x, x, p))
         unrelated.append(epipolar_error(x, other, p))
     return float(np.mean(own)), float(np.mean(unrelated))
+
+
+def write_pictures(out: Path, images: np.ndarray, prompts: list[str], tours: list[np.ndarray], held: list) -> None:
+    """The model card's pictures: the first held-out tours, and the first prompts' panoramas 4 to a row."""
+    tour_grid([(x, t.prompts) for x, t in zip(tours, held, strict=False)], str(out / "heldout_tours.png"),
+              max_tours=PICTURE_TOURS)
+    tour_grid([(images[i : i + 4], [" | ".join(prompts[i : i + 4])]) for i in range(0, PICTURE_PROMPTS, 4)],
+              str(out / "prompt_grid.png"), max_tours=PICTURE_PROMPTS // 4)
 
 
 def main() -> None:
@@ -85,6 +76,8 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--size", default="128x256")
     parser.add_argument("--skip-grid", action="store_true", help="leave out the S x K grid")
+    parser.add_argument("--pictures-only", action="store_true",
+                        help="only write heldout_tours.png and prompt_grid.png (no measurements, no figures.json)")
     args = parser.parse_args()
     h, w = (int(v) for v in args.size.split("x"))
     out = Path(args.out)
@@ -93,6 +86,13 @@ def main() -> None:
     pipe = resolve_model(args.model, "cpu")
     pipe.set_progress_bar_config(disable=True)
     gen = dict(height=h, width=w, num_inference_steps=args.steps, guidance_scale=args.guidance)
+    if args.pictures_only:
+        prompts = prompts_grid()[:PICTURE_PROMPTS]
+        # The same selection as a full run (it depends on --tours), of which the pictures show the first tours.
+        held = select_eval_tours(args.heldout, args.tours, args.views, seed=0, load=False)[:PICTURE_TOURS]
+        tours = [pipe(t.prompts, t.poses, seed=t.seed, **gen).images[0] for t in held]
+        write_pictures(out, prompt_panoramas(pipe, prompts, **gen), prompts, tours, held)
+        return
     results: dict = {"model": pipe.model_name, "size": [h, w], "steps": args.steps, "guidance": args.guidance}
 
     prompt = "A bedroom with blue walls and a wooden floor. A white bed stands under the window."
@@ -107,8 +107,6 @@ def main() -> None:
     results |= {"wall_accuracy": adh["wall_accuracy"], "room_accuracy": adh["room_accuracy"],
                 "adherence_prompts": len(prompts)}
     per_colour = {}
-    from diffpano.metrics.adherence import predict
-
     _, walls = predict(load_classifier(), images)
     for colour in WALL_COLOURS:
         idx = [i for i, p in enumerate(prompts) if f" {colour} walls" in p]
@@ -137,10 +135,7 @@ def main() -> None:
             grid.append({"K": k, "S": s, "epipolar_error": e})
         results["sk_grid"] = grid
 
-    tour_grid([(x, t.prompts) for x, t in zip(with_ea, held, strict=True)], str(out / "heldout_tours.png"),
-              max_tours=6)
-    tour_grid([(images[i : i + 4], [" | ".join(prompts[i : i + 4])]) for i in range(0, 24, 4)],
-              str(out / "prompt_grid.png"), max_tours=6)
+    write_pictures(out, images, prompts, with_ea, held)
     (out / "figures.json").write_text(json.dumps(results, indent=2))
     for key, goal in GOALS.items():
         value = results[key]

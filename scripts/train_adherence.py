@@ -2,7 +2,7 @@
 
 Renders a training set and a held-out set from different scene seeds, trains on one thread by default, prints the
 held-out room and wall accuracy and saves the classifier (config.json + model.safetensors) to --out.
-Run: python bench/train_adherence.py [--scenes 1000] [--views 3] [--steps 1000] [--out DIR] [--seed 0]
+Run: python scripts/train_adherence.py [--scenes 1000] [--views 3] [--steps 1000] [--out DIR] [--seed 0]
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import torch  # noqa: E402
 
 from diffpano.metrics.adherence import (  # noqa: E402
     BUNDLED,
+    HELD_OUT_SEED_OFFSET,
     accuracy,
     make_training_set,
     save_classifier,
     train_classifier,
 )
-
-HELD_OUT_SEED_OFFSET = 1_000_003  # held-out scenes come from another seed, so they are not training scenes
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Train the FAED panorama autoencoder on procedural panoramas (or a dataset) and save it.
 
-Run: python bench/train_faed.py [--dataset URI] [--scenes 300] [--steps 2000] [--out diffpano/assets/metrics/faed]
+Run: python scripts/train_faed.py [--dataset URI] [--scenes 300] [--steps 2000] [--out diffpano/assets/metrics/faed]
 Without --dataset it renders its own panoramas (random rooms, eye height, random yaw) at 64x128.
 """
 
@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from diffpano.data.loaders import PanoramaDataset
 from diffpano.metrics.adherence import make_training_set
 from diffpano.metrics.faed import reconstruction_error, save_autoencoder, train_autoencoder
+from diffpano.metrics.images import channels_first
 
 SIZE = (64, 128)
 
@@ -35,12 +35,12 @@ def main() -> None:
     torch.set_num_threads(1)
     started = time.perf_counter()
     held_out, _, _ = make_training_set(60, 2, SIZE, seed=args.seed + 10_000)
-    held = torch.from_numpy(held_out).permute(0, 3, 1, 2)
+    held = channels_first(held_out)
     if args.dataset:
         source = PanoramaDataset(args.dataset, size=SIZE, seed=args.seed)
     else:
         images, _, _ = make_training_set(args.scenes, args.views, SIZE, seed=args.seed)
-        source = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        source = channels_first(images)
     print(f"training data ready in {time.perf_counter() - started:.0f}s")
     bar = tqdm(total=args.steps, desc="faed autoencoder")
 

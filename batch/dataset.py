@@ -4,23 +4,15 @@ missing clips."""
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
 from dataclasses import dataclass
 from functools import partial
 
 from tqdm import tqdm
 
+from batch.ray_init import ensure_ray
 from diffpano.data.build import BuildSpec, build_scene, check_spec_file, pending_clips
 from diffpano.storage import worker_env
-
-
-def ensure_ray(log_to_driver: bool = False) -> None:
-    """Join the cluster in RAY_ADDRESS, or start a local one (workers' prints shown here when log_to_driver)."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=log_to_driver, include_dashboard=False)
 
 
 @dataclass

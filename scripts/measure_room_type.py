@@ -2,11 +2,12 @@
 
 Figures:
 - the ceiling: room and wall accuracy of the shipped adherence classifier on renders of its own held-out scenes
-  (bench/train_adherence.py's, here at 128x256), and on the same renders through the model's VAE (what a latent
+  (scripts/train_adherence.py's, here at 128x256), and on the same renders through the model's VAE (what a latent
   model that drew the renderer's rooms exactly would score);
-- room accuracy and the confusion matrix (wanted -> classified) on the bundled benchmark's 72 prompts, same seeds;
+- room accuracy and the confusion matrix (wanted -> classified) on the model card's 72 prompts, same seeds;
 - the same with the room's usual furniture named in each prompt ("The room contains a bed, a nightstand and ...").
-Run: python bench/room_type.py [--model DIR] [--scenes 100] [--out outputs/room-type] (about 11 minutes on 2 cores)
+Run: python scripts/measure_room_type.py [--model DIR] [--scenes 100] [--out outputs/room-type]
+(about 11 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -18,22 +19,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bundled_model import prompt_panoramas, prompts_grid
-from train_adherence import HELD_OUT_SEED_OFFSET
 
 from diffpano.data.captions import a, listing
 from diffpano.data.furniture import PLANS, SPECS
 from diffpano.data.scenes import ROOM_TYPES
+from diffpano.defaults import DEFAULT_GUIDANCE
 from diffpano.metrics.adherence import (
     BUNDLED,
+    HELD_OUT_SEED_OFFSET,
     AdherenceClassifier,
     load_classifier,
     make_training_set,
     parse_prompt,
     predict,
+    prompt_panoramas,
+    prompts_grid,
 )
 from diffpano.modelio import resolve_model
-from diffpano.pipelines import DEFAULT_GUIDANCE
 
 
 def usual_furniture(room: str) -> str:

@@ -1,0 +1,139 @@
+"""Offline bulk jobs: tour specs (docs/bulk-specs.md) in, tours (docs/tours.md) out on a pool of Ray actors, once.
+
+The pool is plain Ray core actors rather than a Ray Data actor pool: Ray Data passes its actors' constructor
+arguments through the object store while asking for restarts, which Ray cannot honour (ray-project/ray#53727,
+logged as an ERROR on every job), and its output reached the driver only at the end, so progress could not move.
+Here each replica is built from plain arguments, restarts after a crash and re-runs the batch it held; a batch's
+manifest part is named after its tour ids, so a re-run batch overwrites rather than duplicates.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from batch.ray_init import ensure_ray
+from diffpano import storage
+from diffpano.defaults import REPLICAS, TOURS_PER_BATCH
+from diffpano.manifest import Tour, commit_tours
+from diffpano.modelio import resolve_model
+from diffpano.specs import BulkSpec, SpecError
+from diffpano.tours import error_text, make_tours, pending, record_failures
+
+
+class TourWriter:
+    """One model replica (a Ray actor): generates a batch of specs and commits them as one manifest part."""
+
+    def __init__(self, model: str | None, out: str, device: str | None = None, threads: int | None = None,
+                 options: dict | None = None) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.pipe = resolve_model(model, device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.out, self.options = out, dict(options or {})
+
+    def write(self, batch: list[str]) -> BatchResult:
+        """Generate the batch's tours (JSON specs), commit the successful ones as one part."""
+        started = time.perf_counter()
+        results = make_tours(self.pipe, [BulkSpec.model_validate_json(s) for s in batch], **self.options)
+        tours = [t for t in results.values() if isinstance(t, Tour)]
+        errors = {tid: error_text(e) for tid, e in results.items() if isinstance(e, Exception)}
+        model_s = time.perf_counter() - started
+        if tours:
+            commit_tours(self.out, tours)
+        return BatchResult(views={t.tour_id: len(t.images) for t in tours}, errors=errors, model_seconds=model_s)
+
+
+@dataclass
+class BatchResult:
+    """What a replica reports for one committed batch."""
+
+    views: dict[str, int]  # tour_id -> views written
+    errors: dict[str, str]  # tour_id -> why it failed
+    model_seconds: float
+
+
+@dataclass
+class BulkSummary:
+    """What a bulk job did."""
+
+    out: str
+    tours_total: int
+    tours_skipped: int
+    tours_done: int = 0
+    views_done: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    invalid: list[SpecError] = field(default_factory=list)
+    seconds: float = 0.0
+    model_seconds: float = 0.0  # replica time spent generating (the rest of replica time is I/O and overhead)
+    failures_uri: str | None = None
+
+    def line(self) -> str:
+        """One-line summary for the console."""
+        rate = self.tours_done / self.seconds if self.seconds else 0.0
+        return (f"bulk {self.out}: {self.tours_done} tours / {self.views_done} views written, "
+                f"{self.tours_skipped} already there, {len(self.failures)} failed, {len(self.invalid)} invalid "
+                f"skipped, {self.seconds:.1f}s ({rate * 3600:.0f} tours/h)")
+
+
+def run_bulk(specs: list[BulkSpec], out: str, model: str | None = None, replicas: int = REPLICAS,
+             batch_size: int = TOURS_PER_BATCH, num_gpus: float = 0.0, cpus_per_replica: float = 1.0,
+             progress: bool = True, invalid: list[SpecError] | None = None, options: dict | None = None) -> BulkSummary:
+    """Generate every spec whose tour is not yet in the manifest under out; failures go to OUT/failures/.
+
+    `options` go to every pipeline call (num_ref_views, num_samples, use_epipolar: what an ablation varies).
+    """
+    out = storage.absolute(out)
+    todo = pending(out, specs)
+    summary = BulkSummary(out, len(specs), len(specs) - len(todo), invalid=list(invalid or []))
+    started = time.perf_counter()
+    if todo:
+        ensure_ray()
+        writer = ray_writer(num_gpus, cpus_per_replica)
+        pool = [writer.remote(model, out, "cuda" if num_gpus else "cpu", max(1, int(cpus_per_replica)), options)
+                for _ in range(min(replicas, -(-len(todo) // batch_size)))]
+        batches = [[s.model_dump_json() for s in todo[i:i + batch_size]] for i in range(0, len(todo), batch_size)]
+        bar = tqdm(total=len(todo), unit="tour", disable=not progress, desc="tours", mininterval=0)  # each batch shows
+        for result in _run_on_pool(pool, batches):
+            summary.model_seconds += result.model_seconds
+            summary.tours_done += len(result.views)
+            summary.views_done += sum(result.views.values())
+            summary.failures += list(result.errors.items())
+            bar.update(len(result.views) + len(result.errors))
+            bar.set_postfix_str(f"{summary.tours_done / (time.perf_counter() - started) * 3600:.0f} tours/h")
+        bar.close()
+    records = [{"tour_id": t, "error": e} for t, e in summary.failures]
+    records += [{"line": e.line, "field": e.field, "error": e.message} for e in summary.invalid]
+    summary.failures_uri = record_failures(out, f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}", records)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def ray_writer(num_gpus: float, cpus: float):
+    """TourWriter as a Ray actor class: restarted after a crash, its batch re-run; this process's storage env."""
+    import ray
+
+    return ray.remote(TourWriter).options(num_cpus=cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=-1,
+                                          runtime_env={"env_vars": storage.worker_env()})
+
+
+def _run_on_pool(replicas: list, batches: list[list[str]], per_replica: int = 2) -> Iterator[BatchResult]:
+    """Each batch's result as soon as it is committed; a replica holds `per_replica` batches (one queued)."""
+    import ray
+
+    waiting, running = list(reversed(batches)), {}
+    for replica in replicas * per_replica:
+        if waiting:
+            running[replica.write.remote(waiting.pop())] = replica
+    while running:
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        replica = running.pop(ref)
+        if waiting:
+            running[replica.write.remote(waiting.pop())] = replica
+        yield ray.get(ref)

@@ -1,0 +1,174 @@
+"""The library's sub-commands (no Ray): generate a tour, render its video, import a dataset, pack a model,
+compact a manifest."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import typer
+
+from diffpano.cli import Commands, finite, parse_size, scheduler_option
+from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_VIEWS
+
+DEFAULT_OUT = "outputs/tours"
+
+
+def tour_poses(trajectory: str, views: int, spacing: float):
+    """Poses and optional per-view prompts of a named trajectory or a JSON file."""
+    from diffpano.trajectories import load_trajectory, named_trajectory
+
+    if trajectory in ("walk", "orbit"):
+        params = {"spacing": spacing} if trajectory == "walk" else {}
+        return named_trajectory(trajectory, views, params), None
+    return load_trajectory(trajectory, views)
+
+
+def generate(
+    prompt: str = typer.Argument(..., help="Text for every view (or the default for views without their own)."),
+    prompts_per_view: list[str] | None = typer.Option(None, "--prompts-per-view", help="One per view, repeated."),
+    views: int = typer.Option(DEFAULT_VIEWS, "--views", min=1, max=64, help="Number of views in the tour."),
+    trajectory: str = typer.Option("walk", help="walk, orbit, or a JSON file of poses."),
+    spacing: float = typer.Option(1.0, help="Metres between views of a walk.", callback=finite),
+    out: str = typer.Option(DEFAULT_OUT, "--out", help="Output folder or s3:// prefix (docs/tours.md)."),
+    seed: int | None = typer.Option(None, help="Seed that reproduces the tour (random when omitted)."),
+    steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, max=1000, help="Sampler steps."),
+    guidance: float = typer.Option(DEFAULT_GUIDANCE, "--guidance", min=0.0, callback=finite,
+                                   help="Classifier-free guidance scale."),
+    size: str | None = typer.Option(None, "--size", help="HxW, W = 2H (default: the model's size)."),
+    scheduler: str | None = scheduler_option(),
+    no_epipolar: bool = typer.Option(False, "--no-epipolar", help="Switch the EA modules off (views denoised alone)."),
+    num_ref_views: int | None = typer.Option(None, "--num-ref-views", help="K reference views per view."),
+    num_samples: int | None = typer.Option(None, "--num-samples", help="S samples per epipolar arc."),
+    model: str | None = typer.Option(None, "--model", help="Model directory or s3:// URI (default: bundled)."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: automatic)."),
+    lora: str | None = typer.Option(None, "--lora", help="A LoRA directory (diffusers' pytorch_lora_weights."
+                                    "safetensors, e.g. a run's STORAGE/NAME/lora) applied to the model."),
+) -> None:
+    """Generate one multi-view tour and add it to the output (images + Parquet manifest)."""
+    from diffpano.manifest import Tour, commit_tours
+    from diffpano.modelio import resolve_model
+
+    height, width = parse_size(size)
+    try:
+        poses, file_prompts = tour_poses(trajectory, views, spacing)
+    except (ValueError, OSError) as err:
+        raise typer.BadParameter(f"--trajectory {trajectory}: {err}") from None
+    prompts = list(prompts_per_view or file_prompts or [prompt] * len(poses))
+    if len(prompts) != len(poses):
+        raise typer.BadParameter(f"--prompts-per-view: got {len(prompts)} prompts for {len(poses)} views")
+    started = time.perf_counter()
+    pipe = resolve_model(model, device)
+    if lora:
+        from diffpano.lora import load_lora
+
+        try:
+            load_lora(pipe, lora)
+        except (ValueError, OSError) as err:
+            raise typer.BadParameter(f"--lora {lora}: {err}") from None
+    typer.echo(f"model {pipe.model_name} on {pipe.device}; {len(poses)} views")
+    try:
+        result = pipe(
+            prompts, poses, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
+            scheduler=scheduler, num_ref_views=num_ref_views, num_samples=num_samples, use_epipolar=not no_epipolar,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    tour = Tour(
+        tour_id=f"tour-{uuid.uuid4().hex[:12]}", images=result.images[0], prompts=result.prompts[0],
+        poses=result.poses[0], seed=result.seeds[0], model=pipe.model_name, num_inference_steps=steps,
+        guidance_scale=guidance,
+    )
+    part = commit_tours(out, [tour])
+    h, w = tour.images.shape[1:3]
+    typer.echo(
+        f"tour {tour.tour_id}: {len(tour.images)} views {h}x{w}, seed {tour.seed}, "
+        f"{time.perf_counter() - started:.1f}s -> {out} (manifest part {Path(part).name})"
+    )
+
+
+def video(
+    output: str = typer.Argument(..., help="Output folder or s3:// prefix holding the tour."),
+    tour: str | None = typer.Option(None, "--tour", help="Tour id (default: the latest tour)."),
+    out: Path = typer.Option(Path("tour.gif"), "--out", help="Video file: .gif or .mp4."),
+    frames_per_view: int = typer.Option(12, min=1, max=240, help="Frames rendered per view."),
+    fov: float = typer.Option(90.0, min=10.0, max=170.0, help="Horizontal field of view, degrees.", callback=finite),
+    fps: int = typer.Option(12, min=1, max=120),
+) -> None:
+    """Render a perspective walk-through of a generated tour as a video."""
+    import numpy as np
+
+    from diffpano import storage
+    from diffpano.manifest import decode_rgb, read_manifest
+    from diffpano.video import walkthrough_frames, write_video
+
+    table = read_manifest(output).to_pandas()
+    if table.empty:
+        raise typer.BadParameter(f"OUT: no tours in {output}")
+    tour_id = tour or table.sort_values("created_at")["tour_id"].iloc[-1]
+    rows = table[table.tour_id == tour_id].sort_values("view_index")
+    if rows.empty:
+        raise typer.BadParameter(f"--tour: no tour {tour_id!r} in {output}")
+    images = [decode_rgb(storage.read_bytes(storage.join(output, u))) for u in rows.image_uri]
+    poses = np.stack([np.asarray(p, dtype=np.float64).reshape(4, 4) for p in rows.pose_c2w])
+    frames = walkthrough_frames(images, poses, frames_per_view=frames_per_view, fov_deg=fov)
+    path = write_video(frames, out, fps=fps)
+    typer.echo(f"tour {tour_id}: {len(frames)} frames -> {path}")
+
+
+def dataset_import(
+    images_dir: str = typer.Argument(..., help="Folder (or s3:// prefix) of equirectangular images, W = 2H."),
+    poses_file: str = typer.Argument(..., help="JSON or CSV records: image, caption, pose_c2w[, depth, scene_id, "
+                                     "clip_id, frame_index]."),
+    out: str = typer.Option(..., "--out", help="Dataset folder or s3:// prefix (docs/datasets.md)."),
+) -> None:
+    """Import existing panoramas with poses and captions as a training dataset; clips already there are skipped."""
+    from diffpano.data.importer import import_dataset
+
+    try:
+        summary = import_dataset(images_dir, poses_file, out)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    typer.echo(summary.line())
+
+
+def pack_model(
+    src: str = typer.Argument(..., help="Model directory or s3:// URI (a trained run's STORAGE/NAME/model)."),
+    dst: Path = typer.Argument(..., help="Local folder to write (replaced)."),
+    text_encoder_package: str | None = typer.Option(None, help="Reference this package instead of the weights."),
+    fp16: list[str] | None = typer.Option(None, "--fp16", help="Components stored in float16 (e.g. unet)."),
+) -> None:
+    """Copy a model for shipping: the text encoder as a package reference, some components in float16."""
+    from diffpano.modelio import pack_model as pack
+
+    try:
+        out = pack(src, str(dst), text_encoder_package, tuple(fp16 or ()))
+    except (ValueError, FileNotFoundError) as err:
+        raise typer.BadParameter(str(err)) from None
+    size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
+    typer.echo(f"packed {src} -> {out} ({size / 2**20:.1f} MiB)")
+
+
+def manifest_compact(
+    uri: str = typer.Argument(..., help="An output (folder or s3:// prefix) holding manifest/."),
+    into: str | None = typer.Option(None, "--into", help="Write the compacted manifest to this new output instead "
+                                    "(required for s3://: S3 has no atomic swap); image URIs become absolute."),
+) -> None:
+    """Merge the manifest's parts into one; a concurrent reader never sees a duplicate or a missing row."""
+    from diffpano.compaction import compact
+
+    try:
+        summary = compact(uri, into)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    typer.echo(f"{summary.manifest}: {summary.parts_before} parts -> {summary.parts_after}, {summary.rows} rows")
+
+
+def register(commands: Commands) -> None:
+    """Add the library's sub-commands."""
+    commands.app.command()(generate)
+    commands.app.command()(video)
+    commands.app.command("pack-model")(pack_model)
+    commands.group("dataset").command("import")(dataset_import)
+    commands.group("manifest").command("compact")(manifest_compact)

@@ -1,0 +1,9 @@
+"""Defaults every layer shares (CLI, HTTP API, bulk specs, evaluation), each defined once."""
+
+DEFAULT_STEPS = 30  # sampler steps of a tour
+DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's; also the bundled model's best measured (MODEL.md)
+DEFAULT_VIEWS = 4  # views of a tour when a request names none
+MAX_SEED = 2**63 - 1  # seeds are integers in [0, MAX_SEED]
+MAX_BATCH_VIEWS = 8  # views one model call denoises together (a serve batch; a window of a long tour)
+TOURS_PER_BATCH = 4  # tours per bulk batch: one replica call and one manifest part
+REPLICAS = 1  # model replicas of a bulk job or an evaluation

@@ -1,0 +1,187 @@
+"""Tour specs: what one tour is made of (text, cameras, sampling settings), bounded and strict.
+
+The same rules serve the HTTP API's bodies (docs/http-api.md) and the rows of bulk spec files (docs/bulk-specs.md).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+
+from diffpano import storage
+from diffpano.defaults import DEFAULT_VIEWS, MAX_SEED
+from diffpano.geometry import validate_poses
+from diffpano.schedulers import SCHEDULER_NAMES
+from diffpano.trajectories import named_trajectory, trajectory_params
+
+MAX_PROMPT_CHARS = 1000
+MAX_VIEWS = 16
+MAX_STEPS = 200
+MAX_GUIDANCE = 30.0
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"  # tour and job ids
+
+Prompt = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS, strip_whitespace=True)]
+Pose = Annotated[list[float], Field(min_length=16, max_length=16)]
+
+
+class Strict(BaseModel):
+    """Unknown fields and non-finite numbers (NaN, Infinity, 1e400) are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Trajectory(BaseModel):
+    """A named trajectory with its parameters (walk: spacing, turn_deg, heading_deg; orbit: radius, arc_deg)."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: Literal["walk", "orbit"]
+
+    @model_validator(mode="after")
+    def _params(self) -> Trajectory:
+        """Known parameters, finite and in range (an error at `trajectory`)."""
+        trajectory_params(self.kind, self.model_extra)
+        return self
+
+    def poses(self, num_views: int) -> np.ndarray:
+        """(N, 4, 4) poses; ValueError names a bad parameter."""
+        return named_trajectory(self.kind, num_views, dict(self.model_extra or {})).numpy()
+
+
+class Sampling(Strict):
+    """Sampler settings of a tour; None means the library's default (diffpano.defaults) or, for seed, a random one."""
+
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    height: int | None = Field(None, ge=8, le=4096)
+    width: int | None = Field(None, ge=16, le=8192)
+    scheduler: Literal[SCHEDULER_NAMES] | None = None  # None: the model's own (its scheduler/ config)
+
+
+class TourSpec(Sampling):
+    """One tour: one prompt or one per view, explicit poses or a named trajectory (walk by default)."""
+
+    prompt: Prompt | None = None
+    prompts: list[Prompt] | None = Field(None, min_length=1, max_length=MAX_VIEWS)
+    num_views: int | None = Field(None, ge=1, le=MAX_VIEWS)
+    poses: list[Pose] | None = Field(None, min_length=1, max_length=MAX_VIEWS)
+    trajectory: Trajectory | None = None
+
+    @field_validator("poses")
+    @classmethod
+    def _valid_poses(cls, v: list[list[float]] | None) -> list[list[float]] | None:
+        """Last row (0, 0, 0, 1), R a rotation (docs/geometry.md); finiteness is checked per number before."""
+        if v is not None:
+            validate_poses(np.asarray(v, dtype=np.float64).reshape(-1, 4, 4), field="poses")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TourSpec:
+        """Exactly one of prompt/prompts, at most one of poses/trajectory, and one view count for all of them."""
+        if (self.prompt is None) == (self.prompts is None):
+            raise ValueError("prompt/prompts: give exactly one of them")
+        if self.poses is not None and self.trajectory is not None:
+            raise ValueError("poses/trajectory: give at most one of them")
+        counts = {name: n for name, n in (("num_views", self.num_views),
+                                          ("prompts", len(self.prompts) if self.prompts else None),
+                                          ("poses", len(self.poses) if self.poses else None)) if n is not None}
+        if len(set(counts.values())) > 1:
+            raise ValueError(f"num_views/prompts/poses: view counts disagree: {counts}")
+        self.pose_array()  # trajectory parameters are checked here
+        return self
+
+    def view_count(self) -> int:
+        """Number of views of the tour."""
+        if self.poses:
+            return len(self.poses)
+        if self.prompts:
+            return len(self.prompts)
+        return self.num_views or DEFAULT_VIEWS
+
+    def pose_array(self) -> np.ndarray:
+        """(N, 4, 4) poses: explicit, from the trajectory, or a walk."""
+        n = self.view_count()
+        if self.poses is not None:
+            return np.asarray(self.poses, dtype=np.float64).reshape(n, 4, 4)
+        return (self.trajectory or Trajectory(kind="walk")).poses(n)
+
+    def prompt_list(self) -> list[str]:
+        """One prompt per view."""
+        return list(self.prompts) if self.prompts else [self.prompt] * self.view_count()
+
+
+class BulkSpec(TourSpec):
+    """One tour of a bulk job: a tour spec with a unique tour_id."""
+
+    tour_id: str = Field(pattern=ID_PATTERN)
+
+
+@dataclass
+class SpecError:
+    """A spec that failed validation: its line (1-based) and what is wrong."""
+
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.field}: {self.message}"
+
+
+def read_spec_rows(uri: str) -> list[dict]:
+    """Rows of a JSONL or Parquet spec file (local or s3://); ValueError names a line that is not JSON."""
+    import pyarrow.parquet as pq
+
+    data = storage.read_bytes(uri)
+    if uri.endswith(".parquet"):
+        return pq.read_table(io.BytesIO(data)).to_pylist()
+    rows = []
+    for n, line in enumerate(data.decode().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"specs: line {n}: not valid JSON ({err.msg})") from None
+    return rows
+
+
+def validate_specs(rows: Sequence[Any]) -> tuple[list[BulkSpec], list[SpecError]]:
+    """Specs that pass the rules, and an error per row that does not (duplicate ids included)."""
+    good, errors, seen = [], [], set()
+    for n, row in enumerate(rows, 1):
+        if isinstance(row, dict):  # Parquet rows carry every column; absent fields are None there
+            row = {k: v for k, v in row.items() if v is not None}
+        try:
+            spec = BulkSpec.model_validate(row)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "spec"
+            errors.append(SpecError(n, where, first["msg"].removeprefix("Value error, ")))
+            continue
+        if spec.tour_id in seen:
+            errors.append(SpecError(n, "tour_id", f"duplicate tour_id {spec.tour_id!r}"))
+            continue
+        seen.add(spec.tour_id)
+        good.append(spec)
+    return good, errors
+
+
+def synthetic_specs(count: int, views: int = DEFAULT_VIEWS, seed: int = 0, steps: int | None = None) -> list[dict]:
+    """Specs of walks through procedural scenes, from room to room, with each view's own caption."""
+    from diffpano.data.build import BuildSpec, render_clips
+
+    spec = BuildSpec(scenes=count, clips_per_scene=1, frames=views, height=16, width=32, seed=seed, depth=False,
+                     face_size=16)
+    out = []
+    for i in range(count):
+        clip = render_clips(spec, i, [0])[0]
+        out.append({"tour_id": f"synthetic-{seed}-{i:06d}", "prompts": list(clip.captions),
+                    "poses": [p.reshape(16).tolist() for p in clip.poses], "seed": seed * 1_000_003 + i}
+                   | ({"num_inference_steps": steps} if steps else {}))
+    return out

@@ -1,0 +1,81 @@
+"""The model deployment: one DiffPano pipeline per replica, requests batched by views with @serve.batch."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+
+import numpy as np
+from ray import serve
+
+from diffpano.defaults import MAX_BATCH_VIEWS
+from diffpano.manifest import Tour, commit_tours, image_path, png_bytes
+from diffpano.modelio import resolve_model
+from diffpano.tours import make_tours
+from serve.schemas import GenerationJob, GenerationResult
+
+HEALTH_PROBE_AFTER_S = 300.0  # without a batch for this long, check_health runs a one-step probe
+
+
+def _views(jobs: list[GenerationJob]) -> int:
+    """Batch size in views: a tour of N views counts N."""
+    return sum(job.view_count() for job in jobs)
+
+
+@serve.deployment(name="PanoGenerator", max_ongoing_requests=8, max_queued_requests=16, health_check_period_s=10,
+                  health_check_timeout_s=60)
+class PanoGenerator:
+    """Loads the model once; generates batches of tours whose settings agree, in a worker thread."""
+
+    def __init__(self, model: str | None = None, device: str | None = None, max_batch_views: int = MAX_BATCH_VIEWS,
+                 batch_wait_timeout_s: float = 0.1) -> None:
+        self.pipe = resolve_model(model, device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.generate_batch.set_max_batch_size(max_batch_views)
+        self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batch_views: collections.deque[int] = collections.deque(maxlen=256)
+        self.batches = 0
+        self.last_batch = time.monotonic()
+
+    def info(self) -> dict:
+        """The model's name, default size and the multiple that heights and widths must be of."""
+        return {"model": self.pipe.model_name, "default_size": list(self.pipe.default_size),
+                "size_multiple": self.pipe.size_multiple}
+
+    def stats(self) -> dict:
+        """Recent batch sizes in views (newest last) and how many batches this replica has run."""
+        return {"batch_views": list(self.batch_views), "batches": self.batches}
+
+    async def generate(self, job: GenerationJob) -> GenerationResult:
+        """One tour (batched with others arriving at the same time)."""
+        return await self.generate_batch(job)
+
+    @serve.batch(max_batch_size=MAX_BATCH_VIEWS, batch_wait_timeout_s=0.1, batch_size_fn=_views)
+    async def generate_batch(self, jobs: list[GenerationJob]) -> list[GenerationResult | Exception]:
+        """Tours of a batch (diffpano.tours groups them by shared settings); errors stay per tour."""
+        self.batch_views.append(_views(jobs))
+        self.batches += 1
+        tours = await asyncio.to_thread(make_tours, self.pipe, jobs)
+        self.last_batch = time.monotonic()
+        return [await asyncio.to_thread(self._result, job, tours[job.tour_id]) for job in jobs]
+
+    def _result(self, job: GenerationJob, tour: Tour | Exception) -> GenerationResult | Exception:
+        """The answer for one job: its PNGs, stored under job.store_root when asked."""
+        if isinstance(tour, Exception):
+            return tour
+        h, w = tour.images.shape[1:3]
+        result = GenerationResult(tour_id=job.tour_id, model=tour.model, seed=tour.seed, height=h, width=w,
+                                  pngs=[png_bytes(im) for im in tour.images])
+        if job.store_root:
+            result.manifest_uri = commit_tours(job.store_root, [tour])
+            result.image_uris = [f"{job.store_root}/{image_path(job.tour_id, i)}" for i in range(len(tour.images))]
+        return result
+
+    def check_health(self) -> None:
+        """Raise unless the model answers: a recent batch finished, or a one-step probe runs."""
+        if time.monotonic() - self.last_batch < HEALTH_PROBE_AFTER_S:
+            return
+        h, w = self.pipe.default_size
+        self.pipe(["probe"], np.eye(4)[None], height=h, width=w, num_inference_steps=1, guidance_scale=0.0, seed=0)
+        self.last_batch = time.monotonic()

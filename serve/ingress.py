@@ -1,0 +1,341 @@
+"""The HTTP API (docs/http-api.md): a FastAPI app, built on each ingress replica, in front of the model deployment.
+
+Routes live on a module-level router and reach the replica through a FastAPI dependency; the app itself is built by
+the replica (`__serve_build_asgi_app__`), so nothing module-level is mutated at run time.
+"""
+# No `from __future__ import annotations`: FastAPI reads the route annotations at run time.
+
+import asyncio
+import base64
+import hmac
+import os
+import secrets
+import uuid
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import Path as FastAPIPath
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from diffpano import storage
+from diffpano.defaults import MAX_BATCH_VIEWS, MAX_SEED
+from diffpano.manifest import read_manifest
+from diffpano.schedulers import SCHEDULER_NAMES
+from diffpano.specs import ID_PATTERN, BulkSpec, Sampling
+from serve.online import BACKOFF_S, JobRunner
+from serve.schemas import (
+    GenerationJob,
+    GenerationResult,
+    JobRequest,
+    JobStatus,
+    PanoramaRequest,
+    TourRequest,
+    TourResponse,
+    View,
+    error_detail,
+    validation_detail,
+)
+
+ResourceId = Annotated[str, FastAPIPath(pattern=ID_PATTERN)]  # tour and job ids: 422 otherwise
+OPEN_PATHS = ("/healthz", "/viewer", "/docs", "/openapi.json", "/redoc", "/favicon.ico")
+
+
+class ServerSettings(BaseModel):
+    """The application's arguments (Serve config YAML `args`)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model: str | None = None  # model directory or s3:// URI; None: the bundled model
+    device: str | None = None
+    output_root: str = "outputs/served"  # where output="store" writes (docs/tours.md); clients never choose the path
+    api_key_env: str = "DIFFPANO_API_KEY"  # when this variable (or api_key_file) is set, /v1 needs the key
+    api_key_file: str | None = None
+    max_body_bytes: int = Field(256 * 1024, ge=1024)
+    max_height: int = Field(512, ge=8)
+    default_steps: int | None = Field(None, ge=1)  # None: the library's default (diffpano.defaults)
+    default_guidance: float | None = Field(None, ge=0.0)
+    retry_after_s: int = Field(5, ge=1)
+    job_concurrency: int = Field(4, ge=1)  # tours of one online job in flight: interactive requests share the queue
+    default_scheduler: Literal[SCHEDULER_NAMES] | None = None  # None: the model's own
+    max_batch_views: int = Field(MAX_BATCH_VIEWS, ge=1)
+    batch_wait_timeout_s: float = Field(0.1, ge=0.0)
+
+    def api_key(self) -> str | None:
+        """The configured API key, if any."""
+        if self.api_key_file:
+            return Path(self.api_key_file).read_text().strip() or None
+        return os.environ.get(self.api_key_env) or None
+
+
+def unprocessable(field: str, message: str) -> HTTPException:
+    """422 naming the field."""
+    return HTTPException(422, detail=error_detail(field, message))
+
+
+def storage_unavailable(err: OSError) -> HTTPException:
+    """503 when the output storage can't be reached: the request was fine, try again later."""
+    return HTTPException(503, detail=f"output storage unavailable: {err}", headers={"Retry-After": "5"})
+
+
+def known_job(status: JobStatus | None, job_id: str) -> JobStatus:
+    """The status, or 404 for an unknown job id."""
+    if status is None:
+        raise HTTPException(404, detail=f"job_id: no job {job_id!r}")
+    return status
+
+
+def viewer_asset(name: str) -> str:
+    """A file of the viewer shipped in the package."""
+    return resources.files("serve").joinpath("viewer", name).read_text()
+
+
+def read_stored_tour(root: str, tour_id: str) -> TourResponse:
+    """The views of a stored tour with their images inline; 404 when the manifest has no such tour."""
+    table = read_manifest(root).to_pandas()
+    rows = table[table.tour_id == tour_id].sort_values("view_index")
+    if rows.empty:
+        raise HTTPException(404, detail=f"tour_id: no stored tour {tour_id!r}")
+    views = [View(view_index=int(r.view_index), prompt=r.prompt, pose_c2w=[float(x) for x in r.pose_c2w],
+                  height=int(r.height), width=int(r.width), image_uri=storage.join(root, r.image_uri),
+                  image_png_base64=base64.b64encode(storage.read_bytes(storage.join(root, r.image_uri))).decode())
+             for r in rows.itertuples()]
+    return TourResponse(tour_id=tour_id, model=str(rows.iloc[0].model), views=views,
+                        manifest_uri=storage.join(root, "manifest"))
+
+
+def tour_response(result: GenerationResult, prompts: list[str], poses: np.ndarray) -> TourResponse:
+    """docs/http-api.md tour body: inline PNGs, or stored URIs."""
+    stored = result.image_uris is not None
+    views = [View(view_index=i, prompt=prompts[i], pose_c2w=[float(x) for x in poses[i].reshape(16)],
+                  height=result.height, width=result.width,
+                  image_png_base64=None if stored else base64.b64encode(png).decode(),
+                  image_uri=result.image_uris[i] if stored else None)
+             for i, png in enumerate(result.pngs)]
+    return TourResponse(tour_id=result.tour_id, model=result.model, views=views, manifest_uri=result.manifest_uri)
+
+
+@serve.deployment(name="DiffPanoAPI", max_ongoing_requests=64)
+@serve.ingress()
+class DiffPanoAPI:
+    """Validates requests, asks the model deployment, answers per docs/http-api.md."""
+
+    def __init__(self, generator: DeploymentHandle, settings: dict) -> None:
+        self.generator = generator
+        self.settings = ServerSettings.model_validate(settings)
+        self.api_key = self.settings.api_key()
+        self._info: dict | None = None
+        self.jobs = JobRunner(storage.absolute(self.settings.output_root), self.job_tour,
+                              self.settings.job_concurrency)
+        self._resumed = False
+        self._resume_lock = asyncio.Lock()
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """This replica's FastAPI app (Serve calls it after the constructor)."""
+        return build_api(self)
+
+    async def runner(self) -> JobRunner:
+        """The job runner, after resuming the jobs an earlier replica left unfinished (once)."""
+        async with self._resume_lock:  # two first requests must not start the same job twice
+            if not self._resumed:
+                try:
+                    await self.jobs.resume()
+                except OSError as err:
+                    raise storage_unavailable(err) from None
+                self._resumed = True
+        return self.jobs
+
+    async def job_tour(self, spec: BulkSpec, out: str) -> None:
+        """One tour of an online job, stored under out; waits (not fails) while the model deployment is full."""
+        job = await self.job(spec, spec.prompt_list(), spec.pose_array(), spec.tour_id, out)
+        while True:
+            try:
+                await self.generator.generate.remote(job)
+                return
+            except BackPressureError:
+                await asyncio.sleep(BACKOFF_S)
+
+    async def info(self) -> dict:
+        """The model's name and sizes (asked once)."""
+        if self._info is None:
+            self._info = await self.generator.info.remote()
+        return self._info
+
+    async def size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """Validated (height, width): W = 2H, multiples of the model's factor, H <= max_height."""
+        info = await self.info()
+        h = height or (width // 2 if width else info["default_size"][0])
+        w = width or 2 * h
+        m = info["size_multiple"]
+        if w != 2 * h:
+            raise unprocessable("width", f"must be twice the height (equirectangular), got {h}x{w}")
+        if h % m or h > self.settings.max_height:
+            raise unprocessable("height", f"must be a multiple of {m} and at most {self.settings.max_height}, got {h}")
+        return h, w
+
+    async def job(self, req: Sampling, prompts: list[str], poses: np.ndarray, tour_id: str,
+                  store_root: str | None) -> GenerationJob:
+        """The model's job for a validated request: seed and size resolved, the server's defaults applied."""
+        h, w = await self.size(req.height, req.width)
+        s = self.settings
+        return GenerationJob(
+            tour_id=tour_id, prompts=prompts, poses=[p.reshape(16).tolist() for p in poses],
+            seed=req.seed if req.seed is not None else secrets.randbelow(MAX_SEED), height=h, width=w,
+            num_inference_steps=req.num_inference_steps or s.default_steps,
+            guidance_scale=s.default_guidance if req.guidance_scale is None else req.guidance_scale,
+            scheduler=req.scheduler or s.default_scheduler, store_root=store_root,
+        )
+
+    async def generate(self, req: PanoramaRequest | TourRequest, prompts: list[str], poses) -> GenerationResult:
+        """One tour from the model deployment; overload answers 503 with Retry-After."""
+        root = storage.absolute(self.settings.output_root) if req.output == "store" else None
+        job = await self.job(req, prompts, poses, f"tour-{uuid.uuid4().hex[:16]}", root)
+        retry = {"Retry-After": str(self.settings.retry_after_s)}
+        try:
+            return await self.generator.generate.remote(job)
+        except BackPressureError:
+            raise HTTPException(503, detail="overloaded: too many requests queued; retry", headers=retry) from None
+        except ValueError as err:
+            raise unprocessable("height", str(err)) from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # a replica that died mid-request: the client's input was fine
+            raise HTTPException(503, detail=f"model replica unavailable ({type(err).__name__}); retry later",
+                                headers=retry) from None
+
+
+def service(request: Request) -> DiffPanoAPI:
+    """The ingress replica that built this app (a FastAPI dependency)."""
+    return request.app.state.service
+
+
+Service = Annotated[Any, Depends(service)]  # the DiffPanoAPI replica (the name is bound to its Deployment)
+router = APIRouter()
+
+
+@router.post("/v1/tours", response_model=TourResponse, response_model_exclude_none=False)
+async def tours(req: TourRequest, svc: Service) -> TourResponse:
+    """Generate a multi-view tour: N consistent panoramas along poses or a named trajectory."""
+    prompts, poses = req.prompt_list(), req.pose_array()
+    return tour_response(await svc.generate(req, prompts, poses), prompts, poses)
+
+
+@router.post("/v1/panoramas", response_model=None,
+             responses={200: {"content": {"image/png": {}}, "description": "the panorama (inline)"}})
+async def panoramas(req: PanoramaRequest, svc: Service) -> Response:
+    """Generate one panorama: image/png, or (output="store") the stored tour's JSON."""
+    poses = np.eye(4)[None]
+    result = await svc.generate(req, [req.prompt], poses)
+    if req.output == "store":
+        return JSONResponse(tour_response(result, [req.prompt], poses).model_dump())
+    return Response(content=result.pngs[0], media_type="image/png")
+
+
+@router.get("/v1/tours/{tour_id}", response_model=TourResponse)
+async def stored_tour(tour_id: ResourceId, svc: Service) -> TourResponse:
+    """A tour stored under the server's output root, images inline (what the viewer loads by id)."""
+    return await asyncio.to_thread(read_stored_tour, storage.absolute(svc.settings.output_root), tour_id)
+
+
+@router.post("/v1/jobs", status_code=202, response_model=JobStatus)
+async def submit_job(req: JobRequest, svc: Service) -> JobStatus:
+    """Start a bulk job (docs/bulk-specs.md) whose tours are stored under output (a prefix of the server's root)."""
+    runner = await svc.runner()
+    try:
+        specs = await asyncio.to_thread(runner.specs_of, req)
+    except (ValueError, OSError) as err:
+        raise unprocessable("specs", str(err)) from None
+    try:
+        return await runner.start_job(specs, req.output)
+    except OSError as err:
+        raise storage_unavailable(err) from None
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobStatus)
+async def job_status(job_id: ResourceId, svc: Service) -> JobStatus:
+    """A job's state and counts."""
+    return known_job((await svc.runner()).status(job_id), job_id)
+
+
+@router.delete("/v1/jobs/{job_id}", response_model=JobStatus)
+async def cancel_job(job_id: ResourceId, svc: Service) -> JobStatus:
+    """Cancel a job: tours in flight finish, no new ones start; only complete tours stay visible."""
+    return known_job(await (await svc.runner()).cancel(job_id), job_id)
+
+
+@router.get("/healthz")
+async def healthz(svc: Service) -> JSONResponse:
+    """200 when the model deployment answers."""
+    try:
+        info = await asyncio.wait_for(svc.generator.info.remote(), timeout=10)
+    except Exception as err:  # noqa: BLE001 - any failure means not healthy
+        return JSONResponse({"status": "unavailable", "detail": type(err).__name__}, status_code=503)
+    return JSONResponse({"status": "ok", "model": info["model"], "default_size": info["default_size"]})
+
+
+@router.get("/v1/stats")
+async def stats(svc: Service) -> dict:
+    """Recent batch sizes (in views) of the model replica that answers."""
+    return await svc.generator.stats.remote()
+
+
+@router.get("/viewer", response_class=HTMLResponse)
+async def viewer() -> HTMLResponse:
+    """The 360° tour viewer page (no external scripts)."""
+    return HTMLResponse(viewer_asset("index.html"))
+
+
+@router.get("/favicon.ico", include_in_schema=False)
+async def favicon() -> Response:
+    """No icon (answered, so browsers log no error)."""
+    return Response(status_code=204)
+
+
+@router.get("/viewer/viewer.js")
+async def viewer_js() -> Response:
+    """The viewer's script."""
+    return Response(viewer_asset("viewer.js"), media_type="text/javascript")
+
+
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field; the offending input is not echoed (NaN, Infinity or 1e400 have no JSON form)."""
+    return JSONResponse({"detail": validation_detail(exc.errors())}, status_code=422)
+
+
+def guard(settings: ServerSettings, api_key: str | None):
+    """Middleware enforcing the body size limit (413) and the API key (401) before any route runs."""
+
+    async def middleware(request: Request, call_next):
+        length = request.headers.get("content-length")
+        too_large = JSONResponse({"detail": f"body: larger than {settings.max_body_bytes} bytes"}, status_code=413)
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            return too_large
+        if length is None and request.method in ("POST", "PUT", "PATCH"):
+            if len(await request.body()) > settings.max_body_bytes:
+                return too_large
+        if api_key and not request.url.path.startswith(OPEN_PATHS):
+            given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix(
+                "Bearer ")
+            if not hmac.compare_digest(given.encode(), api_key.encode()):
+                return JSONResponse({"detail": "api key: missing or wrong (header X-API-Key)"}, status_code=401,
+                                    headers={"WWW-Authenticate": "ApiKey"})
+        return await call_next(request)
+
+    return middleware
+
+
+def build_api(svc: DiffPanoAPI) -> FastAPI:
+    """The FastAPI app of one ingress replica: the routes, the 422 handler and the guard middleware."""
+    api = FastAPI(title="DiffPano", version="0.1.0",
+                  description="Text and camera poses in, consistent multi-view 360° panoramas out (docs/http-api.md).")
+    api.state.service = svc
+    api.include_router(router)
+    api.add_exception_handler(RequestValidationError, invalid_request)
+    api.middleware("http")(guard(svc.settings, svc.api_key))
+    return api
