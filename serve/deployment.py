@@ -32,6 +32,7 @@ class PanoGenerator:
                  batch_wait_timeout_s: float = 0.1) -> None:
         self.pipe = resolve_model(model, device)
         self.pipe.set_progress_bar_config(disable=True)
+        self.max_batch_views = max_batch_views
         self.generate_batch.set_max_batch_size(max_batch_views)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_views: collections.deque[int] = collections.deque(maxlen=256)
@@ -48,8 +49,18 @@ class PanoGenerator:
         return {"batch_views": list(self.batch_views), "batches": self.batches}
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
-        """One tour (batched with others arriving at the same time)."""
+        """One tour, batched with others arriving at the same time; a tour larger than a batch runs alone."""
+        if job.view_count() > self.max_batch_views:  # @serve.batch refuses an item larger than the batch
+            return await self._run_alone(job)
         return await self.generate_batch(job)
+
+    async def _run_alone(self, job: GenerationJob) -> GenerationResult:
+        """One tour outside the batcher (the pipeline denoises it in windows of views)."""
+        tour = (await asyncio.to_thread(make_tours, self.pipe, [job]))[job.tour_id]
+        result = await asyncio.to_thread(self._result, job, tour)
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     @serve.batch(max_batch_size=MAX_BATCH_VIEWS, batch_wait_timeout_s=0.1, batch_size_fn=_views)
     async def generate_batch(self, jobs: list[GenerationJob]) -> list[GenerationResult | Exception]:

@@ -74,9 +74,17 @@ def operations(url: str) -> list:
 
 
 def cheap(body):
-    """A positive request kept cheap to generate: at most 2 views and 2 steps, the model's default (small) size."""
+    """A positive request kept cheap to generate (at most 2 views and 2 steps, the model's default size) and valid
+    across fields, which the schema cannot say: one of prompt/prompts, no random poses (never rotations)."""
     if not isinstance(body, dict):
         return body
+    if "prompts" in body or "prompt" in body or "poses" in body or "num_views" in body:
+        body.pop("poses", None)
+        if body.get("prompt") is not None or not body.get("prompts"):
+            body["prompt"] = body.get("prompt") or "a room"
+            body.pop("prompts", None)
+        else:
+            body.pop("num_views", None)  # the prompts say how many views
     body["num_inference_steps"] = min(body.get("num_inference_steps") or 2, 2)
     if isinstance(body.get("num_views"), int):
         body["num_views"] = min(body["num_views"], 2)

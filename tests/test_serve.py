@@ -53,6 +53,14 @@ def test_tours_take_explicit_poses_per_view_prompts_and_trajectories(server):
     assert r.json()["views"][0]["height"] == 32
 
 
+def test_a_tour_with_more_views_than_a_batch_is_generated(server):
+    """The fixture's batches hold 8 views; a 12-view tour runs alone (windowed) instead of failing."""
+    url, _ = server
+    r = post(url, "/v1/tours", {"prompt": "a long hallway", "num_views": 12, "num_inference_steps": 1, "seed": 2})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["views"]) == 12
+
+
 def test_a_request_chooses_its_scheduler_and_its_seed_still_reproduces_the_tour(server):
     """euler-a draws noise at every step: the same seed gives the same tour, another scheduler another tour."""
     url, _ = server
