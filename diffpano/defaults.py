@@ -1,6 +1,6 @@
 """Defaults every layer shares (CLI, HTTP API, bulk specs, evaluation), each defined once."""
 
-DEFAULT_STEPS = 30  # sampler steps of a tour
+DEFAULT_STEPS = 20  # sampler steps of a tour (DPM-Solver++ 2M, the bundled model's scheduler; MODEL.md)
 DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's; also the bundled model's best measured (MODEL.md)
 DEFAULT_VIEWS = 4  # views of a tour when a request names none
 MAX_SEED = 2**63 - 1  # seeds are integers in [0, MAX_SEED]
