@@ -8,15 +8,15 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from diffusers.utils import logging as diffusers_logging
 
+from diffpano.memory import cpu_peak_profiler, quiet_stderr  # noqa: F401 (re-exported for the benchmarks)
 from diffpano.modelio import default_dtype, pick_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -86,36 +86,6 @@ def median(values: Sequence[float]) -> float:
 
 
 @contextmanager
-def quiet_stderr() -> Iterator[None]:
-    """Silence file descriptor 2 (the profiler's C++ start/stop log lines) for the duration of the block."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def cpu_peak_profiler(fn: Callable[[], object]) -> tuple[int, int]:
-    """(peak, total) bytes allocated on the CPU during one call, from torch.profiler's memory events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    if not events:
-        raise RuntimeError("the profiler recorded no memory events")
-    level = peak = total = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        level += event.nbytes()
-        peak = max(peak, level)
-        total += max(event.nbytes(), 0)
-    return peak, total
-
-
 def _proc_status_kb(field: str) -> int:
     """A kB field (VmRSS, VmHWM) of /proc/self/status."""
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -113,9 +113,8 @@ def matrix_bytes(n: int, h: int, w: int, heads: int, dtype: torch.dtype) -> int:
 
 
 def cache_bytes(ctx: EpipolarContext) -> int:
-    """Bytes held by a context's caches (sampling grids, masks, geometry encodings and memoised key offsets)."""
-    items = [t for v in ctx._cache.values() for t in (v if isinstance(v, tuple) else (v,))]
-    return sum(t.numel() * t.element_size() for t in items if isinstance(t, torch.Tensor))
+    """Bytes held by a context between steps (sample tables, geometry features and memoised geometry codes)."""
+    return ctx.held_bytes()
 
 
 def ea_case(adapter: EpipolarAdapter, block: EpipolarAttention, x: torch.Tensor, poses: torch.Tensor,

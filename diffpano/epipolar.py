@@ -10,12 +10,16 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+from torch.nn import functional as F
 
-from diffpano.geometry import circular_grid_sample, epipolar_samples, nearest_views, validate_poses
+from diffpano.epipolar_ops.layout import SampleTable, sample_table
+from diffpano.epipolar_ops.op import epipolar_attention
+from diffpano.geometry import EpipolarSamples, epipolar_samples, nearest_views, validate_poses
 
 MAX_REF_VIEWS = 16
 MAX_SAMPLES = 64
 GEOMETRY_FEATURES = 4  # inverse depth, parallax cosine, log distance, source latitude
+CODE_BLOCK_SAMPLES = 1 << 14  # samples per block of the geometry MLP
 EPIPOLAR_KWARG = "epipolar"  # key of the EpipolarContext in a UNet call's cross_attention_kwargs
 
 
@@ -37,7 +41,7 @@ def fourier_features(x: torch.Tensor, num_freqs: int) -> torch.Tensor:
 
 @dataclass
 class EpipolarContext:
-    """Camera layout of one UNet call: G groups of N views, with sampling grids cached per feature-map size."""
+    """Camera layout of one UNet call: G groups of N views, with sample tables cached per feature-map size."""
 
     poses: torch.Tensor  # (G, N, 4, 4)
     ref_index: torch.Tensor  # (G, N, K)
@@ -53,88 +57,110 @@ class EpipolarContext:
         """Views per group (N)."""
         return self.poses.shape[1]
 
-    def sampling(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Grid (G*N*K, hw, S, 2), mask (G*N, K, hw, S) and geometry encoding (G*N*K, P, hw, S) at one size."""
-        key = (height, width)
+    def samples(self, height: int, width: int) -> EpipolarSamples:
+        """Epipolar samples of every view at one feature-map size (not cached: the tables below are)."""
+        return epipolar_samples(
+            self.poses, self.ref_index, self.ref_valid, height, width, self.num_samples, self.near, self.far
+        )
+
+    def geometry_features(self, s: EpipolarSamples) -> torch.Tensor:
+        """The GEOMETRY_FEATURES raw features (..., N, K, hw, S, 4) of each sample."""
+        inv = (1 / s.depth - 1 / self.far) / (1 / self.near - 1 / self.far)
+        return torch.stack(
+            (
+                inv.expand_as(s.distance),
+                (s.source_dirs * s.ray_dirs.unsqueeze(-2)).sum(-1),
+                s.distance.clamp_min(1e-3).log() / math.log(self.far),
+                -s.source_dirs[..., 1],
+            ),
+            dim=-1,
+        )
+
+    def table(self, height: int, width: int) -> tuple[SampleTable, torch.Tensor]:
+        """The operator's sample table and raw geometry features (rows, K*S, 4) at one size, cached."""
+        key = ("table", height, width)
         if key not in self._cache:
-            s = epipolar_samples(
-                self.poses, self.ref_index, self.ref_valid, height, width, self.num_samples, self.near, self.far
-            )
+            s = self.samples(height, width)
             g, n, k, hw, ns = s.mask.shape
-            inv = (1 / s.depth - 1 / self.far) / (1 / self.near - 1 / self.far)
-            feats = torch.stack(
-                (
-                    inv.expand_as(s.distance),
-                    (s.source_dirs * s.ray_dirs.unsqueeze(-2)).sum(-1),
-                    s.distance.clamp_min(1e-3).log() / math.log(self.far),
-                    -s.source_dirs[..., 1],
-                ),
-                dim=-1,
+            rows = lambda t: t.movedim(2, 3).reshape(g * n * hw, k * ns, *t.shape[5:])  # noqa: E731
+            source = (torch.arange(g, device=self.poses.device).view(g, 1, 1) * n + self.ref_index).view(g, n, k, 1, 1)
+            table = sample_table(
+                rows(s.grid), rows(s.mask), rows(source.expand(g, n, k, hw, ns)), height, width
             )
-            pe = fourier_features(feats, self.pe_freqs).reshape(g * n * k, hw, ns, -1).permute(0, 3, 1, 2)
-            self._cache[key] = (
-                s.grid.reshape(g * n * k, hw, ns, 2),
-                s.mask.reshape(g * n, k, hw, ns),
-                pe.contiguous(),
-            )
+            self._cache[key] = (table, rows(self.geometry_features(s)).contiguous())
         return self._cache[key]
+
+    def held_bytes(self) -> int:
+        """Bytes of the tables and memoised geometry codes kept between denoising steps."""
+        items = [t for v in self._cache.values() for t in (v if isinstance(v, tuple) else (v,))]
+        return sum(t.nbytes() if isinstance(t, SampleTable) else t.numel() * t.element_size() for t in items)
 
 
 class EpipolarAttention(nn.Module):
-    """One EA module: each target pixel attends over S epipolar samples in K reference views, added residually."""
+    """One EA module: each target pixel attends over S epipolar samples in K reference views, added residually.
 
-    def __init__(self, channels: int, num_heads: int, head_dim: int, pe_dim: int):
+    Each sample's geometry (depth, parallax, distance, latitude) is encoded by an MLP into a rank-R code that enters
+    the sample's key and value linearly (`geometry_kv`). By that linearity the fused operator never forms per-sample
+    keys or values: the code's contribution to a logit is (A_k^T q) . code, and to the output A_v (sum_j a_j code_j).
+    """
+
+    def __init__(self, channels: int, num_heads: int, head_dim: int, pe_dim: int, rank: int = 16):
         super().__init__()
         inner = num_heads * head_dim
-        self.num_heads, self.head_dim = num_heads, head_dim
+        self.num_heads, self.head_dim, self.rank = num_heads, head_dim, rank
         self.norm = nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)
         self.to_q = nn.Conv2d(channels, inner, 1)
         self.to_kv = nn.Conv2d(channels, 2 * inner, 1)
-        self.geometry = nn.Sequential(nn.Conv2d(pe_dim, inner, 1), nn.SiLU(), nn.Conv2d(inner, 2 * inner, 1))
+        self.geometry = nn.Sequential(nn.Linear(pe_dim, inner), nn.SiLU(), nn.Linear(inner, rank))
+        self.geometry_kv = nn.Linear(rank, 2 * inner)  # code -> key and value offsets
         self.null_key = nn.Parameter(torch.zeros(num_heads, head_dim))  # lets a pixel with no usable sample attend
         self.to_out = nn.Conv2d(inner, channels, 1)
         nn.init.zeros_(self.to_out.weight)  # zero-initialised: a fresh module leaves the single-view UNet unchanged
         nn.init.zeros_(self.to_out.bias)
 
-    def _encode_geometry(self, pe: torch.Tensor, ctx: EpipolarContext) -> torch.Tensor:
-        """Key/value offsets of the sample geometry; fixed over a sampling run, so memoised there (not in training)."""
+    def geometry_code(self, features: torch.Tensor, pe_freqs: int, dtype: torch.dtype) -> torch.Tensor:
+        """Codes (rows, J, rank + 1) of raw sample features (rows, J, 4); the last channel is 1 and carries the biases.
+
+        Rows go through the MLP a block at a time, so its hidden layer never exists for all samples at once.
+        """
+        step = max(1, CODE_BLOCK_SAMPLES // max(1, features.shape[1]))
+        parts = [self.geometry(fourier_features(f, pe_freqs).to(dtype)) for f in features.split(step)]
+        code = torch.cat(parts)
+        return torch.cat((code, torch.ones_like(code[..., :1])), dim=-1)
+
+    def _code(self, ctx: EpipolarContext, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """This module's sample codes (rows, K*S, rank + 1); fixed over a sampling run, so memoised there."""
+        features = ctx.table(height, width)[1]
         if torch.is_grad_enabled():
-            return self.geometry(pe)
-        key = (id(self), pe.shape, pe.dtype)
+            return self.geometry_code(features, ctx.pe_freqs, dtype)
+        key = (id(self), height, width, dtype)
         if key not in ctx._cache:
-            ctx._cache[key] = self.geometry(pe)
+            ctx._cache[key] = self.geometry_code(features, ctx.pe_freqs, dtype).contiguous()
         return ctx._cache[key]
 
-    def forward(self, x: torch.Tensor, ctx: EpipolarContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: EpipolarContext, backend: str | None = None) -> torch.Tensor:
         """x (c*G*N, C, h, w): c stacked copies of the context's views (c = 2 under CFG), plus epipolar attention."""
-        b, _, h, w = x.shape
+        b, channels, h, w = x.shape
         gn = ctx.poses.shape[0] * ctx.num_views
         if b % gn:
             raise ValueError(f"batch: {b} feature maps are not a whole number of copies of {gn} views")
-        copies, hw = b // gn, h * w
-        grid, mask, pe = ctx.sampling(h, w)
-        k, s = ctx.ref_index.shape[-1], grid.shape[2]
-        heads, hd = self.num_heads, self.head_dim
-        xn = self.norm(x)
-        q = self.to_q(xn).view(copies, gn, heads, hd, hw) * hd**-0.5
-        kv = self.to_kv(xn).view(copies, gn, -1, h, w).transpose(0, 1)
-        groups = torch.arange(ctx.poses.shape[0], device=x.device).view(-1, 1, 1) * ctx.num_views
-        kv_ref = kv[(groups + ctx.ref_index).reshape(-1)].flatten(1, 2)  # (G*N*K, copies*2I, h, w)
-        # Projections commute with bilinear sampling, so keys/values are sampled after projecting; the copies ride
-        # along as channels so the grids (the same for every copy) are used once.
-        kv_s = circular_grid_sample(kv_ref, grid).view(gn, k, copies, 2, heads, hd, hw, s)
-        kv_s = kv_s.add_(self._encode_geometry(pe.to(x.dtype), ctx).view(gn, k, 1, 2, heads, hd, hw, s))
-        key, value = kv_s.unbind(3)  # (G*N, K, copies, heads, hd, hw, S)
-        q = q.transpose(0, 1)  # (G*N, copies, heads, hd, hw)
-        logits = (q[:, None, ..., None] * key).sum(4)  # (G*N, K, copies, heads, hw, S)
-        logits = logits.masked_fill_(~mask[:, :, None, None], float("-inf"))
-        null = torch.einsum("gchdp,hd->gchp", q, self.null_key.to(x.dtype))  # the null token's logit; its value is 0
-        # softmax over the K*S samples and the null token, written out because K and S are not adjacent dims
-        top = torch.maximum(logits.amax(dim=(1, 5)), null)
-        weights = (logits - top[:, None, ..., None]).exp()
-        weights = weights / (weights.sum((1, 5)) + (null - top).exp())[:, None, ..., None]
-        out = (weights.unsqueeze(4) * value).sum((1, 6))  # (G*N, copies, heads, hd, hw)
-        return x + self.to_out(out.transpose(0, 1).reshape(b, heads * hd, h, w))
+        copies, heads, hd, inner = b // gn, self.num_heads, self.head_dim, self.num_heads * self.head_dim
+        table = ctx.table(h, w)[0]
+        code = self._code(ctx, h, w, x.dtype)
+        xn = self.norm(x).permute(0, 2, 3, 1).reshape(copies, gn * h * w, channels)  # rows: view-major pixels
+        q = F.linear(xn, self.to_q.weight.flatten(1), self.to_q.bias).mul_(hd**-0.5).view(copies, -1, heads, hd)
+        kv = F.linear(xn, self.to_kv.weight.flatten(1), self.to_kv.bias).view(copies, -1, 2, heads, hd)
+        del xn
+        a_k, a_v = self.geometry_kv.weight.view(2, heads, hd, self.rank).unbind(0)
+        b_k, b_v = self.geometry_kv.bias.view(2, heads, hd).unbind(0)
+        qg = torch.cat((torch.einsum("cphd,hdr->cphr", q, a_k), (q * b_k).sum(-1, keepdim=True)), dim=-1)
+        null = torch.einsum("cphd,hd->cph", q, self.null_key.to(x.dtype))  # the null token's logit; its value is 0
+        out = epipolar_attention(q, kv, qg, null, code, table, backend)  # (copies, rows, heads, hd + rank + 1)
+        del q, kv, qg
+        geo = out[..., hd:]
+        values = torch.einsum("cphr,hdr->cphd", geo[..., :-1], a_v).add_(out[..., :hd]).addcmul_(geo[..., -1:], b_v)
+        y = F.linear(values.reshape(copies, -1, inner), self.to_out.weight.flatten(1), self.to_out.bias)
+        return x + y.view(b, h, w, channels).permute(0, 3, 1, 2)
 
 
 class EpipolarAdapter(ModelMixin, ConfigMixin):
@@ -154,15 +180,20 @@ class EpipolarAdapter(ModelMixin, ConfigMixin):
         head_dim: int = 32,
         max_heads: int = 8,
         pe_freqs: int = 4,
+        geometry_rank: int = 16,
     ):
         super().__init__()
         if len(targets) != len(channels):
             raise ValueError("targets/channels: need one channel count per target block")
         check_epipolar_settings(num_ref_views, num_samples, near, far)
+        if geometry_rank < 1:
+            raise ValueError(f"geometry_rank: must be >= 1, got {geometry_rank}")
         pe_dim = GEOMETRY_FEATURES * (1 + 2 * pe_freqs)
         self.blocks = nn.ModuleDict(
             {
-                _key(t): EpipolarAttention(c, max(1, min(max_heads, c // head_dim)), min(head_dim, c), pe_dim)
+                _key(t): EpipolarAttention(
+                    c, max(1, min(max_heads, c // head_dim)), min(head_dim, c), pe_dim, geometry_rank
+                )
                 for t, c in zip(targets, channels, strict=True)
             }
         )

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 from diffpano import storage
 from diffpano.epipolar import EpipolarAdapter
+from diffpano.epipolar_convert import load_adapter
 from diffpano.pipelines import MultiViewPanoPipeline
 from diffpano.schedulers import scheduler_from_class
 
@@ -72,7 +73,7 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
     scheduler = load_scheduler(root, index)
     if (root / "epipolar").is_dir():
-        epipolar = EpipolarAdapter.from_pretrained(root / "epipolar")
+        epipolar = load_adapter(root / "epipolar")
     else:
         log.warning("model: %s has no epipolar/ modules; adding fresh zero-initialised ones", uri)
         epipolar = EpipolarAdapter.for_unet(unet)
