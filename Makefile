@@ -30,6 +30,9 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/ea_overhead.py
 	$(PY) bench/ea_vs_dense.py
+	$(PY) bench/ea_tour.py
+	$(PY) bench/ea_training_memory.py
+	$(PY) bench/loop_closure.py
 	$(PY) bench/render_speed.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/serve_throughput.py

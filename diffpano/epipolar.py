@@ -11,6 +11,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from diffpano.epipolar_ops.layout import SampleTable, sample_table
 from diffpano.epipolar_ops.op import epipolar_attention
@@ -131,8 +132,8 @@ class EpipolarAttention(nn.Module):
     def _code(self, ctx: EpipolarContext, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
         """This module's sample codes (rows, K*S, rank + 1); fixed over a sampling run, so memoised there."""
         features = ctx.table(height, width)[1]
-        if torch.is_grad_enabled():
-            return self.geometry_code(features, ctx.pe_freqs, dtype)
+        if torch.is_grad_enabled():  # recomputed in backward: the MLP's hidden layer is as wide as keys and values
+            return checkpoint(self.geometry_code, features, ctx.pe_freqs, dtype, use_reentrant=False)
         key = (id(self), height, width, dtype)
         if key not in ctx._cache:
             ctx._cache[key] = self.geometry_code(features, ctx.pe_freqs, dtype).contiguous()
@@ -148,19 +149,20 @@ class EpipolarAttention(nn.Module):
         table = ctx.table(h, w)[0]
         code = self._code(ctx, h, w, x.dtype)
         xn = self.norm(x).permute(0, 2, 3, 1).reshape(copies, gn * h * w, channels)  # rows: view-major pixels
-        q = F.linear(xn, self.to_q.weight.flatten(1), self.to_q.bias).mul_(hd**-0.5).view(copies, -1, heads, hd)
-        kv = F.linear(xn, self.to_kv.weight.flatten(1), self.to_kv.bias).view(copies, -1, 2, heads, hd)
+        q = F.linear(xn, self.to_q.weight.flatten(1), self.to_q.bias).mul_(hd**-0.5)
+        kv = F.linear(xn, self.to_kv.weight.flatten(1), self.to_kv.bias)
         del xn
-        a_k, a_v = self.geometry_kv.weight.view(2, heads, hd, self.rank).unbind(0)
-        b_k, b_v = self.geometry_kv.bias.view(2, heads, hd).unbind(0)
-        qg = torch.cat((torch.einsum("cphd,hdr->cphr", q, a_k), (q * b_k).sum(-1, keepdim=True)), dim=-1)
-        null = torch.einsum("cphd,hd->cph", q, self.null_key.to(x.dtype))  # the null token's logit; its value is 0
-        out = epipolar_attention(q, kv, qg, null, code, table, backend)  # (copies, rows, heads, hd + rank + 1)
-        del q, kv, qg
-        geo = out[..., hd:]
-        values = torch.einsum("cphr,hdr->cphd", geo[..., :-1], a_v).add_(out[..., :hd]).addcmul_(geo[..., -1:], b_v)
-        y = F.linear(values.reshape(copies, -1, inner), self.to_out.weight.flatten(1), self.to_out.bias)
-        return x + y.view(b, h, w, channels).permute(0, 3, 1, 2)
+        # the key and value biases ride on the code's constant last channel
+        geo = torch.cat((self.geometry_kv.weight, self.geometry_kv.bias[:, None]), dim=1).to(x.dtype)
+        geo_k, geo_v = geo.view(2, heads, hd, self.rank + 1).unbind(0)
+        out = epipolar_attention(
+            q.view(copies, -1, heads, hd), kv.view(copies, -1, 2, heads, hd), code, geo_k, geo_v,
+            self.null_key.to(x.dtype), table, backend,
+        )
+        del q, kv
+        residual = (x + self.to_out.bias.view(1, -1, 1, 1)).view(b, channels, h * w)
+        out = out.view(b, h * w, inner).transpose(1, 2)  # (b, inner, hw): BLAS takes it transposed, no copy
+        return torch.baddbmm(residual, self.to_out.weight.flatten(1).expand(b, -1, -1), out).view_as(x)
 
 
 class EpipolarAdapter(ModelMixin, ConfigMixin):

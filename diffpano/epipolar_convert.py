@@ -65,7 +65,8 @@ def factorize(state: dict[str, torch.Tensor], adapter: EpipolarAdapter) -> dict[
         values, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending
         u = vectors[:, -block.rank :].flip(-1).float()  # (2I, R): the top R principal directions
         explained = (values[-block.rank :].sum() / values.sum()).item()
-        log.info("epipolar: %s geometry at rank %d keeps %.1f%% of the offset variance", key, block.rank, 100 * explained)
+        log.info("epipolar: %s geometry at rank %d keeps %.1f%% of its offsets' variance", key, block.rank,
+                 100 * explained)
         new.update({
             prefix + "0.weight": w1, prefix + "0.bias": b1,
             prefix + "2.weight": u.T @ w2, prefix + "2.bias": u.T @ (b2 - mu),

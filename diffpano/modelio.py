@@ -45,7 +45,8 @@ def local_model_dir(uri: str) -> Path:
             raise FileNotFoundError(f"model: {uri} is not a model directory (no unet/ sub-folder)")
         return path
     index = storage.read_bytes(storage.join(uri, "model_index.json"))
-    key = hashlib.sha256(uri.encode() + index).hexdigest()[:16]
+    # keyed by every file's size and time too: a model re-uploaded to the same URI is downloaded again
+    key = hashlib.sha256(uri.encode() + index + storage.tree_fingerprint(uri).encode()).hexdigest()[:16]
     target = CACHE_DIR / "models" / key
     if not (target / "model_index.json").exists():
         CACHE_DIR.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from PIL import Image
 
-from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_BATCH_VIEWS, MAX_SEED
+from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED, WINDOW_VIEWS
 from diffpano.epipolar import EpipolarAdapter, EpipolarContext, epipolar_kwargs
 from diffpano.geometry import check_panorama_size, validate_poses
 from diffpano.schedulers import fresh_scheduler, make_scheduler
@@ -360,7 +360,7 @@ class MultiViewPanoPipeline(PanoPipeline):
         height, width = self.check_size(height, width)
         sampling = self._sampling(num_inference_steps, guidance_scale, eta, scheduler, output_type)
         generators, seeds = resolve_generators(generator, seed, b)
-        window = int(window_views or MAX_BATCH_VIEWS)  # views denoised jointly per window of a long tour
+        window = int(window_views or WINDOW_VIEWS)  # views denoised jointly per window of a long tour
         context_n = window // 2 if window_context is None else int(window_context)
         if window < 1 or not 0 <= context_n < window:
             raise ValueError(

@@ -120,6 +120,16 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     )
 
 
+def tree_fingerprint(uri: str) -> str:
+    """Relative path, size and modification time of every file below uri, one per line: changes when any file does."""
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    lines = sorted(
+        f"{info.path[len(path):]} {info.size} {info.mtime_ns}" for info in infos if info.type == pafs.FileType.File
+    )
+    return "\n".join(lines)
+
+
 def copy_tree(src: str, dst: str) -> None:
     """Copy a directory tree between any two supported locations."""
     src_fs, src_path = resolve(src)

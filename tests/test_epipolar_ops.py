@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,7 @@ from diffpano.epipolar_ops import cpu
 from diffpano.epipolar_ops.layout import corner_rows, sample_table
 from diffpano.epipolar_ops.op import BACKEND_ENV, default_backend
 from diffpano.epipolar_ops.reference import reference_forward
+from diffpano.epipolar_ops.triton_kernel import INTERPRET_ENV
 from diffpano.geometry import circular_grid_sample
 from diffpano.memory import cpu_peak_profiler
 from diffpano.trajectories import walk
@@ -158,3 +163,18 @@ def test_full_rank_adapters_are_converted_on_load(tmp_path):
     with torch.no_grad():
         want, got = block(x, ctx) - x, loaded.blocks["x"](x, ctx) - x
     assert relative(got, want) < 1e-4
+
+
+FP16_FWD_RTOL, FP16_GRAD_RTOL = 5e-3, 2e-2  # fp16: 11 mantissa bits, inputs and outputs rounded
+
+
+def test_triton_kernels_match_the_oracle_under_the_interpreter():
+    """The CUDA kernels, run on the CPU by Triton's interpreter (in a fresh process: Triton reads the switch once)."""
+    env = {**os.environ, INTERPRET_ENV: "1"}
+    script = Path(__file__).with_name("triton_check.py")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout)
+    for name, err in results.items():
+        fwd_tol, grad_tol = (FP32_RTOL, FP32_RTOL) if name.startswith("fp32") else (FP16_FWD_RTOL, FP16_GRAD_RTOL)
+        assert err["forward"] < fwd_tol and err["grad"] < grad_tol, (name, err)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from diffpano import MultiViewPanoPipeline, PanoPipeline
+from diffpano.defaults import WINDOW_VIEWS
 from diffpano.modelio import load_model, save_model
-from diffpano.trajectories import walk
+from diffpano.trajectories import orbit, walk
 
 SIZE = dict(height=16, width=32)
 FAST = dict(num_inference_steps=3, guidance_scale=3.0, **SIZE)
@@ -139,6 +142,15 @@ def test_long_tour_in_windows(tiny_pipe):
     assert new_views == list(range(7))  # every view generated exactly once
 
 
+def test_a_closed_loop_fits_one_window_and_longer_loops_attend_to_their_first_views(tiny_pipe):
+    done = torch.zeros(24, dtype=torch.bool)
+    plan = tiny_pipe._plan_windows(orbit(16).unsqueeze(0), done[:16], WINDOW_VIEWS, WINDOW_VIEWS // 2)
+    assert WINDOW_VIEWS >= 16 and len(plan) == 1  # a 16-view orbit is denoised jointly: its last view meets its first
+    plan = tiny_pipe._plan_windows(orbit(24).unsqueeze(0), done, 8, 4)
+    last, n_ctx = plan[-1]
+    assert 23 in last[0, n_ctx:].tolist() and {0, 1} & set(last[0, :n_ctx].tolist())  # the loop closes in context
+
+
 def test_image_conditioned_views_are_kept_and_steer_the_rest(tiny_pipe):
     base = tour(tiny_pipe, n=3, seed=1)
     given = np.zeros_like(base[0])
@@ -187,6 +199,9 @@ def test_directory_without_epipolar_modules_loads_as_single_view(tiny_model_dir,
     assert np.array_equal(tour(pipe), tour(pipe, use_epipolar=False))  # fresh EA modules are zero-initialised
 
 
+KEY = "blocks.up_blocks_0_attentions_0.to_out.weight"
+
+
 def test_s3_round_trip(tiny_pipe, s3_endpoint, tmp_path, monkeypatch):
     import boto3
 
@@ -198,6 +213,12 @@ def test_s3_round_trip(tiny_pipe, s3_endpoint, tmp_path, monkeypatch):
     loaded = load_model(uri, device="cpu")
     loaded.set_progress_bar_config(disable=True)
     assert np.array_equal(tour(tiny_pipe), tour(loaded))
+    changed = copy.deepcopy(tiny_pipe)
+    torch.nn.init.normal_(next(iter(changed.epipolar.blocks.values())).to_out.weight, std=0.5)
+    time.sleep(1.1)  # S3's LastModified counts whole seconds
+    save_model(changed, uri)  # new weights at the same URI, same model_index.json: not the cached download
+    reloaded = load_model(uri, device="cpu")
+    assert torch.equal(reloaded.epipolar.state_dict()[KEY], changed.epipolar.state_dict()[KEY])
 
 
 @pytest.mark.parametrize(

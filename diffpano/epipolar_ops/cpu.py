@@ -1,4 +1,4 @@
-"""The EA operator's fused CPU kernel (cpu_kernel.c): compiled with the system C compiler on first use, called by ctypes."""
+"""The EA operator's fused CPU kernel (cpu_kernel.c): built with the system C compiler on first use, run by ctypes."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from diffpano.epipolar_ops.layout import SampleTable
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c11"]
 CACHE_ENV = "DIFFPANO_KERNEL_CACHE"  # where compiled kernels are kept (default ~/.cache/diffpano/kernels)
 
 
@@ -35,12 +37,21 @@ def compiler() -> str | None:
     return None
 
 
+def cpu_features() -> str:
+    """This CPU's instruction-set flags: builds use -march=native, so a cache shared by other CPUs keeps them apart."""
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return platform.machine() + platform.processor()
+
+
 def build() -> Path:
     """Compile the kernel unless a build of this source with these flags exists; return the library's path."""
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler (set CC, or install gcc) for the EA CPU kernel")
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    key = " ".join([cc, *FLAGS, cpu_features()])
+    digest = hashlib.sha256(SOURCE.read_bytes() + key.encode()).hexdigest()[:16]
     lib = cache_dir() / f"ea_cpu_{digest}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
@@ -56,11 +67,34 @@ def build() -> Path:
 def library() -> ctypes.CDLL:
     """The loaded kernel library (built on first use)."""
     lib = ctypes.CDLL(str(build()))
-    pointers = [ctypes.c_void_p] * 7
-    lib.ea_forward.argtypes = pointers + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 8
-    lib.ea_backward.argtypes = pointers + [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 8
-    lib.ea_threads.restype = ctypes.c_int
+    sizes = [ctypes.c_int64] * 10  # 8 sizes and the row range
+    lib.ea_forward.argtypes = [ctypes.c_void_p] * 10 + sizes
+    lib.ea_backward.argtypes = [ctypes.c_void_p] * 13 + sizes
     return lib
+
+
+@cache
+def _pool() -> ThreadPoolExecutor:
+    """Threads that run row ranges concurrently (the kernel holds no GIL; torch's thread count sets their number)."""
+    return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="ea-cpu")
+
+
+def _ranges(rows: int) -> list[tuple[int, int]]:
+    """One contiguous range of rows per thread."""
+    parts = max(1, min(torch.get_num_threads(), rows))
+    bounds = [rows * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _run(fn, args: list, sizes: list[int], ranges: list[tuple[int, int]], per_range=None) -> None:
+    """Call fn over every range on the pool; per_range(i) gives range i's own trailing pointer arguments."""
+    pointers = [t.data_ptr() for t in args]
+    jobs = [
+        _pool().submit(fn, *pointers, *(per_range(i) if per_range else []), *sizes, a, b)
+        for i, (a, b) in enumerate(ranges)
+    ]
+    for job in jobs:
+        job.result()
 
 
 def available() -> bool:
@@ -79,26 +113,23 @@ def _sizes(q: torch.Tensor, code: torch.Tensor, table: SampleTable) -> list[int]
     return [copies, rows, heads, dim, code.shape[-1], code.shape[1], table.height, table.width]
 
 
-def _ptr(t: torch.Tensor) -> int:
-    """Address of a contiguous CPU tensor's data."""
-    return t.data_ptr()
-
-
-def forward(q, kv, qg, nl, code, table: SampleTable) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output (copies, rows, heads, dim + rank) and log-sum-exp (copies, rows, heads); fp32 contiguous inputs."""
-    copies, rows, heads, dim = q.shape
-    out = q.new_empty(copies, rows, heads, dim + code.shape[-1])
-    lse = q.new_empty(copies, rows, heads)
-    args = [q, kv, qg, nl, code, table.base, table.frac, out, lse]
-    library().ea_forward(*map(_ptr, args), *_sizes(q, code, table))
+def forward(q, kv, code, geo_k, geo_v, null_key, table: SampleTable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output (copies, rows, heads, dim) and log-sum-exp (copies, rows, heads); fp32 contiguous inputs."""
+    out = torch.empty_like(q)
+    lse = q.new_empty(q.shape[:-1])
+    args = [q, kv, code, geo_k, geo_v, null_key, table.base, table.frac, out, lse]
+    _run(library().ea_forward, args, _sizes(q, code, table), _ranges(q.shape[1]))
     return out, lse
 
 
-def backward(q, kv, qg, nl, code, table: SampleTable, lse: torch.Tensor, dout: torch.Tensor) -> tuple:
-    """Gradients of (q, kv, qg, nl, code)."""
-    lib = library()
-    dq, dqg, dnl, dcode = (torch.empty_like(t) for t in (q, qg, nl, code))
-    dkv = kv.new_zeros(lib.ea_threads(), *kv.shape)  # one buffer per thread: the scatter needs no atomics
-    args = [q, kv, qg, nl, code, table.base, table.frac, lse, dout.contiguous(), dq, dkv, dqg, dnl, dcode]
-    lib.ea_backward(*map(_ptr, args), *_sizes(q, code, table))
-    return dq, dkv.sum(0), dqg, dnl, dcode
+def backward(q, kv, code, geo_k, geo_v, null_key, table: SampleTable, lse: torch.Tensor, dout: torch.Tensor) -> tuple:
+    """Gradients of (q, kv, code, geo_k, geo_v, null_key)."""
+    ranges = _ranges(q.shape[1])
+    dq, dcode = torch.empty_like(q), torch.empty_like(code)
+    dkv = kv.new_zeros(len(ranges), *kv.shape)  # one buffer per range: the scatter needs no atomics
+    dweights = q.new_zeros(len(ranges), 2 * geo_k.numel() + null_key.numel())
+    args = [q, kv, code, geo_k, geo_v, null_key, table.base, table.frac, dout, dq]
+    trailing = lambda i: [dkv[i].data_ptr(), dcode.data_ptr(), dweights[i].data_ptr()]  # noqa: E731
+    _run(library().ea_backward, args, _sizes(q, code, table), ranges, trailing)
+    dgeo_k, dgeo_v, dnull = dweights.sum(0).split([geo_k.numel(), geo_v.numel(), null_key.numel()])
+    return dq, dkv.sum(0), dcode, dgeo_k.view_as(geo_k), dgeo_v.view_as(geo_v), dnull.view_as(null_key)

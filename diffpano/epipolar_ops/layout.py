@@ -3,11 +3,14 @@
 Operator tensors (all contiguous; `rows` = target pixels of all views, row = view * h * w + y * w + x; `J` = K * S
 samples per row, sample j = k * S + s; `copies` = stacked copies of the views, 2 under classifier-free guidance):
 - q (copies, rows, heads, dim): scaled queries; kv (copies, rows, 2, heads, dim): keys then values of every pixel;
-- qg (copies, rows, heads, rank): the query's weights on the geometry code; nl (copies, rows, heads): null logits;
 - code (rows, J, rank): each sample's geometry code (last channel 1, carrying the key and value biases);
-- base (rows, J) int32: the source row of the sample's top-left bilinear corner, -1 where the sample is unusable;
+- geo_k, geo_v (heads, dim, rank): how the code enters a sample's key and value (key += geo_k @ code);
+- null_key (heads, dim): the null token's key (its value is 0);
+- base (rows, J) int32: the source row of the sample's top-left bilinear corner (bits 0-28), with bit 29 set when
+  that corner is in the last column (its right neighbour wraps to column 0) and bit 30 when it is in the bottom row
+  (no row below: latitude clamps); -1 where the sample is unusable;
 - frac (rows, J, 2): its bilinear fractions (fx, fy);
-- out (copies, rows, heads, dim + rank): softmax-weighted values, then the softmax-weighted geometry code.
+- out (copies, rows, heads, dim): the softmax-weighted values.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+ROW_BITS = (1 << 29) - 1
+WRAPS, BOTTOM = 1 << 29, 1 << 30
 
 
 @dataclass
@@ -43,21 +49,24 @@ def sample_table(
     v = (((gy + 1) * height - 1) / 2).clamp(0, height - 1)
     x0, y0 = u.floor(), v.floor().clamp(max=height - 1)
     frac = torch.stack((u - x0, v - y0), dim=-1).to(torch.float32)
-    col = torch.remainder(x0.long(), width)
-    base = (source_view.long() * height + y0.long()) * width + col
+    col, row = torch.remainder(x0.long(), width), y0.long()
+    views = int(source_view.max()) + 1 if source_view.numel() else 1
+    if views * height * width > ROW_BITS:
+        raise ValueError(f"feature maps: {views} views of {height}x{width} exceed the sample table's 2^29 pixels")
+    base = (source_view.long() * height + row) * width + col
+    base = base | torch.where(col == width - 1, WRAPS, 0) | torch.where(row == height - 1, BOTTOM, 0)
     base = torch.where(mask, base, torch.full_like(base, -1))
     return SampleTable(base.to(torch.int32).contiguous(), frac.contiguous(), height, width)
 
 
 def corner_rows(table: SampleTable, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Source rows (n, J, 4) and bilinear weights (n, J, 4) of the four corners, and the usable mask (n, J)."""
-    base = table.base[rows].long()
-    valid = base >= 0
-    base = base.clamp_min(0)
-    x0 = base % table.width
-    y0 = (base // table.width) % table.height
-    x1 = torch.where(x0 + 1 == table.width, base - x0, base + 1)
-    dy = torch.where(y0 + 1 < table.height, table.width, 0)
+    code = table.base[rows].long()
+    valid = code >= 0
+    code = code.clamp_min(0)
+    base = code & ROW_BITS
+    x1 = torch.where(code & WRAPS != 0, base - (table.width - 1), base + 1)
+    dy = torch.where(code & BOTTOM != 0, 0, table.width)
     index = torch.stack((base, x1, base + dy, x1 + dy), dim=-1)
     fx, fy = table.frac[rows].unbind(-1)
     weights = torch.stack(((1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy), dim=-1)

@@ -33,20 +33,20 @@ class _Attention(torch.autograd.Function):
     """Autograd wrapper: saves only the inputs and the log-sum-exp, never the samples."""
 
     @staticmethod
-    def forward(ctx, q, kv, qg, nl, code, table: SampleTable, backend: str):
+    def forward(ctx, q, kv, code, geo_k, geo_v, null_key, table: SampleTable, backend: str):
         """Run the backend's forward in its native dtype."""
-        dtype = q.dtype
+        inputs = (q, kv, code, geo_k, geo_v, null_key)
         native = NATIVE_DTYPES.get(backend)
-        work = dtype if native is None or dtype in native else native[0]
-        args = [t.to(work).contiguous() for t in (q, kv, qg, nl, code)]
+        work = q.dtype if native is None or q.dtype in native else native[0]
+        args = [t.to(work).contiguous() for t in inputs]
         out, lse = BACKENDS[backend].forward(*args, table)
         ctx.save_for_backward(*args, lse)
-        ctx.table, ctx.backend, ctx.dtypes = table, backend, [t.dtype for t in (q, kv, qg, nl, code)]
-        return out.to(dtype)
+        ctx.table, ctx.backend, ctx.dtypes = table, backend, [t.dtype for t in inputs]
+        return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        """The backend's gradients of q, kv, qg, nl and code (none for the table or the backend name)."""
+        """The backend's gradients of every input but the table and the backend name."""
         *args, lse = ctx.saved_tensors
         grads = BACKENDS[ctx.backend].backward(*args, ctx.table, lse, dout.to(args[0].dtype).contiguous())
         return (*(g.to(d) for g, d in zip(grads, ctx.dtypes, strict=True)), None, None)
@@ -55,11 +55,12 @@ class _Attention(torch.autograd.Function):
 def epipolar_attention(
     q: torch.Tensor,
     kv: torch.Tensor,
-    qg: torch.Tensor,
-    nl: torch.Tensor,
     code: torch.Tensor,
+    geo_k: torch.Tensor,
+    geo_v: torch.Tensor,
+    null_key: torch.Tensor,
     table: SampleTable,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Softmax attention of each row over its K*S bilinear samples and a null token (layout.py gives the shapes)."""
-    return _Attention.apply(q, kv, qg, nl, code, table, backend or default_backend(q.device))
+    return _Attention.apply(q, kv, code, geo_k, geo_v, null_key, table, backend or default_backend(q.device))
