@@ -79,6 +79,9 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="ea-cpu")
 
 
+os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked child has none of its parent's threads
+
+
 def _ranges(rows: int) -> list[tuple[int, int]]:
     """One contiguous range of rows per thread."""
     parts = max(1, min(torch.get_num_threads(), rows))
