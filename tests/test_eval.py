@@ -86,7 +86,8 @@ def test_ablation_of_the_ea_modules_writes_a_table_and_a_plot(ray_local, dataset
     report = (out / "report.md").read_text()
     assert "| with-EA |" in report and "ablation.png" in report and (out / "ablation.png").stat().st_size > 0
     rows = json.loads((out / "metrics.json").read_text())["ablation"]
-    assert rows[0]["epipolar_score"] != rows[1]["epipolar_score"]  # the EA switch changes the generated views
+    # the EA switch changes the generated views (the raw error: a random tiny model's score may clip to 0 for both)
+    assert rows[0]["epipolar_error"] != rows[1]["epipolar_error"]
 
 
 @pytest.mark.parametrize(
