@@ -12,6 +12,7 @@ def corner(kv_ptr, row, w, valid, c, rows, heads, h, d, DIM: tl.constexpr):
     v = tl.load(kv_ptr + off[:, None] + heads * DIM + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     return w[:, None] * k, w[:, None] * v
 
+
 @triton.jit
 def sample(kv_ptr, base_ptr, frac_ptr, code_ptr, r, rmask, j, samples, rank, c, rows, heads, h, height, width,
            d, g, gmask, DIM: tl.constexpr):
@@ -32,6 +33,7 @@ def sample(kv_ptr, base_ptr, frac_ptr, code_ptr, r, rmask, j, samples, rank, c, 
                    other=0.0).to(tl.float32)
     return k0 + k1 + k2 + k3, v0 + v1 + v2 + v3, code, valid, b, x1, dy, fx, fy
 
+
 @triton.jit
 def query(q_ptr, gk_ptr, null_ptr, r, rmask, c, rows, heads, h, rank, d, g, gmask, DIM: tl.constexpr):
     """Query (BLOCK, DIM), geometry query (BLOCK, RANK_P), null logit (BLOCK,) and geo_k (DIM, RANK_P)."""
@@ -43,15 +45,21 @@ def query(q_ptr, gk_ptr, null_ptr, r, rmask, c, rows, heads, h, rank, d, g, gmas
     nk = tl.load(null_ptr + h * DIM + d).to(tl.float32)
     return q, qg, tl.sum(q * nk[None, :], axis=1), gk, nk
 
+
+@triton.jit
+def program_rows(rows, rank, DIM: tl.constexpr, RANK_P: tl.constexpr, BLOCK_R: tl.constexpr):
+    """This program's ids (row block, head, copy), its rows and their mask, and the head and code lanes."""
+    pid, h, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    d, g = tl.arange(0, DIM), tl.arange(0, RANK_P)
+    return pid, h, c, r, r < rows, d, g, g < rank
+
+
 @triton.jit
 def forward_kernel(q_ptr, kv_ptr, code_ptr, gk_ptr, gv_ptr, null_ptr, base_ptr, frac_ptr, out_ptr, lse_ptr,
                    rows, heads, samples, rank, height, width,
                    DIM: tl.constexpr, RANK_P: tl.constexpr, BLOCK_R: tl.constexpr):
-    pid, h, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = r < rows
-    d, g = tl.arange(0, DIM), tl.arange(0, RANK_P)
-    gmask = g < rank
+    pid, h, c, r, rmask, d, g, gmask = program_rows(rows, rank, DIM, RANK_P, BLOCK_R)
     q, qg, nl, gk, nk = query(q_ptr, gk_ptr, null_ptr, r, rmask, c, rows, heads, h, rank, d, g, gmask, DIM)
     m, total = nl, tl.full([BLOCK_R], 1.0, tl.float32)  # the null token, value 0, starts the online softmax
     acc = tl.zeros([BLOCK_R, DIM], tl.float32)
@@ -73,6 +81,7 @@ def forward_kernel(q_ptr, kv_ptr, code_ptr, gk_ptr, gv_ptr, null_ptr, base_ptr, 
     tl.store(out_ptr + (at * DIM)[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
     tl.store(lse_ptr + at, m + tl.log(total), mask=rmask)
 
+
 @triton.jit
 def scatter(dkv_ptr, row, w, valid, c, rows, heads, h, d, dk, dv, DIM: tl.constexpr):
     """Add w * (dk, dv) into one bilinear corner's key and value gradients."""
@@ -80,16 +89,25 @@ def scatter(dkv_ptr, row, w, valid, c, rows, heads, h, d, dk, dv, DIM: tl.conste
     tl.atomic_add(dkv_ptr + off[:, None] + d[None, :], w[:, None] * dk, mask=valid[:, None])
     tl.atomic_add(dkv_ptr + off[:, None] + heads * DIM + d[None, :], w[:, None] * dv, mask=valid[:, None])
 
+
+@triton.jit
+def weight(kv_ptr, base_ptr, frac_ptr, code_ptr, r, rmask, j, samples, rank, c, rows, heads, h, height, width, d, g,
+           gmask, q, qg, lse, do, dg, DIM: tl.constexpr):
+    """Sample j (as `sample` gives it), its softmax weight a and dL/da, recomputed for the backward pass."""
+    key, val, code, valid, b, x1, dy, fx, fy = sample(kv_ptr, base_ptr, frac_ptr, code_ptr, r, rmask, j, samples,
+                                                      rank, c, rows, heads, h, height, width, d, g, gmask, DIM)
+    logit = tl.sum(q * key, axis=1) + tl.sum(qg * code, axis=1)
+    a = tl.where(valid, tl.exp(logit - lse), 0.0)
+    da = tl.sum(do * val, axis=1) + tl.sum(dg * code, axis=1)
+    return key, val, code, valid, b, x1, dy, fx, fy, a, da
+
+
 @triton.jit
 def backward_kernel(q_ptr, kv_ptr, code_ptr, gk_ptr, gv_ptr, null_ptr, base_ptr, frac_ptr, lse_ptr, dout_ptr,
                     dq_ptr, dkv_ptr, dcode_ptr, dgk_ptr, dgv_ptr, dnull_ptr,
                     rows, heads, samples, rank, height, width,
                     DIM: tl.constexpr, RANK_P: tl.constexpr, BLOCK_R: tl.constexpr):
-    pid, h, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = r < rows
-    d, g = tl.arange(0, DIM), tl.arange(0, RANK_P)
-    gmask = g < rank
+    pid, h, c, r, rmask, d, g, gmask = program_rows(rows, rank, DIM, RANK_P, BLOCK_R)
     q, qg, nl, gk, nk = query(q_ptr, gk_ptr, null_ptr, r, rmask, c, rows, heads, h, rank, d, g, gmask, DIM)
     at = (c * rows + r) * heads + h
     lse = tl.load(lse_ptr + at, mask=rmask, other=0.0)
@@ -99,22 +117,18 @@ def backward_kernel(q_ptr, kv_ptr, code_ptr, gk_ptr, gv_ptr, null_ptr, base_ptr,
     dg = tl.sum(do[:, :, None] * gv[None, :, :], axis=1)  # dL/d(weighted code), (BLOCK, RANK_P)
     mean = tl.zeros([BLOCK_R], tl.float32)  # sum_j a_j dL/da_j, the softmax's correction term
     for j in range(samples):
-        key, val, code, valid, b, x1, dy, fx, fy = sample(kv_ptr, base_ptr, frac_ptr, code_ptr, r, rmask, j,
-                                                          samples, rank, c, rows, heads, h, height, width, d, g,
-                                                          gmask, DIM)
-        logit = tl.sum(q * key, axis=1) + tl.sum(qg * code, axis=1)
-        a = tl.where(valid, tl.exp(logit - lse), 0.0)
-        mean += a * (tl.sum(do * val, axis=1) + tl.sum(dg * code, axis=1))
+        key, val, code, valid, b, x1, dy, fx, fy, a, da = weight(kv_ptr, base_ptr, frac_ptr, code_ptr, r, rmask, j,
+                                                                 samples, rank, c, rows, heads, h, height, width, d,
+                                                                 g, gmask, q, qg, lse, do, dg, DIM)
+        mean += a * da
     dq = tl.zeros([BLOCK_R, DIM], tl.float32)
     dqg = tl.zeros([BLOCK_R, RANK_P], tl.float32)
     acc_g = tl.zeros([BLOCK_R, RANK_P], tl.float32)
     for j in range(samples):
-        key, val, code, valid, b, x1, dy, fx, fy = sample(kv_ptr, base_ptr, frac_ptr, code_ptr, r, rmask, j,
-                                                          samples, rank, c, rows, heads, h, height, width, d, g,
-                                                          gmask, DIM)
-        logit = tl.sum(q * key, axis=1) + tl.sum(qg * code, axis=1)
-        a = tl.where(valid, tl.exp(logit - lse), 0.0)
-        dl = a * (tl.sum(do * val, axis=1) + tl.sum(dg * code, axis=1) - mean)
+        key, val, code, valid, b, x1, dy, fx, fy, a, da = weight(kv_ptr, base_ptr, frac_ptr, code_ptr, r, rmask, j,
+                                                                 samples, rank, c, rows, heads, h, height, width, d,
+                                                                 g, gmask, q, qg, lse, do, dg, DIM)
+        dl = a * (da - mean)
         dq += dl[:, None] * key
         dqg += dl[:, None] * code
         acc_g += a[:, None] * code
