@@ -60,6 +60,7 @@ def submit(address: str, *args: str) -> tuple[int, str]:
     return result.exit_code, plain(result.output)
 
 
+@pytest.mark.slow  # over two minutes; `make test-slow` (and CI) runs it
 def test_a_training_job_runs_both_stages_on_the_cluster(head, train_dataset, tmp_path):
     store = str(tmp_path / "runs")
     code, text = submit(head, "train", "all", "--config", "trainer/configs/tiny.yaml", "--name", "job", "--storage",
