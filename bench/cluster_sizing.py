@@ -69,13 +69,17 @@ def bundled_tour_flops(views: int, steps: int, size: tuple[int, int]) -> dict:
                             seed=0, use_epipolar=epipolar)
 
     # FLOPs are counted on PyTorch ops, so the EA operator runs as its chunked PyTorch form (the same arithmetic)
+    chosen = os.environ.get(BACKEND_ENV)
     os.environ[BACKEND_ENV] = "chunked"
     try:
         (one, ops_one), (two, ops_two) = count(run(1)), count(run(2))
         per_step, ops_step = two - one, ops_two - ops_one
         no_ea = count(run(2, False))[0] - count(run(1, False))[0]
     finally:
-        del os.environ[BACKEND_ENV]
+        if chosen is None:
+            del os.environ[BACKEND_ENV]
+        else:
+            os.environ[BACKEND_ENV] = chosen
     started = time.perf_counter()
     run(steps)()
     seconds = time.perf_counter() - started

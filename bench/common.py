@@ -10,13 +10,12 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from diffusers.utils import logging as diffusers_logging
 
-from diffpano.memory import cpu_peak_profiler, quiet_stderr  # noqa: F401 (re-exported for the benchmarks)
+from diffpano.memory import cpu_peak_profiler
 from diffpano.modelio import default_dtype, pick_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -85,7 +84,6 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-@contextmanager
 def _proc_status_kb(field: str) -> int:
     """A kB field (VmRSS, VmHWM) of /proc/self/status."""
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -29,7 +29,7 @@ from common import (
 )
 from torch import nn
 
-from diffpano.epipolar import EpipolarAdapter, EpipolarAttention, EpipolarContext
+from diffpano.epipolar import EpipolarAdapter, EpipolarAttention
 from diffpano.trajectories import walk
 
 GOAL_SPEEDUP = 20.0
@@ -114,11 +114,6 @@ def matrix_bytes(n: int, h: int, w: int, heads: int, dtype: torch.dtype) -> int:
     return heads * (n * h * w) ** 2 * torch.finfo(dtype).bits // 8
 
 
-def cache_bytes(ctx: EpipolarContext) -> int:
-    """Bytes held by a context between steps (sample tables, geometry features and memoised geometry codes)."""
-    return ctx.held_bytes()
-
-
 def ea_case(adapter: EpipolarAdapter, block: EpipolarAttention, x: torch.Tensor, poses: torch.Tensor,
             args: argparse.Namespace, device: torch.device) -> dict:
     """EA times with a warm context and for the first (cache-building) call, peak memory and cache size."""
@@ -139,7 +134,7 @@ def ea_case(adapter: EpipolarAdapter, block: EpipolarAttention, x: torch.Tensor,
     mem = peak_memory(warm, device)
     mem_first = peak_memory(first, device)
     return {"ms": median(warm_ms), "first_ms": median(first_ms), "all_ms": warm_ms, "all_first_ms": first_ms,
-            "peak_mb": mem["peak_mb"], "first_peak_mb": mem_first["peak_mb"], "cache_mb": cache_bytes(ctx) / MB,
+            "peak_mb": mem["peak_mb"], "first_peak_mb": mem_first["peak_mb"], "cache_mb": ctx.held_bytes() / MB,
             "memory": mem}
 
 

@@ -67,7 +67,7 @@ def build() -> Path:
 def library() -> ctypes.CDLL:
     """The loaded kernel library (built on first use)."""
     lib = ctypes.CDLL(str(build()))
-    sizes = [ctypes.c_int64] * 10  # 8 sizes and the row range
+    sizes = [ctypes.c_int64] * 9  # 7 sizes and the row range
     lib.ea_forward.argtypes = [ctypes.c_void_p] * 10 + sizes
     lib.ea_backward.argtypes = [ctypes.c_void_p] * 13 + sizes
     return lib
@@ -100,8 +100,9 @@ def _run(fn, args: list, sizes: list[int], ranges: list[tuple[int, int]], per_ra
         job.result()
 
 
+@cache
 def available() -> bool:
-    """Whether the kernel can be built and loaded here."""
+    """Whether the kernel can be built and loaded here (decided once per process: a failed build is not retried)."""
     try:
         library()
     except (RuntimeError, OSError, subprocess.CalledProcessError) as err:
@@ -113,7 +114,7 @@ def available() -> bool:
 def _sizes(q: torch.Tensor, code: torch.Tensor, table: SampleTable) -> list[int]:
     """The kernel's size arguments."""
     copies, rows, heads, dim = q.shape
-    return [copies, rows, heads, dim, code.shape[-1], code.shape[1], table.height, table.width]
+    return [copies, rows, heads, dim, code.shape[-1], code.shape[1], table.width]
 
 
 def forward(q, kv, code, geo_k, geo_v, null_key, table: SampleTable) -> tuple[torch.Tensor, torch.Tensor]:

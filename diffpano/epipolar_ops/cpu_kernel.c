@@ -17,13 +17,12 @@ typedef struct {
 #define BOTTOM (1 << 30)
 
 // The four source rows of a sample with encoded top-left corner `base` and fractions (fx, fy); longitude wraps.
-static inline Corners corners(int32_t base, const float *frac, int64_t height, int64_t width) {
+static inline Corners corners(int32_t base, const float *frac, int64_t width) {
     Corners c;
     int64_t r = base & ROW_BITS;
     int64_t x1 = (base & WRAPS) ? r - (width - 1) : r + 1;
     int64_t dy = (base & BOTTOM) ? 0 : width;
     float fx = frac[0], fy = frac[1];
-    (void)height;
     c.r[0] = r; c.r[1] = x1; c.r[2] = r + dy; c.r[3] = x1 + dy;
     c.w[0] = (1.f - fx) * (1.f - fy); c.w[1] = fx * (1.f - fy); c.w[2] = (1.f - fx) * fy; c.w[3] = fx * fy;
     return c;
@@ -43,10 +42,10 @@ static inline void axpy(float a, const float *x, float *y, int64_t n) {
 
 // Bilinear keys and values (2 * heads * dim each) of a row's usable samples into samp, one pass per sample.
 static void interpolate(const float *kv_copy, const int32_t *base, const float *frac, int64_t samples, int64_t width2,
-                        int64_t height, int64_t width, float *samp) {
+                        int64_t width, float *samp) {
     for (int64_t j = 0; j < samples; j++) {
         if (base[j] < 0) continue;
-        Corners c = corners(base[j], frac + 2 * j, height, width);
+        Corners c = corners(base[j], frac + 2 * j, width);
         const float *a = kv_copy + c.r[0] * width2, *b = kv_copy + c.r[1] * width2;
         const float *e = kv_copy + c.r[2] * width2, *f = kv_copy + c.r[3] * width2;
         float *s = samp + j * width2, w0 = c.w[0], w1 = c.w[1], w2 = c.w[2], w3 = c.w[3];
@@ -119,7 +118,7 @@ static void weighted_code(const float *attn, const float *code, const int32_t *b
 void ea_forward(const float *q, const float *kv, const float *code, const float *geo_k, const float *geo_v,
                 const float *null_key, const int32_t *base, const float *frac, float *out, float *lse,
                 int64_t copies, int64_t rows, int64_t heads, int64_t dim, int64_t rank, int64_t samples,
-                int64_t height, int64_t width, int64_t row_begin, int64_t row_end) {
+                int64_t width, int64_t row_begin, int64_t row_end) {
     const int64_t width2 = 2 * heads * dim;
     {
         float *samp = malloc(sizeof(float) * samples * width2), *logits = malloc(sizeof(float) * heads * samples);
@@ -132,7 +131,7 @@ void ea_forward(const float *q, const float *kv, const float *code, const float 
             for (int64_t c = 0; c < copies; c++) {
                 int64_t at = (c * rows + row) * heads;
                 const float *qrow = q + at * dim;
-                interpolate(kv + c * rows * width2, b, f, samples, width2, height, width, samp);
+                interpolate(kv + c * rows * width2, b, f, samples, width2, width, samp);
                 geometry_query(qrow, gk_t, null_key, heads, dim, rank, qg, nl);
                 logits_of(qrow, qg, nl, cr, b, samp, heads, dim, rank, samples, logits, top);
                 softmax_of(nl, b, top, heads, samples, logits, lse + at);
@@ -156,7 +155,7 @@ void ea_forward(const float *q, const float *kv, const float *code, const float 
 void ea_backward(const float *q, const float *kv, const float *code, const float *geo_k, const float *geo_v,
                  const float *null_key, const int32_t *base, const float *frac, const float *dout,
                  float *dq, float *dkv_out, float *dcode, float *dweights, int64_t copies, int64_t rows,
-                 int64_t heads, int64_t dim, int64_t rank, int64_t samples, int64_t height, int64_t width,
+                 int64_t heads, int64_t dim, int64_t rank, int64_t samples, int64_t width,
                  int64_t row_begin, int64_t row_end) {
     const int64_t width2 = 2 * heads * dim;
     {
@@ -176,7 +175,7 @@ void ea_backward(const float *q, const float *kv, const float *code, const float
             for (int64_t c = 0; c < copies; c++) {
                 int64_t at = (c * rows + row) * heads;
                 const float *qrow = q + at * dim, *dorow = dout + at * dim;
-                interpolate(kv + c * rows * width2, b, f, samples, width2, height, width, samp);
+                interpolate(kv + c * rows * width2, b, f, samples, width2, width, samp);
                 geometry_query(qrow, gk_t, null_key, heads, dim, rank, qg, nl);
                 logits_of(qrow, qg, nl, cr, b, samp, heads, dim, rank, samples, attn, top);
                 softmax_of(nl, b, top, heads, samples, attn, lse_row);
@@ -224,7 +223,7 @@ void ea_backward(const float *q, const float *kv, const float *code, const float
                             dsamp[(heads + h) * dim + i] = a * dov[i];
                         }
                     }
-                    Corners cs = corners(b[j], f + 2 * j, height, width);
+                    Corners cs = corners(b[j], f + 2 * j, width);
                     for (int t = 0; t < 4; t++) axpy(cs.w[t], dsamp, dkv + (c * rows + cs.r[t]) * width2, width2);
                 }
             }

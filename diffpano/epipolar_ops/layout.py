@@ -29,8 +29,7 @@ class SampleTable:
 
     base: torch.Tensor  # (rows, J) int32, -1 = unusable
     frac: torch.Tensor  # (rows, J, 2)
-    height: int
-    width: int
+    width: int  # of the feature maps (the flags in base stand for their height)
 
     def nbytes(self) -> int:
         """Bytes held by the table."""
@@ -56,7 +55,7 @@ def sample_table(
     base = (source_view.long() * height + row) * width + col
     base = base | torch.where(col == width - 1, WRAPS, 0) | torch.where(row == height - 1, BOTTOM, 0)
     base = torch.where(mask, base, torch.full_like(base, -1))
-    return SampleTable(base.to(torch.int32).contiguous(), frac.contiguous(), height, width)
+    return SampleTable(base.to(torch.int32).contiguous(), frac.contiguous(), width)
 
 
 def corner_rows(table: SampleTable, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

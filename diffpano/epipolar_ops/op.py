@@ -15,8 +15,8 @@ BACKENDS: dict[str, ModuleType] = {"cpu": cpu, "triton": triton_kernel, "chunked
 NATIVE_DTYPES = {"cpu": (torch.float32,), "triton": (torch.float32, torch.bfloat16, torch.float16)}
 
 
-def default_backend(device: torch.device) -> str:
-    """The fastest backend that works on device ($DIFFPANO_EA_BACKEND overrides the choice)."""
+def default_backend(device: torch.device, head_dim: int | None = None) -> str:
+    """The fastest backend that works on device for heads of head_dim ($DIFFPANO_EA_BACKEND overrides the choice)."""
     forced = os.environ.get(BACKEND_ENV)
     if forced:
         if forced not in BACKENDS:
@@ -24,7 +24,7 @@ def default_backend(device: torch.device) -> str:
         return forced
     if device.type == "cpu" and cpu.available():
         return "cpu"
-    if device.type == "cuda" and triton_kernel.available():
+    if device.type == "cuda" and triton_kernel.available() and (head_dim is None or triton_kernel.supports(head_dim)):
         return "triton"
     return "chunked"
 
@@ -63,4 +63,5 @@ def epipolar_attention(
     backend: str | None = None,
 ) -> torch.Tensor:
     """Softmax attention of each row over its K*S bilinear samples and a null token (layout.py gives the shapes)."""
-    return _Attention.apply(q, kv, code, geo_k, geo_v, null_key, table, backend or default_backend(q.device))
+    backend = backend or default_backend(q.device, q.shape[-1])
+    return _Attention.apply(q, kv, code, geo_k, geo_v, null_key, table, backend)

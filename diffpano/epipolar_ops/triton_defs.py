@@ -14,7 +14,7 @@ def corner(kv_ptr, row, w, valid, c, rows, heads, h, d, DIM: tl.constexpr):
 
 
 @triton.jit
-def sample(kv_ptr, base_ptr, frac_ptr, code_ptr, r, rmask, j, samples, rank, c, rows, heads, h, height, width,
+def sample(kv_ptr, base_ptr, frac_ptr, code_ptr, r, rmask, j, samples, rank, c, rows, heads, h, width,
            d, g, gmask, DIM: tl.constexpr):
     """Key, value (BLOCK, DIM), code (BLOCK, RANK_P), usability and corners of sample j of rows r."""
     code_bits = tl.load(base_ptr + r * samples + j, mask=rmask, other=-1)
@@ -57,7 +57,7 @@ def program_rows(rows, rank, DIM: tl.constexpr, RANK_P: tl.constexpr, BLOCK_R: t
 
 @triton.jit
 def forward_kernel(q_ptr, kv_ptr, code_ptr, gk_ptr, gv_ptr, null_ptr, base_ptr, frac_ptr, out_ptr, lse_ptr,
-                   rows, heads, samples, rank, height, width,
+                   rows, heads, samples, rank, width,
                    DIM: tl.constexpr, RANK_P: tl.constexpr, BLOCK_R: tl.constexpr):
     pid, h, c, r, rmask, d, g, gmask = program_rows(rows, rank, DIM, RANK_P, BLOCK_R)
     q, qg, nl, gk, nk = query(q_ptr, gk_ptr, null_ptr, r, rmask, c, rows, heads, h, rank, d, g, gmask, DIM)
@@ -66,7 +66,7 @@ def forward_kernel(q_ptr, kv_ptr, code_ptr, gk_ptr, gv_ptr, null_ptr, base_ptr, 
     acc_g = tl.zeros([BLOCK_R, RANK_P], tl.float32)
     for j in range(samples):
         key, val, code, valid, b, x1, dy, fx, fy = sample(kv_ptr, base_ptr, frac_ptr, code_ptr, r, rmask, j,
-                                                          samples, rank, c, rows, heads, h, height, width, d, g,
+                                                          samples, rank, c, rows, heads, h, width, d, g,
                                                           gmask, DIM)
         logit = tl.where(valid, tl.sum(q * key, axis=1) + tl.sum(qg * code, axis=1), float("-inf"))
         m_new = tl.maximum(m, logit)
@@ -91,11 +91,11 @@ def scatter(dkv_ptr, row, w, valid, c, rows, heads, h, d, dk, dv, DIM: tl.conste
 
 
 @triton.jit
-def weight(kv_ptr, base_ptr, frac_ptr, code_ptr, r, rmask, j, samples, rank, c, rows, heads, h, height, width, d, g,
+def weight(kv_ptr, base_ptr, frac_ptr, code_ptr, r, rmask, j, samples, rank, c, rows, heads, h, width, d, g,
            gmask, q, qg, lse, do, dg, DIM: tl.constexpr):
     """Sample j (as `sample` gives it), its softmax weight a and dL/da, recomputed for the backward pass."""
     key, val, code, valid, b, x1, dy, fx, fy = sample(kv_ptr, base_ptr, frac_ptr, code_ptr, r, rmask, j, samples,
-                                                      rank, c, rows, heads, h, height, width, d, g, gmask, DIM)
+                                                      rank, c, rows, heads, h, width, d, g, gmask, DIM)
     logit = tl.sum(q * key, axis=1) + tl.sum(qg * code, axis=1)
     a = tl.where(valid, tl.exp(logit - lse), 0.0)
     da = tl.sum(do * val, axis=1) + tl.sum(dg * code, axis=1)
@@ -105,7 +105,7 @@ def weight(kv_ptr, base_ptr, frac_ptr, code_ptr, r, rmask, j, samples, rank, c, 
 @triton.jit
 def backward_kernel(q_ptr, kv_ptr, code_ptr, gk_ptr, gv_ptr, null_ptr, base_ptr, frac_ptr, lse_ptr, dout_ptr,
                     dq_ptr, dkv_ptr, dcode_ptr, dgk_ptr, dgv_ptr, dnull_ptr,
-                    rows, heads, samples, rank, height, width,
+                    rows, heads, samples, rank, width,
                     DIM: tl.constexpr, RANK_P: tl.constexpr, BLOCK_R: tl.constexpr):
     pid, h, c, r, rmask, d, g, gmask = program_rows(rows, rank, DIM, RANK_P, BLOCK_R)
     q, qg, nl, gk, nk = query(q_ptr, gk_ptr, null_ptr, r, rmask, c, rows, heads, h, rank, d, g, gmask, DIM)
@@ -118,7 +118,7 @@ def backward_kernel(q_ptr, kv_ptr, code_ptr, gk_ptr, gv_ptr, null_ptr, base_ptr,
     mean = tl.zeros([BLOCK_R], tl.float32)  # sum_j a_j dL/da_j, the softmax's correction term
     for j in range(samples):
         key, val, code, valid, b, x1, dy, fx, fy, a, da = weight(kv_ptr, base_ptr, frac_ptr, code_ptr, r, rmask, j,
-                                                                 samples, rank, c, rows, heads, h, height, width, d,
+                                                                 samples, rank, c, rows, heads, h, width, d,
                                                                  g, gmask, q, qg, lse, do, dg, DIM)
         mean += a * da
     dq = tl.zeros([BLOCK_R, DIM], tl.float32)
@@ -126,7 +126,7 @@ def backward_kernel(q_ptr, kv_ptr, code_ptr, gk_ptr, gv_ptr, null_ptr, base_ptr,
     acc_g = tl.zeros([BLOCK_R, RANK_P], tl.float32)
     for j in range(samples):
         key, val, code, valid, b, x1, dy, fx, fy, a, da = weight(kv_ptr, base_ptr, frac_ptr, code_ptr, r, rmask, j,
-                                                                 samples, rank, c, rows, heads, h, height, width, d,
+                                                                 samples, rank, c, rows, heads, h, width, d,
                                                                  g, gmask, q, qg, lse, do, dg, DIM)
         dl = a * (da - mean)
         dq += dl[:, None] * key

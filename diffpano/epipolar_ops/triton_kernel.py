@@ -28,10 +28,9 @@ def available() -> bool:
     return True
 
 
-def supports(q: torch.Tensor) -> bool:
-    """Whether the head size suits the kernels (a power of two from 16 to 256)."""
-    dim = q.shape[-1]
-    return 16 <= dim <= 256 and dim & (dim - 1) == 0
+def supports(head_dim: int) -> bool:
+    """Whether the head size suits the kernels (a power of two from 16 to 256: tl.arange and register tiles)."""
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
 
 
 def kernels():
@@ -46,7 +45,7 @@ def _launch(q: torch.Tensor, code: torch.Tensor, table: SampleTable) -> tuple[tu
     copies, rows, heads, dim = q.shape
     rank = code.shape[-1]
     grid = (-(-rows // BLOCK), heads, copies)
-    sizes = [rows, heads, code.shape[1], rank, table.height, table.width]
+    sizes = [rows, heads, code.shape[1], rank, table.width]
     return grid, sizes, dict(DIM=dim, RANK_P=max(16, 1 << (rank - 1).bit_length()), BLOCK_R=BLOCK)
 
 
@@ -55,8 +54,7 @@ def forward(q, kv, code, geo_k, geo_v, null_key, table: SampleTable) -> tuple[to
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     grid, sizes, consts = _launch(q, code, table)
-    kernels()[0][grid](q, kv, code, geo_k, geo_v, null_key, table.base, table.frac, out, lse, *sizes,
-                                     **consts)
+    kernels()[0][grid](q, kv, code, geo_k, geo_v, null_key, table.base, table.frac, out, lse, *sizes, **consts)
     return out, lse
 
 
@@ -70,5 +68,5 @@ def backward(q, kv, code, geo_k, geo_v, null_key, table: SampleTable, lse: torch
     dgk, dgv = torch.zeros(parts, *geo_k.shape, **f32), torch.zeros(parts, *geo_v.shape, **f32)
     dnull = torch.zeros(parts, *null_key.shape, **f32)
     kernels()[1][grid](q, kv, code, geo_k, geo_v, null_key, table.base, table.frac, lse, dout,
-                                     dq, dkv, dcode, dgk, dgv, dnull, *sizes, **consts)
+                       dq, dkv, dcode, dgk, dgv, dnull, *sizes, **consts)
     return dq, dkv.to(kv.dtype), dcode.to(code.dtype), dgk.sum(0), dgv.sum(0), dnull.sum(0)
