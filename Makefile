@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install run test test-unit test-slow bench model model-gpu image cluster-config lint clean
+.PHONY: install run test test-unit test-slow test-cuda bench model model-gpu image cluster-config lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -26,6 +26,10 @@ test-unit: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The CUDA tests (a GPU machine only; bench/gpu_suite.py runs them with everything else it measures).
+test-cuda: $(STAMP)
+	$(PY) -m pytest -q -m cuda
 
 bench: $(STAMP)
 	$(PY) bench/ea_overhead.py

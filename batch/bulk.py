@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from batch.ray_init import ensure_ray
 from diffpano import storage
+from diffpano.compiling import check_mode, compile_pipeline
 from diffpano.defaults import REPLICAS, TOURS_PER_BATCH
 from diffpano.manifest import Tour, commit_tours
 from diffpano.modelio import resolve_model
@@ -29,12 +30,12 @@ class TourWriter:
     """One model replica (a Ray actor): generates a batch of specs and commits them as one manifest part."""
 
     def __init__(self, model: str | None, out: str, device: str | None = None, threads: int | None = None,
-                 options: dict | None = None) -> None:
+                 options: dict | None = None, compile: str = "off") -> None:
         import torch
 
         if threads:
             torch.set_num_threads(threads)
-        self.pipe = resolve_model(model, device)
+        self.pipe = compile_pipeline(resolve_model(model, device), check_mode(compile))
         self.pipe.set_progress_bar_config(disable=True)
         self.out, self.options = out, dict(options or {})
 

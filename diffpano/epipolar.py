@@ -86,7 +86,7 @@ class EpipolarContext:
             rows = lambda t: t.movedim(2, 3).reshape(g * n * hw, k * ns, *t.shape[5:])  # noqa: E731
             source = (torch.arange(g, device=self.poses.device).view(g, 1, 1) * n + self.ref_index).view(g, n, k, 1, 1)
             table = sample_table(
-                rows(s.grid), rows(s.mask), rows(source.expand(g, n, k, hw, ns)), height, width
+                rows(s.grid), rows(s.mask), rows(source.expand(g, n, k, hw, ns)), height, width, g * n
             )
             self._cache[key] = (table, rows(self.geometry_features(s)).contiguous())
         return self._cache[key]
@@ -160,9 +160,13 @@ class EpipolarAttention(nn.Module):
             self.null_key.to(x.dtype), table, backend,
         )
         del q, kv
+        weight = self.to_out.weight.flatten(1)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():  # NHWC: rows are pixels
+            rows = x.permute(0, 2, 3, 1).reshape(-1, channels) + self.to_out.bias
+            return torch.addmm(rows, out.view(-1, inner), weight.t()).view(b, h, w, channels).permute(0, 3, 1, 2)
         residual = (x + self.to_out.bias.view(1, -1, 1, 1)).view(b, channels, h * w)
         out = out.view(b, h * w, inner).transpose(1, 2)  # (b, inner, hw): BLAS takes it transposed, no copy
-        return torch.baddbmm(residual, self.to_out.weight.flatten(1).expand(b, -1, -1), out).view_as(x)
+        return torch.baddbmm(residual, weight.expand(b, -1, -1), out).view_as(x)
 
 
 class EpipolarAdapter(ModelMixin, ConfigMixin):
@@ -235,6 +239,17 @@ class EpipolarAdapter(ModelMixin, ConfigMixin):
         ]
         unet._diffpano_epipolar_hooks = handles
 
+    def prepare(self, ctx: EpipolarContext, unet: nn.Module, height: int, width: int, dtype: torch.dtype) -> None:
+        """Fill ctx's caches before a UNet call on (height, width) inputs: every sample table, and without grad
+        every module's codes, so a compiled UNet finds them ready instead of tracing their construction."""
+        levels = len(unet.up_blocks)
+        for target in self.config.targets:
+            shift = levels - 1 - int(target.split(".")[1])  # up block i works at 1/2^(levels-1-i) of the input
+            h, w = -(-height // 2**shift), -(-width // 2**shift)
+            ctx.table(h, w)
+            if not torch.is_grad_enabled():
+                self.blocks[_key(target)]._code(ctx, h, w, dtype)
+
     def _hook_for(self, key: str):
         """A forward hook applying the EA module `key` to a transformer's output with the call's EpipolarContext."""
 
@@ -264,7 +279,8 @@ class EpipolarAdapter(ModelMixin, ConfigMixin):
         near = cfg.near if near is None else near
         far = cfg.far if far is None else far
         check_epipolar_settings(k, s, near, far)
-        poses = validate_poses(poses).to(device=self.device, dtype=torch.float32)
+        # checked where they are (a training batch: on the host), then copied without waiting for the device
+        poses = validate_poses(poses).to(device=self.device, dtype=torch.float32, non_blocking=True)
         if poses.ndim != 4:
             raise ValueError(f"poses: expected shape (tours, views, 4, 4), got {tuple(poses.shape)}")
         ref_index, ref_valid = nearest_views(poses, k)

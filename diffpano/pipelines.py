@@ -15,6 +15,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from PIL import Image
 
+from diffpano.compiling import mark_step
 from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED, WINDOW_VIEWS
 from diffpano.epipolar import EpipolarAdapter, EpipolarContext, epipolar_kwargs
 from diffpano.geometry import check_panorama_size, validate_poses
@@ -222,12 +223,15 @@ class PanoPipeline(DiffusionPipeline):
         x = (x_t * sched.init_noise_sigma).flatten(0, 1)
         keep = None if known is None else known.flatten().view(-1, 1, 1, 1)
         attention_kwargs = epipolar_kwargs(ctx)
+        if ctx is not None:
+            self.epipolar.prepare(ctx, self.unet, *x.shape[-2:], emb.dtype)
         for t in sched.timesteps:
             if keep is not None:
                 noised = sched.add_noise(clean.flatten(0, 1), x_t.flatten(0, 1), t.repeat(b * v))
                 x = torch.where(keep, noised.to(x.dtype), x)
             inp = torch.cat((x, x)) if cfg else x
             inp = sched.scale_model_input(inp, t)
+            mark_step()
             eps = self.unet(inp, t, encoder_hidden_states=emb, cross_attention_kwargs=attention_kwargs).sample
             if cfg:
                 eps_u, eps_c = eps.chunk(2)

@@ -26,6 +26,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from diffpano import storage
+from diffpano.compiling import CompileMode
 from diffpano.defaults import MAX_BATCH_VIEWS, MAX_SEED
 from diffpano.manifest import read_manifest
 from diffpano.schedulers import SCHEDULER_NAMES
@@ -66,6 +67,7 @@ class ServerSettings(BaseModel):
     default_scheduler: Literal[SCHEDULER_NAMES] | None = None  # None: the model's own
     max_batch_views: int = Field(MAX_BATCH_VIEWS, ge=1)
     batch_wait_timeout_s: float = Field(0.1, ge=0.0)
+    compile: CompileMode = "off"  # torch.compile of the replicas' UNet (diffpano.compiling)
 
     def api_key(self) -> str | None:
         """The configured API key, if any."""

@@ -150,7 +150,7 @@ def test_the_loss_falls_on_a_fixed_batch(train_dataset, stage):
     from diffpano.data.loaders import ClipDataset, PanoramaDataset, collate_clips
     from diffpano.factory import build_tiny_pipeline
     from diffpano.text import encode_prompts
-    from trainer.loop import Denoiser, diffusion_loss, trainable_parameters
+    from trainer.loop import Denoiser, SignalToNoise, diffusion_loss, trainable_parameters
 
     cfg = load_config(CONFIG, [f"data.dataset={train_dataset}"])
     pipe = build_tiny_pipeline(seed=0)
@@ -175,7 +175,7 @@ def test_the_loss_falls_on_a_fixed_batch(train_dataset, stage):
     noisy = sched.add_noise(x0, noise, t)
     losses = []
     for _ in range(30):
-        loss = diffusion_loss(model(noisy, t, emb, ctx), x0, noise, t, sched, "epsilon", None)
+        loss = diffusion_loss(model(noisy, t, emb, ctx), x0, noise, t, SignalToNoise(sched, x0.device), "epsilon", None)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -8,6 +8,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from diffpano.compiling import CompileMode
+
 
 class Strict(BaseModel):
     """A config section: unknown keys are errors."""
@@ -108,6 +110,9 @@ class OptimConfig(Strict):
     min_snr_gamma: float | None = Field(None, gt=0.0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     allow_tf32: bool = True
+    # torch.compile of the stage's model (diffpano.compiling; reduce-overhead: CUDA graphs, batches are static)
+    compile: CompileMode = "off"
+    channels_last: bool = False  # NHWC activations and conv weights (faster convolutions on CUDA tensor cores)
 
 
 class ScalingSection(Strict):

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from diffusers.training_utils import compute_snr
 from torch import nn
 
 from diffpano import storage
@@ -73,21 +72,47 @@ def make_dataset(cfg: TrainConfig, stage: int, latents: dict | None, factor: int
     return ClipDataset(d.dataset, num_views=views, num_ref_views=k, **common)
 
 
-def embed(cache: dict[str, np.ndarray], captions: list) -> torch.Tensor:
-    """Cached text embeddings (..., L, D) of captions (a list, or a list of lists for clips)."""
-    if captions and isinstance(captions[0], list | tuple):
-        return torch.stack([embed(cache, list(c)) for c in captions])
-    return torch.from_numpy(np.stack([cache[c] for c in captions]))
+class TextTable:
+    """The text cache staged on the training device: embeddings (..., L, D) of captions by one indexed read."""
+
+    def __init__(self, cache: dict[str, np.ndarray], device: torch.device) -> None:
+        self.index = {caption: i for i, caption in enumerate(cache)}
+        self.table = torch.from_numpy(np.stack(list(cache.values()))).to(device)
+        self.pinned = device.type == "cuda"
+
+    def __call__(self, captions: list) -> torch.Tensor:
+        """Embeddings of captions (a list, or a list of lists for clips)."""
+        nested = bool(captions) and isinstance(captions[0], list | tuple)
+        rows = [[self.index[c] for c in group] for group in captions] if nested else [self.index[c] for c in captions]
+        index = torch.tensor(rows)
+        if self.pinned:  # an asynchronous copy: the step does not wait for the GPU to drain
+            index = index.pin_memory().to(self.table.device, non_blocking=True)
+        return self.table[index]
 
 
-def diffusion_loss(model_out, x0, noise, t, scheduler, prediction_type: str, gamma: float | None) -> torch.Tensor:
+class SignalToNoise:
+    """alpha_bar / (1 - alpha_bar) per timestep, staged on the device once (diffusers' compute_snr copies it
+    to the device on every call, which waits for the GPU)."""
+
+    def __init__(self, scheduler: DDPMScheduler, device: torch.device) -> None:
+        self.scheduler = scheduler
+        alphas = scheduler.alphas_cumprod.to(device)
+        self.snr = alphas / (1 - alphas)
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        """The SNR at timesteps t."""
+        return self.snr[t].float()
+
+
+def diffusion_loss(model_out, x0, noise, t, snr: SignalToNoise, prediction_type: str, gamma: float | None
+                   ) -> torch.Tensor:
     """MSE to the noise (or v), optionally min-SNR weighted (Hang et al. 2023)."""
-    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+    target = noise if prediction_type == "epsilon" else snr.scheduler.get_velocity(x0, noise, t)
     per = F.mse_loss(model_out.float(), target.float(), reduction="none").mean(dim=tuple(range(1, x0.ndim)))
     if gamma is None:
         return per.mean()
-    snr = compute_snr(scheduler, t)
-    weight = torch.clamp(snr, max=gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+    ratio = snr(t)
+    weight = torch.clamp(ratio, max=gamma) / (ratio if prediction_type == "epsilon" else ratio + 1)
     return (per * weight).mean()
 
 
@@ -121,27 +146,31 @@ class DiffusionStage(Stage):
         self.amp = DTYPES[cfg.optim.mixed_precision]
         self.fp16 = self.amp == torch.float16
         self.noise = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=cfg.optim.prediction_type)
-        self.text = load_text_cache(w.config["text_cache"])
+        self.snr = SignalToNoise(self.noise, w.device)
+        self.text = TextTable(load_text_cache(w.config["text_cache"]), w.device)
         latents = load_latent_cache(w.config["latent_cache"]) if w.config.get("latent_cache") else None
         self.dataset = make_dataset(cfg, self.number, latents, pipe.vae_factor)
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> Loss:
         """Noise the batch at one random timestep per tour and score the model's prediction (diffusion_loss)."""
         cfg, device, clips = self.w.cfg, self.w.device, self.number == 2
-        x0 = (batch["images"].flatten(0, 1) if clips else batch["image"]).to(device)
-        emb = embed(self.text, batch["captions"] if clips else batch["caption"]).to(device)
+        x0 = skeleton.to_device(batch["images"].flatten(0, 1) if clips else batch["image"], self.w)
+        emb = self.text(batch["captions"] if clips else batch["caption"])
         emb = emb.flatten(0, 1) if clips else emb
         b = batch["images"].shape[0] if clips else x0.shape[0]
-        t = torch.randint(0, self.noise.config.num_train_timesteps, (b,), generator=generator)
-        t = t.repeat_interleave(x0.shape[0] // b).to(device)  # views per tour (1 in stage 1) share a timestep
-        noise = torch.randn(x0.shape, generator=generator).to(device)
+        t = torch.randint(0, self.noise.config.num_train_timesteps, (b,), generator=generator, device=device)
+        t = t.repeat_interleave(x0.shape[0] // b)  # views per tour (1 in stage 1) share a timestep
+        noise = torch.randn(x0.shape, generator=generator, device=device)
         noisy = self.noise.add_noise(x0, noise, t)
         m = cfg.model
-        epi = self.w.pipe.epipolar.context(batch["poses"], m.num_ref_views, m.num_samples) if clips else None
+        epi = None
+        if clips:
+            epi = self.w.pipe.epipolar.context(batch["poses"], m.num_ref_views, m.num_samples)
+            self.w.pipe.epipolar.prepare(epi, self.w.pipe.unet, *x0.shape[-2:], x0.dtype)
         with skeleton.autocast(device, self.amp):
             out = model(noisy, t, emb, epi)
         o = cfg.optim
-        return Loss(diffusion_loss(out, x0, noise, t, self.noise, o.prediction_type, o.min_snr_gamma), b)
+        return Loss(diffusion_loss(out, x0, noise, t, self.snr, o.prediction_type, o.min_snr_gamma), b)
 
     def sample(self, batch: dict, step: int) -> None:
         """Sample panoramas from the current weights beside the checkpoints."""

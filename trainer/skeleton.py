@@ -32,12 +32,14 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from diffpano import storage
+from diffpano.compiling import compile_module, mark_step
 from diffpano.data.loaders import collate_clips
 from diffpano.modelio import load_model
 from trainer import session
 from trainer.config import LoopConfig, TrainConfig
 
 STATE_FILE = "state.pt"
+STEP_RANGE = "diffpano.train_step"  # the profiler range of one optimiser step (tests check it never syncs)
 DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -90,6 +92,7 @@ def run(config: dict, stage_type: Callable[[Worker], Stage]) -> None:
     """train_loop_per_worker of a stage: build it, resume from the latest checkpoint, train, export on rank 0."""
     w = setup(config)
     stage = stage_type(w)
+    prepare_model(stage.model, w.cfg)
     ddp = session.prepare(stage.model)
     opt = Optimiser(stage, w.device)
     step, consumed = 0, 0
@@ -99,7 +102,7 @@ def run(config: dict, stage_type: Callable[[Worker], Stage]) -> None:
     if opt.ema is not None:
         opt.ema.to(w.device)
     data = Batches(stage.dataset, stage.settings.batch_size, w.rank, w.world, w.cfg.run.seed,
-                   w.cfg.data.loader_workers, stage.number, consumed)
+                   w.cfg.data.loader_workers, stage.number, consumed, pin=w.device.type == "cuda")
     step = train(w, stage, ddp, opt, data, step)
     if w.rank == 0:
         opt.use_ema_weights()
@@ -107,27 +110,63 @@ def run(config: dict, stage_type: Callable[[Worker], Stage]) -> None:
 
 
 def train(w: Worker, stage: Stage, ddp: nn.Module, opt: Optimiser, data: Batches, step: int) -> int:
-    """Optimiser steps until the stage's steps or its time limit; returns the steps done."""
+    """Optimiser steps until the stage's steps or its time limit; returns the steps done.
+
+    Nothing in a step reads a value back from the device: losses and the gradient norm stay tensors until a step
+    that logs or checkpoints, and samples/s is measured over the steps since the last log.
+    """
     s, cfg = stage.settings, w.cfg
     log = RunLog(w.config["run_root"], stage.number) if w.rank == 0 else None
-    generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + w.rank * 104729 + step)
+    generator = torch.Generator(w.device).manual_seed(cfg.run.seed * 7919 + w.rank * 104729 + step)
     began = time.monotonic()
+    rate = Rate()
     while step < s.steps:
         maybe_fail(w, step)
-        started = time.perf_counter()
-        logs, samples, batch = accumulate(stage, ddp, data, opt.scaler, generator)
-        grad_norm = opt.step()
+        with torch.profiler.record_function(STEP_RANGE):
+            logs, samples, batch = accumulate(stage, ddp, data, opt.scaler, generator)
+            grad_norm = opt.step()
         step += 1
-        metrics = {**logs, "lr": opt.lr(), "grad_norm": grad_norm, "step": step, "time": time.time(),
-                   "samples_per_s": samples * w.world / (time.perf_counter() - started)}
-        stop = out_of_time(began, s.time_limit_s, w.world, w.device)
+        rate.add(samples * w.world)
+        metrics = {**logs, "lr": opt.lr(), "grad_norm": grad_norm, "step": step}
+        stop = out_of_time(began, s.time_limit_s, w.world, w.device, step % cfg.run.log_every == 0)
         log_and_checkpoint(cfg, log, metrics, step if stop else s.steps,
-                           partial(opt.save, step=step, consumed=data.consumed, rank=w.rank))
+                           partial(opt.save, step=step, consumed=data.consumed, rank=w.rank), rate)
         if w.rank == 0 and cfg.run.sample_every and step % cfg.run.sample_every == 0 and step < s.steps:
             stage.sample(batch, step)
         if stop:
             break
     return step
+
+
+class Rate:
+    """Samples per second between the steps that read it."""
+
+    def __init__(self) -> None:
+        self.samples, self.since = 0, time.perf_counter()
+
+    def add(self, samples: int) -> None:
+        """Count a step's samples."""
+        self.samples += samples
+
+    def read(self) -> float:
+        """Samples/s since the last read (the caller has synchronised with the device)."""
+        now = time.perf_counter()
+        value = self.samples / max(now - self.since, 1e-9)
+        self.samples, self.since = 0, now
+        return value
+
+
+def to_device(x: torch.Tensor, w: Worker) -> torch.Tensor:
+    """A batch tensor on the worker's device (from pinned memory without waiting, on CUDA), in its memory format."""
+    x = x.to(w.device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if w.cfg.optim.channels_last and x.ndim == 4 else x
+
+
+def prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
+    """Channels-last weights and torch.compile, as the config asks (before DDP wraps the model)."""
+    if cfg.optim.channels_last:
+        model.to(memory_format=torch.channels_last)
+    compile_module(model, cfg.optim.compile)
 
 
 def setup(config: dict) -> Worker:
@@ -156,19 +195,20 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 
 
 def accumulate(stage: Stage, ddp: nn.Module, data: Batches, scaler: torch.amp.GradScaler,
-               generator: torch.Generator) -> tuple[dict[str, float], int, dict]:
+               generator: torch.Generator) -> tuple[dict[str, torch.Tensor | float], int, dict]:
     """Forward and backward of settings.grad_accum micro-batches: (mean loss and logs, samples, the last batch)."""
     n = stage.settings.grad_accum
-    logs: dict[str, float] = {}
+    logs: dict[str, torch.Tensor | float] = {}
     samples = 0
     for micro in range(n):
         batch = next(data)
         last = micro == n - 1
         sync = contextlib.nullcontext() if last or ddp is stage.model else ddp.no_sync()  # all-reduce once a step
+        mark_step()
         with sync:
             out = stage.loss(ddp, batch, generator)
             scaler.scale(out.value / n).backward()
-        for key, value in {"loss": out.value.item(), **out.logs}.items():
+        for key, value in {"loss": out.value.detach(), **out.logs}.items():
             logs[key] = logs.get(key, 0.0) + value / n
         samples += out.samples
     return logs, samples, batch
@@ -180,15 +220,16 @@ class Optimiser:
     def __init__(self, stage: Stage, device: torch.device) -> None:
         s = stage.settings
         self.params, self.max_norm = stage.params, s.max_grad_norm
-        self.optimizer = torch.optim.AdamW(self.params, lr=s.lr, weight_decay=s.weight_decay)
+        # one fused kernel for the whole update; it also reads fp16 loss scaling's inf check on the device
+        self.optimizer = torch.optim.AdamW(self.params, lr=s.lr, weight_decay=s.weight_decay, fused=True)
         self.lr_sched = get_scheduler("constant_with_warmup", self.optimizer, num_warmup_steps=s.warmup_steps)
-        self.ema = EMAModel(self.params, decay=s.ema.decay) if s.ema.enabled else None
+        self.ema = EMAModel(self.params, decay=s.ema.decay, foreach=True) if s.ema.enabled else None
         self.scaler = torch.amp.GradScaler(device.type, enabled=stage.fp16)
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         """Unscale, clip, step the optimiser, LR schedule and EMA; returns the gradient norm before clipping."""
         self.scaler.unscale_(self.optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.lr_sched.step()
@@ -240,8 +281,8 @@ class Batches:
     """Endless batches of this worker's shard, epoch after epoch, starting at any number of consumed batches."""
 
     def __init__(self, dataset, batch_size: int, rank: int, world: int, seed: int, workers: int, stage: int,
-                 consumed: int) -> None:
-        self.dataset, self.batch_size, self.workers, self.stage = dataset, batch_size, workers, stage
+                 consumed: int, pin: bool = False) -> None:
+        self.dataset, self.batch_size, self.workers, self.stage, self.pin = dataset, batch_size, workers, stage, pin
         self.sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
                                           drop_last=True)
         self.per_epoch = max(1, len(self.sampler) // batch_size)
@@ -257,7 +298,8 @@ class Batches:
         if len(indices) < self.batch_size:  # a shard smaller than a batch: repeat it
             indices = (indices * (self.batch_size // max(1, len(indices)) + 1))[: self.batch_size]
         self._it = iter(DataLoader(self.dataset, batch_size=self.batch_size, sampler=indices, drop_last=True,
-                                   num_workers=self.workers, collate_fn=collate_clips if self.stage == 2 else None))
+                                   num_workers=self.workers, collate_fn=collate_clips if self.stage == 2 else None,
+                                   pin_memory=self.pin))
 
     def __next__(self) -> dict:
         """The next batch."""
@@ -309,12 +351,20 @@ class RunLog:
 
 
 def log_and_checkpoint(cfg: TrainConfig, log: RunLog | None, metrics: dict, total: int,
-                       save: Callable[[Path], None]) -> None:
-    """Log a step on rank 0; every run.checkpoint_every steps (and at the end) report a checkpoint save() wrote."""
+                       save: Callable[[Path], None], rate: Rate) -> None:
+    """Log a step on rank 0; every run.checkpoint_every steps (and at the end) report a checkpoint save() wrote.
+
+    Only these steps read the metrics back from the device.
+    """
     step = metrics["step"]
-    if log is not None and (step % cfg.run.log_every == 0 or step == total):
+    logs, checkpoint = step % cfg.run.log_every == 0 or step == total, step % cfg.run.checkpoint_every == 0
+    if not (logs or checkpoint or step == total):
+        return
+    metrics = {k: float(v) for k, v in metrics.items()} | {"step": step, "time": time.time(),
+                                                            "samples_per_s": rate.read()}
+    if log is not None and logs:
         log.step(step, total, {k: v for k, v in metrics.items() if k != "step"})
-    if step % cfg.run.checkpoint_every == 0 or step == total:
+    if checkpoint or step == total:
         with tempfile.TemporaryDirectory() as tmp:
             save(Path(tmp))
             if log is not None:
@@ -322,13 +372,21 @@ def log_and_checkpoint(cfg: TrainConfig, log: RunLog | None, metrics: dict, tota
             session.report(metrics, Path(tmp))
 
 
-def out_of_time(began: float, limit: float | None, world: int, device: torch.device) -> bool:
-    """True once the stage has trained `limit` seconds in this attempt; rank 0's clock decides for every worker."""
+def out_of_time(began: float, limit: float | None, world: int, device: torch.device, agree: bool) -> bool:
+    """True once the stage has trained `limit` seconds in this attempt; rank 0's clock decides for every worker.
+
+    A single worker reads its clock every step. Several workers agree only on steps where `agree` (those that log),
+    because agreeing is a broadcast that waits for the device.
+    """
     if limit is None:
         return False
-    flag = torch.tensor([float(time.monotonic() - began > limit)], device=device)
-    if world > 1:  # every worker must leave the loop at the same step, or the next all-reduce hangs
-        torch.distributed.broadcast(flag, src=0)
+    late = time.monotonic() - began > limit
+    if world == 1:
+        return late
+    if not agree:
+        return False
+    flag = torch.tensor([float(late)], device=device)
+    torch.distributed.broadcast(flag, src=0)  # every worker must leave at the same step, or an all-reduce hangs
     return bool(flag.item())
 
 

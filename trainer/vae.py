@@ -27,7 +27,7 @@ class Reconstruct(nn.Module):
     def forward(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(reconstruction, mean KL per latent element) of images in [-1, 1]."""
         posterior = self.vae.encode(x).latent_dist  # no graph through an encoder frozen by decoder_only
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(x.device)
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator, device=x.device)
         return self.vae.decode(z).sample, posterior.kl().mean() / posterior.mean[0].numel()
 
 
@@ -35,8 +35,10 @@ def strips(x: torch.Tensor, rows: int | None, generator: torch.Generator) -> tor
     """Random full-width strips of `rows` rows (the longitude stays a whole circle), or x when rows is None."""
     if rows is None or rows >= x.shape[-2]:
         return x
-    top = torch.randint(0, x.shape[-2] - rows + 1, (x.shape[0],), generator=generator)
-    return torch.stack([img[:, t : t + rows] for img, t in zip(x, top.tolist(), strict=True)])
+    b, c, _, w = x.shape
+    top = torch.randint(0, x.shape[-2] - rows + 1, (b,), generator=generator, device=x.device)
+    index = (top[:, None] + torch.arange(rows, device=x.device)).view(b, 1, rows, 1)
+    return x.gather(2, index.expand(b, c, rows, w))  # on the device, without reading `top` back
 
 
 def train_vae(config: dict) -> None:
@@ -63,10 +65,10 @@ class VaeStage(Stage):
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> Loss:
         """L1 reconstruction of random strips plus kl_weight x KL."""
-        x = strips(batch["image"], self.settings.strip_rows, generator).to(self.w.device)
+        x = strips(skeleton.to_device(batch["image"], self.w), self.settings.strip_rows, generator)
         recon, kl = model(x, generator)
         l1 = F.l1_loss(recon, x)
-        return Loss(l1 + self.settings.kl_weight * kl, x.shape[0], {"l1": l1.item(), "kl": kl.item()})
+        return Loss(l1 + self.settings.kl_weight * kl, x.shape[0], {"l1": l1.detach(), "kl": kl.detach()})
 
     def export(self, step: int) -> None:
         """The model directory with the trained VAE and (a whole VAE trained) its measured scaling factor."""

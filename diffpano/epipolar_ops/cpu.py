@@ -136,4 +136,5 @@ def backward(q, kv, code, geo_k, geo_v, null_key, table: SampleTable, lse: torch
     trailing = lambda i: [dkv[i].data_ptr(), dcode.data_ptr(), dweights[i].data_ptr()]  # noqa: E731
     _run(library().ea_backward, args, _sizes(q, code, table), ranges, trailing)
     dgeo_k, dgeo_v, dnull = dweights.sum(0).split([geo_k.numel(), geo_v.numel(), null_key.numel()])
-    return dq, dkv.sum(0), dcode, dgeo_k.view_as(geo_k), dgeo_v.view_as(geo_v), dnull.view_as(null_key)
+    small = (g.view_as(w).clone() for g, w in ((dgeo_k, geo_k), (dgeo_v, geo_v), (dnull, null_key)))  # unaliased
+    return dq, dkv.sum(0), dcode, *small

@@ -37,9 +37,10 @@ class SampleTable:
 
 
 def sample_table(
-    grid: torch.Tensor, mask: torch.Tensor, source_view: torch.Tensor, height: int, width: int
+    grid: torch.Tensor, mask: torch.Tensor, source_view: torch.Tensor, height: int, width: int,
+    views: int | None = None,
 ) -> SampleTable:
-    """The table of grid_sample coordinates grid (rows, J, 2) read from views source_view (rows, J).
+    """The table of grid_sample coordinates grid (rows, J, 2) read from `views` views, source_view (rows, J).
 
     It reproduces `circular_grid_sample` (align_corners=False, longitude wrapping, latitude clamped at the border).
     """
@@ -49,7 +50,8 @@ def sample_table(
     x0, y0 = u.floor(), v.floor().clamp(max=height - 1)
     frac = torch.stack((u - x0, v - y0), dim=-1).to(torch.float32)
     col, row = torch.remainder(x0.long(), width), y0.long()
-    views = int(source_view.max()) + 1 if source_view.numel() else 1
+    if views is None:  # reading the count back waits for the device; callers that know it pass it
+        views = int(source_view.max()) + 1 if source_view.numel() else 1
     if views * height * width > ROW_BITS:
         raise ValueError(f"feature maps: {views} views of {height}x{width} exceed the sample table's 2^29 pixels")
     base = (source_view.long() * height + row) * width + col
