@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install run test test-unit test-slow test-cuda bench model model-gpu image cluster-config lint clean
+.PHONY: install run test test-unit test-slow test-cuda gpu-suite gpu-suite-dry bench model model-gpu image cluster-config lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -30,6 +30,14 @@ test-slow: $(STAMP)
 # The CUDA tests (a GPU machine only; bench/gpu_suite.py runs them with everything else it measures).
 test-cuda: $(STAMP)
 	$(PY) -m pytest -q -m cuda
+
+# The one-shot GPU suite: CUDA tests, training, tours, Serve and bulk on one GPU, in under 8 minutes, into one folder.
+gpu-suite: $(STAMP)
+	$(PY) bench/gpu_suite.py --out outputs/gpu-suite
+
+# Its rehearsal on the CPU at tiny sizes (eager; a few minutes).
+gpu-suite-dry: $(STAMP)
+	$(PY) bench/gpu_suite.py --dry-run --out outputs/gpu-suite-dry
 
 bench: $(STAMP)
 	$(PY) bench/ea_overhead.py

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import BeforeValidator
 from torch import nn
 
 log = logging.getLogger(__name__)
-CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
-COMPILE_MODES: tuple[str, ...] = CompileMode.__args__
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+# for pydantic configs: YAML 1.1 reads a bare `off` as false, which means "off" here too
+CompileMode = Annotated[Literal[COMPILE_MODES], BeforeValidator(lambda v: "off" if v is False else v)]
 
 
 class EagerFallback:

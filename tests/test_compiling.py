@@ -29,6 +29,9 @@ def test_modes_are_checked_and_compiling_is_undone():
     """An unknown mode names the rule; `off` leaves forward alone; uncompile restores the module's own forward."""
     with pytest.raises(ValueError, match="compile: unknown mode 'fast'"):
         check_mode("fast")
+    assert load_config(CONFIG, ["optim.compile=off"]).optim.compile == "off"  # YAML reads a bare off as false
+    with pytest.raises(ValueError, match="optim.compile"):
+        load_config(CONFIG, ["optim.compile=fast"])
     layer = nn.Linear(4, 4)
     assert not is_compiled(compile_module(layer, "off"))
     assert is_compiled(compile_module(layer, "default"))
