@@ -126,3 +126,28 @@ def test_both_training_stages_take_compiled_steps_on_cuda(train_dataset, tmp_pat
         rows = list(csv.DictReader((tmp_path / "cuda" / "logs" / f"stage{stage}" / "metrics.csv").open()))
         assert rows and all(math.isfinite(float(r["loss"])) for r in rows)
     assert (tmp_path / "cuda" / "model" / "model_index.json").exists()
+
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def test_training_steps_never_wait_for_the_gpu(train_dataset, tmp_path):
+    """Under the profiler, the steps that neither log nor checkpoint make no synchronising CUDA call (stages 1, 2)."""
+    from trainer.config import load_config
+    from trainer.run import train
+    from trainer.skeleton import STEP_RANGE
+
+    cfg = load_config("trainer/configs/tiny.yaml", [
+        f"data.dataset={train_dataset}", "data.size=[32, 64]", "scaling.num_workers=0", "stage1.steps=6",
+        "stage2.steps=6", "run.log_every=100", "run.checkpoint_every=100", "run.sample_steps=1",
+        "run.max_failures=0", "optim.min_snr_gamma=5.0", "stage1.ema.enabled=true"])
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        train(cfg, [1, 2], "nosync", str(tmp_path), local_device="cuda")
+    events = prof.events()
+    steps = sorted((e.time_range for e in events if e.name == STEP_RANGE), key=lambda r: r.start)
+    assert len(steps) == 12
+    quiet = steps[1:5] + steps[7:11]  # not the first (caches, compile) nor the last of a stage (it logs)
+    syncs = [e.name for e in events if any(name in e.name for name in SYNC_CALLS)
+             and any(s.start <= e.time_range.start <= s.end for s in quiet)]
+    assert not syncs, syncs[:10]
