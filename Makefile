@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) bench/ea_training_memory.py
 	$(PY) bench/loop_closure.py
 	$(PY) bench/render_speed.py
+	$(PY) bench/mesh_render.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/serve_throughput.py
 

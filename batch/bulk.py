@@ -85,10 +85,12 @@ class BulkSummary:
 
 def run_bulk(specs: list[BulkSpec], out: str, model: str | None = None, replicas: int = REPLICAS,
              batch_size: int = TOURS_PER_BATCH, num_gpus: float = 0.0, cpus_per_replica: float = 1.0,
-             progress: bool = True, invalid: list[SpecError] | None = None, options: dict | None = None) -> BulkSummary:
+             progress: bool = True, invalid: list[SpecError] | None = None, options: dict | None = None,
+             compile: str = "off") -> BulkSummary:
     """Generate every spec whose tour is not yet in the manifest under out; failures go to OUT/failures/.
 
-    `options` go to every pipeline call (num_ref_views, num_samples, use_epipolar: what an ablation varies).
+    `options` go to every pipeline call (num_ref_views, num_samples, use_epipolar: what an ablation varies);
+    `compile` is the replicas' torch.compile mode (diffpano.compiling).
     """
     out = storage.absolute(out)
     todo = pending(out, specs)
@@ -97,7 +99,8 @@ def run_bulk(specs: list[BulkSpec], out: str, model: str | None = None, replicas
     if todo:
         ensure_ray()
         writer = ray_writer(num_gpus, cpus_per_replica)
-        pool = [writer.remote(model, out, "cuda" if num_gpus else "cpu", max(1, int(cpus_per_replica)), options)
+        device, threads = "cuda" if num_gpus else "cpu", max(1, int(cpus_per_replica))
+        pool = [writer.remote(model, out, device, threads, options, compile)
                 for _ in range(min(replicas, -(-len(todo) // batch_size)))]
         batches = [[s.model_dump_json() for s in todo[i:i + batch_size]] for i in range(0, len(todo), batch_size)]
         bar = tqdm(total=len(todo), unit="tour", disable=not progress, desc="tours", mininterval=0)  # each batch shows

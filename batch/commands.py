@@ -7,7 +7,7 @@ import time
 
 import typer
 
-from diffpano.cli import Commands, finite, parse_size, scheduler_option
+from diffpano.cli import Commands, compile_option, finite, parse_size, scheduler_option
 from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_VIEWS, REPLICAS, TOURS_PER_BATCH
 
 
@@ -40,6 +40,53 @@ def dataset_build(
     typer.echo(summary.line())
 
 
+def dataset_render(
+    meshes: list[str] = typer.Argument(..., help="Mesh files or globs: .glb/.gltf, .obj (+ .mtl), .ply."),
+    out: str = typer.Option(..., "--out", help="Dataset folder or s3:// prefix (docs/datasets.md)."),
+    clips_per_scene: int = typer.Option(2, "--clips-per-scene", help="Walks (clips) per mesh."),
+    frames: int = typer.Option(8, "--frames", help="Keyframes per clip."),
+    size: str = typer.Option("256x512", "--size", help="HxW of the panoramas, W = 2H."),
+    spacing: float = typer.Option(0.5, "--spacing", help="Metres between keyframes.", callback=finite),
+    camera_height: float = typer.Option(1.5, "--camera-height", help="Eye height above the floor, metres.",
+                                        callback=finite),
+    clearance: float = typer.Option(0.3, "--clearance", help="Metres kept from walls and furniture.", callback=finite),
+    up: str = typer.Option("y", "--up", help="The meshes' up axis: y (glTF, HM3D, 3D-FRONT), z (Matterport3D, "
+                           "ScanNet, Replica) or -y (already this project's frame)."),
+    unit_scale: float = typer.Option(1.0, "--unit-scale", help="Metres per mesh unit (0.01 for centimetres).",
+                                     callback=finite),
+    seed: int = typer.Option(0, "--seed", help="Seed of the walks and captions."),
+    no_depth: bool = typer.Option(False, "--no-depth", help="Do not write depth panoramas."),
+    captioner: str | None = typer.Option(None, "--captioner", help="Local BLIP2 directory for face captions "
+                                         "(needed, with --summariser, for meshes without semantic labels)."),
+    summariser: str | None = typer.Option(None, "--summariser", help="Local LLM directory to merge captions."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Render walks through textured indoor meshes into a panoramic video-text dataset, a Ray task per mesh; failed
+    meshes are listed in OUT/failures/, and a re-run completes what is missing."""
+    import glob
+
+    from batch.dataset import render_meshes
+    from diffpano.data.mesh import MESH_SUFFIXES
+    from diffpano.data.mesh_build import MeshSpec
+
+    paths = sorted({p for m in meshes for p in (  # a glob keeps mesh files only (not their textures and MTLs)
+        [g for g in glob.glob(m, recursive=True) if g.lower().endswith(MESH_SUFFIXES)] if glob.has_magic(m) else [m])})
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise typer.BadParameter(f"MESHES: no such file: {missing[0]}")
+    height, width = parse_size(size)
+    try:
+        spec = MeshSpec(clips_per_scene=clips_per_scene, frames=frames, height=height, width=width, spacing=spacing,
+                        camera_height=camera_height, clearance=clearance, seed=seed, up=up, unit_scale=unit_scale,
+                        depth=not no_depth, captioner=captioner, summariser=summariser).validate()
+        summary = render_meshes(spec, paths, out, progress=not quiet)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    typer.echo(summary.line())
+    if summary.failures_uri:
+        typer.echo(f"failed scenes: {summary.failures_uri}")
+
+
 def bulk(
     specs: str | None = typer.Option(None, "--specs", help="Tour specs (docs/bulk-specs.md): JSONL or Parquet, "
                                      "local or s3://."),
@@ -55,6 +102,7 @@ def bulk(
     gpus: float = typer.Option(0.0, "--gpus-per-replica", min=0.0, callback=finite),
     cpus: float = typer.Option(1.0, "--cpus-per-replica", min=0.1, callback=finite),
     scheduler: str | None = scheduler_option("the model's own; a spec's `scheduler` wins"),
+    compile: str | None = compile_option(),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip invalid specs instead of refusing."),
     endpoint: str | None = typer.Option(None, "--endpoint", help="Run on a server (http://HOST:PORT) as a job; "
                                         "--out is then a prefix under the server's output root."),
@@ -80,7 +128,7 @@ def bulk(
         return bulk_online(endpoint, good, out)
     from batch.bulk import run_bulk
 
-    summary = run_bulk(good, out, model, replicas, batch_size, gpus, cpus, invalid=invalid)
+    summary = run_bulk(good, out, model, replicas, batch_size, gpus, cpus, invalid=invalid, compile=compile or "off")
     typer.echo(summary.line())
     if summary.failures_uri:
         typer.echo(f"failures and invalid specs: {summary.failures_uri}")
@@ -218,6 +266,7 @@ def print_metrics(metrics: dict, out: str) -> None:
 def register(commands: Commands) -> None:
     """Add the offline sub-commands."""
     commands.group("dataset").command("build")(dataset_build)
+    commands.group("dataset").command("render")(dataset_render)
     commands.app.command()(bulk)
     commands.app.command("eval")(evaluate)
     commands.app.command()(ablate)

@@ -1,18 +1,21 @@
-"""Builds a procedural training dataset on Ray (or a local process pool): one task per scene renders and commits its
-missing clips."""
+"""Builds training datasets on Ray (or a local process pool), one task per scene rendering and committing its missing
+clips: procedural scenes (`build_dataset`) and textured meshes (`render_meshes`, failures recorded per scene)."""
 
 from __future__ import annotations
 
 import multiprocessing
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from functools import partial
 
 from tqdm import tqdm
 
 from batch.ray_init import ensure_ray
 from diffpano.data.build import BuildSpec, build_scene, check_spec_file, pending_clips
+from diffpano.data.mesh_build import FIXED_FIELDS, MeshSpec, build_mesh_scene, pending_mesh_clips, scene_ids
 from diffpano.storage import worker_env
+from diffpano.tours import record_failures
 
 
 @dataclass
@@ -25,6 +28,8 @@ class BuildSummary:
     frames_written: int
     clips_present: int
     seconds: float
+    failures: list[dict] = field(default_factory=list)  # per failed scene: scene, path, error
+    failures_uri: str | None = None
 
     def line(self) -> str:
         """One-line summary for the console."""
@@ -32,7 +37,7 @@ class BuildSummary:
         return (
             f"dataset {self.out}: {self.clips_written} clips / {self.frames_written} keyframes written "
             f"({self.clips_present} clips already there), {self.scenes} scenes, {self.seconds:.1f}s, "
-            f"{rate:.1f} keyframes/s"
+            f"{rate:.1f} keyframes/s" + (f", {len(self.failures)} scene(s) failed" if self.failures else "")
         )
 
 
@@ -50,7 +55,8 @@ def build_dataset(spec: BuildSpec, out: str, progress: bool = True, max_in_fligh
         return BuildSummary(out, spec.scenes, 0, 0, total_clips, time.perf_counter() - started)
     written = frames = 0
     with tqdm(total=todo * spec.frames, unit="kf", desc="rendering", disable=not progress) as bar:
-        run = _run_in_pool(spec, plan, out, processes) if processes else _run_on_ray(spec, plan, out, max_in_flight)
+        items = [(spec, scene, clips, out) for scene, clips in plan.items()]
+        run = _run_in_pool(items, processes) if processes else _run_on_ray(build_scene, items, max_in_flight)
         for result in run:
             written += result["clips"]
             frames += result["frames"]
@@ -58,29 +64,55 @@ def build_dataset(spec: BuildSpec, out: str, progress: bool = True, max_in_fligh
     return BuildSummary(out, spec.scenes, written, frames, total_clips - todo, time.perf_counter() - started)
 
 
-def _build_entry(spec: BuildSpec, out: str, item: tuple[int, list[int]]) -> dict:
-    """build_scene for one (scene, clips) item of the plan."""
-    return build_scene(spec, item[0], item[1], out)
+def render_meshes(spec: MeshSpec, meshes: list[str], out: str, progress: bool = True,
+                  max_in_flight: int | None = None) -> BuildSummary:
+    """Render every clip of every mesh that `out` does not hold yet, a Ray task per mesh (Embree on its one CPU);
+    a scene that fails is listed in OUT/failures/ and the others complete. Idempotent."""
+    spec.validate()
+    scenes = scene_ids(meshes)
+    check_spec_file(out, spec, FIXED_FIELDS)
+    plan = pending_mesh_clips(out, spec, scenes)
+    total_clips = len(scenes) * spec.clips_per_scene
+    todo = sum(len(c) for c in plan.values())
+    started = time.perf_counter()
+    summary = BuildSummary(out, len(scenes), 0, 0, total_clips - todo, 0.0)
+    with tqdm(total=len(plan), unit="scene", desc="rendering", disable=not progress or not plan) as bar:
+        items = [(spec, scene, scenes[scene], clips, out, 1) for scene, clips in plan.items()]
+        for result in _run_on_ray(build_mesh_scene, items, max_in_flight) if plan else []:
+            summary.clips_written += result["clips"]
+            summary.frames_written += result["frames"]
+            if "error" in result:
+                summary.failures.append({k: result[k] for k in ("scene", "path", "error")})
+            bar.set_postfix_str(f"{summary.frames_written} keyframes, {len(summary.failures)} failed", refresh=False)
+            bar.update(1)
+    summary.failures_uri = record_failures(out, f"render-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}",
+                                           summary.failures)
+    summary.seconds = time.perf_counter() - started
+    return summary
 
 
-def _run_in_pool(spec: BuildSpec, plan: dict[int, list[int]], out: str, processes: int):
-    """Results of the plan's scenes rendered by a local process pool, as they finish."""
+def _call(fn, item: tuple):
+    """fn(*item), for a process pool."""
+    return fn(*item)
+
+
+def _run_in_pool(items: list[tuple], processes: int):
+    """build_scene results of the items, rendered by a local process pool, as they finish."""
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        yield from pool.imap_unordered(partial(_build_entry, spec, out), list(plan.items()))
+        yield from pool.imap_unordered(partial(_call, build_scene), items)
 
 
-def _run_on_ray(spec: BuildSpec, plan: dict[int, list[int]], out: str, max_in_flight: int | None):
-    """Results of the plan's scenes rendered by Ray tasks (a bounded number in flight), as they finish."""
+def _run_on_ray(fn, items: list[tuple], max_in_flight: int | None):
+    """fn(*item) of each item as a Ray task of one CPU (a bounded number in flight), as they finish."""
     import ray
 
     ensure_ray()
-    task = ray.remote(build_scene).options(num_cpus=1, max_retries=2, runtime_env={"env_vars": worker_env()})
+    task = ray.remote(fn).options(num_cpus=1, max_retries=2, runtime_env={"env_vars": worker_env()})
     limit = max_in_flight or max(2, 2 * int(ray.available_resources().get("CPU", 1)))
-    queue = list(plan.items())
+    queue = list(items)
     running: list = []
     while queue or running:
         while queue and len(running) < limit:
-            scene, clips = queue.pop(0)
-            running.append(task.remote(spec, scene, clips, out))
+            running.append(task.remote(*queue.pop(0)))
         done, running = ray.wait(running, num_returns=1)
         yield ray.get(done[0])

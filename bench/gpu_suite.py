@@ -4,7 +4,8 @@ Each section runs in a subprocess with its own time budget; the budgets add up t
 leaves unused passes to the next. A failing or overrunning section is recorded (exit code, the tail of its log) with
 whatever it measured before, and the others still run. Sections write their results after every case.
   cuda_tests     pytest -m cuda: passed/failed counts from --junitxml
-  training       stage-1 panoramas/s and stage-2 views/s, eager and compiled (optim.compile), in-process on CUDA
+  training       stage-1 panoramas/s and stage-2 views/s, eager and compiled (optim.compile), in-process on CUDA,
+                 then stage 1 eager at larger batches (panoramas/s and peak GiB: how large a recipe's batch can go)
   tours_bundled  4- and 8-view tour seconds and peak memory of the bundled model, eager and compiled
   tours_sd       the same for a Stable-Diffusion-1.5-shaped model at 512x1024 with random weights, in bf16
   serve          Serve views/s with one GPU replica at concurrency 1, 8 and 32, batching and batch of 1
@@ -59,6 +60,7 @@ class Plan:
     train_overrides: tuple[str, ...]
     train_steps: tuple[int, int]  # stage 1, stage 2; the first train_skip steps are left out of the rates
     train_skip: int
+    stage1_batches: tuple[int, ...]  # larger stage-1 batches trained eager after the recipe's: rate and peak memory
     dataset: tuple[int, int, int, int, int]  # scenes, clips per scene, keyframes, height, width
     render_processes: int
     tour_views: tuple[int, ...]
@@ -72,11 +74,11 @@ class Plan:
 
 GPU = Plan(
     device="cuda", compile_mode="default",
-    budgets={"cuda_tests": 55, "training": 180, "tours_bundled": 45, "tours_sd": 100, "serve": 60, "bulk": 30},
+    budgets={"cuda_tests": 50, "training": 195, "tours_bundled": 45, "tours_sd": 90, "serve": 60, "bulk": 30},
     train_config="trainer/configs/bundled-gpu.yaml",
     train_overrides=("vae.steps=0", "stage1.time_limit_s=null", "stage2.time_limit_s=null", "run.log_every=1",
                      "run.checkpoint_every=100000", "run.sample_steps=1", "run.max_failures=0"),
-    train_steps=(60, 30), train_skip=20,
+    train_steps=(60, 30), train_skip=20, stage1_batches=(192, 384),
     dataset=(24, 2, 8, 128, 256), render_processes=8,
     tour_views=(4, 8), compiled_views=(8, 4), tour_steps={"bundled": 20, "sd": 10},
     tour_repeats={"bundled": 2, "sd": 1}, tour_sizes={"bundled": None, "sd": (512, 1024)},
@@ -89,7 +91,7 @@ DRY = Plan(
     train_config="trainer/configs/tiny.yaml",
     train_overrides=("data.size=[32, 64]", "run.log_every=1", "run.checkpoint_every=100000", "run.sample_steps=1",
                      "run.max_failures=0"),
-    train_steps=(5, 5), train_skip=2,
+    train_steps=(5, 5), train_skip=2, stage1_batches=(8,),
     dataset=(2, 2, 4, 32, 64), render_processes=1,
     tour_views=(4, 8), compiled_views=(4,), tour_steps={"bundled": 2, "sd": 2},
     tour_repeats={"bundled": 1, "sd": 1}, tour_sizes={"bundled": (32, 64), "sd": (32, 64)},
@@ -233,8 +235,19 @@ def training_data(ctx: Context) -> str:
     return root
 
 
-def train_stage(ctx: Context, dataset: str, mode: str, stage: int) -> tuple[float, float, list[str]]:
-    """(samples/s, wall s, compile-fallback warnings) of one stage trained in this process on the plan's device."""
+@dataclass
+class StageRun:
+    """What one training stage measured: samples/s after the skipped steps, wall s, fallbacks, CUDA peak GiB."""
+
+    rate: float
+    wall_s: float
+    fallbacks: list[str]
+    peak_gib: float | None  # None off CUDA
+
+
+def train_stage(ctx: Context, dataset: str, mode: str, stage: int, batch: int | None = None) -> StageRun:
+    """Train one stage in this process on the plan's device (batch: the stage's batch size instead of the recipe's)."""
+    import torch
     from train_throughput import throughput
 
     from trainer.config import load_config
@@ -243,15 +256,22 @@ def train_stage(ctx: Context, dataset: str, mode: str, stage: int) -> tuple[floa
     steps = ctx.plan.train_steps[stage - 1]
     overrides = [f"data.dataset={dataset}", "scaling.num_workers=0", f"stage1.steps={ctx.plan.train_steps[0]}",
                  f"stage2.steps={ctx.plan.train_steps[1]}", *ctx.plan.train_overrides]
-    cfg = load_config(ROOT / ctx.plan.train_config, overrides + ([f"optim.compile={mode}"] if mode != "off" else []))
+    overrides += [f"optim.compile={mode}"] if mode != "off" else []
+    overrides += [f"stage{stage}.batch_size={batch}"] if batch else []
+    cfg = load_config(ROOT / ctx.plan.train_config, overrides)
     loop = cfg.stage1 if stage == 1 else cfg.stage2
     per_step = loop.batch_size * loop.grad_accum * (loop.views if stage == 2 else 1)
+    cuda = ctx.plan.device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    name = f"run-{mode}" + (f"-b{batch}" if batch else "")
     started = time.perf_counter()
     with compile_fallbacks() as fallbacks:
-        train(cfg, [stage], f"run-{mode}", str(ctx.scratch / "runs"), local_device=ctx.plan.device)
+        train(cfg, [stage], name, str(ctx.scratch / "runs"), local_device=ctx.plan.device)
     wall = time.perf_counter() - started
-    metrics_csv = ctx.scratch / "runs" / f"run-{mode}" / "logs" / f"stage{stage}" / "metrics.csv"
-    return throughput(metrics_csv, per_step, min(ctx.plan.train_skip, steps - 1)), wall, fallbacks.messages
+    metrics_csv = ctx.scratch / "runs" / name / "logs" / f"stage{stage}" / "metrics.csv"
+    return StageRun(throughput(metrics_csv, per_step, min(ctx.plan.train_skip, steps - 1)), wall,
+                    fallbacks.messages, torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
 
 
 def section_training(ctx: Context) -> None:
@@ -264,16 +284,31 @@ def section_training(ctx: Context) -> None:
     rates: dict[tuple[str, int], float] = {}
     for mode in modes(ctx):
         for stage in (1, 2):
-            rate, wall, fallbacks = train_stage(ctx, dataset, mode, stage)
-            rates[mode, stage] = rate
+            run = train_stage(ctx, dataset, mode, stage)
+            rates[mode, stage] = run.rate
             unit = "panoramas/s" if stage == 1 else "views/s"
-            metrics = {f"stage-{stage} {unit}, {label(mode)}": rate, f"stage-{stage} wall s, {label(mode)}": wall}
+            metrics = {f"stage-{stage} {unit}, {label(mode)}": run.rate,
+                       f"stage-{stage} wall s, {label(mode)}": run.wall_s}
             if mode != "off":
-                metrics[f"stage-{stage} compiled/eager"] = rate / rates["off", stage]
-            results.add({"mode": mode, "stage": stage, "samples_per_s": rate, "unit": unit, "wall_s": wall,
-                         "compile_fallbacks": fallbacks}, metrics)
-            if fallbacks:
-                results.note(f"stage {stage}, {label(mode)}: compiling fell back to eager: {fallbacks[0]}")
+                metrics[f"stage-{stage} compiled/eager"] = run.rate / rates["off", stage]
+            if run.peak_gib is not None:
+                metrics[f"stage-{stage} peak GiB, {label(mode)}"] = run.peak_gib
+            results.add({"mode": mode, "stage": stage, "samples_per_s": run.rate, "unit": unit, "wall_s": run.wall_s,
+                         "peak_gib": run.peak_gib, "compile_fallbacks": run.fallbacks}, metrics)
+            if run.fallbacks:
+                results.note(f"stage {stage}, {label(mode)}: compiling fell back to eager: {run.fallbacks[0]}")
+    batch_sweep(ctx, dataset, results)
+
+
+def batch_sweep(ctx: Context, dataset: str, results: Results) -> None:
+    """Stage 1 eager at the plan's larger batches: panoramas/s and peak memory, to size a recipe's batch."""
+    for batch in ctx.plan.stage1_batches:
+        run = train_stage(ctx, dataset, "off", 1, batch)
+        metrics = {f"stage-1 panoramas/s, eager, batch {batch}": run.rate}
+        if run.peak_gib is not None:
+            metrics[f"stage-1 peak GiB, eager, batch {batch}"] = run.peak_gib
+        results.add({"mode": "off", "stage": 1, "batch_size": batch, "samples_per_s": run.rate,
+                     "unit": "panoramas/s", "wall_s": run.wall_s, "peak_gib": run.peak_gib}, metrics)
 
 
 def tour_model(ctx: Context, kind: str) -> tuple[Any, Any]:

@@ -9,6 +9,7 @@ from importlib.metadata import entry_points
 
 import typer
 
+from diffpano.compiling import COMPILE_MODES
 from diffpano.schedulers import SCHEDULER_NAMES
 
 GROUP = "diffpano.commands"
@@ -52,16 +53,27 @@ def finite(value: float | None) -> float | None:
     return value
 
 
-def scheduler_option(default_help: str = "the model's own"):
-    """The --scheduler option: a sampler by name, checked against the library's list."""
+def choice_option(flag: str, choices: tuple[str, ...], help_text: str):
+    """An optional typer option whose value must be one of `choices` (the error lists them)."""
 
     def check(value: str | None) -> str | None:
-        if value is not None and value not in SCHEDULER_NAMES:
-            raise typer.BadParameter(f"expected one of {', '.join(SCHEDULER_NAMES)}, got {value!r}")
+        if value is not None and value not in choices:
+            raise typer.BadParameter(f"expected one of {', '.join(choices)}, got {value!r}")
         return value
 
-    return typer.Option(None, "--scheduler", callback=check,
-                        help=f"Sampler: {', '.join(SCHEDULER_NAMES)} (default: {default_help}).")
+    return typer.Option(None, flag, callback=check, help=help_text)
+
+
+def scheduler_option(default_help: str = "the model's own"):
+    """The --scheduler option: a sampler by name, checked against the library's list."""
+    return choice_option("--scheduler", SCHEDULER_NAMES,
+                         f"Sampler: {', '.join(SCHEDULER_NAMES)} (default: {default_help}).")
+
+
+def compile_option(default_help: str = "off"):
+    """The --compile option: a torch.compile mode for the UNet (docs/compiling.md)."""
+    return choice_option("--compile", COMPILE_MODES,
+                         f"torch.compile the UNet: {', '.join(COMPILE_MODES)} (default: {default_help}).")
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:

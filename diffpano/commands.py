@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from diffpano.cli import Commands, finite, parse_size, scheduler_option
+from diffpano.cli import Commands, compile_option, finite, parse_size, scheduler_option
 from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_VIEWS
 
 DEFAULT_OUT = "outputs/tours"
@@ -45,8 +45,10 @@ def generate(
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: automatic)."),
     lora: str | None = typer.Option(None, "--lora", help="A LoRA directory (diffusers' pytorch_lora_weights."
                                     "safetensors, e.g. a run's STORAGE/NAME/lora) applied to the model."),
+    compile: str | None = compile_option(),
 ) -> None:
     """Generate one multi-view tour and add it to the output (images + Parquet manifest)."""
+    from diffpano.compiling import compile_pipeline, is_compiled
     from diffpano.manifest import Tour, commit_tours
     from diffpano.modelio import resolve_model
 
@@ -67,6 +69,7 @@ def generate(
             load_lora(pipe, lora)
         except (ValueError, OSError) as err:
             raise typer.BadParameter(f"--lora {lora}: {err}") from None
+    compile_pipeline(pipe, compile or "off")
     typer.echo(f"model {pipe.model_name} on {pipe.device}; {len(poses)} views")
     try:
         result = pipe(
@@ -82,8 +85,9 @@ def generate(
     )
     part = commit_tours(out, [tour])
     h, w = tour.images.shape[1:3]
+    compiled = f", UNet compiled ({compile})" if is_compiled(pipe.unet) else ""
     typer.echo(
-        f"tour {tour.tour_id}: {len(tour.images)} views {h}x{w}, seed {tour.seed}, "
+        f"tour {tour.tour_id}: {len(tour.images)} views {h}x{w}, seed {tour.seed}{compiled}, "
         f"{time.perf_counter() - started:.1f}s -> {out} (manifest part {Path(part).name})"
     )
 

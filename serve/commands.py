@@ -6,7 +6,7 @@ import time
 
 import typer
 
-from diffpano.cli import Commands, scheduler_option
+from diffpano.cli import Commands, compile_option, scheduler_option
 
 
 def serve_command(
@@ -16,6 +16,7 @@ def serve_command(
     model: str | None = typer.Option(None, "--model", help="Model directory or s3:// URI (default: bundled)."),
     output_root: str | None = typer.Option(None, "--output-root", help="Where output=store writes (docs/tours.md)."),
     scheduler: str | None = scheduler_option("the model's own; a request's `scheduler` wins"),
+    compile: str | None = compile_option("the config's `compile`"),
 ) -> None:
     """Serve the HTTP API (docs/http-api.md) and the 360° viewer on Ray Serve until interrupted."""
     from ray import serve
@@ -24,7 +25,8 @@ def serve_command(
 
     try:
         url = start(config, host, port, {"model": model, "output_root": output_root,
-                                         "default_scheduler": scheduler})
+                                         "default_scheduler": scheduler,
+                                         "compile": compile})
     except (ValueError, OSError) as err:
         raise typer.BadParameter(str(err)) from None
     typer.echo(f"DiffPano API at {url}/v1/tours and {url}/v1/panoramas; viewer at {url}/viewer; docs at {url}/docs")

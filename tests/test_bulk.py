@@ -152,6 +152,7 @@ def kill_session(sid: int) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow  # over a minute: make test-slow
 def test_a_killed_job_reruns_to_every_tour_exactly_once(ray_local, tiny_model_dir, tmp_path):
     """A job killed (SIGKILL to the driver and every Ray process it started) while publishing, over an output that an
     earlier job half filled, reruns to every tour exactly once. The kill lands mid-job by construction, not by timing:

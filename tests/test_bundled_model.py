@@ -89,6 +89,7 @@ def test_regression_guard_prompt_adherence_on_the_72_prompts_of_the_model_card(p
     assert result["room_accuracy"] >= 0.34, result
 
 
+@pytest.mark.slow  # about a minute: make test-slow
 def test_regression_guard_multi_view_consistency(pipe):
     """Two held-out walks (seed 424242), 15 steps: neighbouring views' epipolar error over that against unrelated
     views, and over that of the same model with its EA modules off. The shipped weights: 0.455 and 0.513 (the goals

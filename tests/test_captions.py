@@ -12,7 +12,7 @@ from diffpano.data.captions import (
     TemplateSummariser,
     caption_frame,
 )
-from diffpano.data.render import SceneRenderer
+from diffpano.data.scene_mesh import SceneMeshRenderer
 from diffpano.data.scenes import generate_scene
 from diffpano.data.walks import clip_poses
 
@@ -23,7 +23,7 @@ def captioned():
     out = []
     for seed in range(10):
         scene = generate_scene(seed)
-        renderer = SceneRenderer(scene)
+        renderer = SceneMeshRenderer(scene)
         summariser = TemplateSummariser(seed)
         for pose in clip_poses(scene, 3, 1.0, np.random.default_rng(seed)):
             room = scene.rooms[scene.locate(pose[0, 3], pose[2, 3])[0]]
@@ -50,7 +50,7 @@ def test_captions_are_varied_english(captioned):
 
 def test_captions_mention_visible_furniture_of_the_room():
     scene = generate_scene(3)
-    renderer = SceneRenderer(scene)
+    renderer = SceneMeshRenderer(scene)
     room = next(r for r in scene.rooms if r.kind == "kitchen")
     from diffpano.data.render import camera_pose
 

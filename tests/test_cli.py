@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 import pytest
@@ -119,3 +120,28 @@ def test_an_unknown_scheduler_is_refused_naming_the_choices(tiny_model_dir, tmp_
     assert result.exit_code == 2
     assert "--scheduler" in plain(result.output) and "dpmpp-2m" in plain(result.output)
     assert not (tmp_path / "x").exists()
+
+
+def test_an_unknown_compile_mode_is_refused_by_generate_bulk_and_serve(tiny_model_dir, tmp_path):
+    """--compile is checked before any model loads: exit 2 naming the option and the modes; nothing written."""
+    for args in (["generate", "a red bedroom", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x")],
+                 ["bulk", "--synthetic", "1", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x")],
+                 ["serve", "--model", str(tiny_model_dir)]):
+        result = runner.invoke(app, [*args, "--compile", "fast"], catch_exceptions=False)
+        assert result.exit_code == 2, (args[0], result.output)
+        assert "--compile" in plain(result.output) and "reduce-overhead" in plain(result.output)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_generate_with_compile_writes_the_eager_tour_from_a_compiled_unet(tiny_model_dir, tmp_path):
+    """--compile default: the UNet ran compiled (said on the last line) and the images equal eager's within 8-bit."""
+    pixels = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile", "default"])):
+        result = generate(tiny_model_dir, tmp_path / name, *extra)
+        assert result.exit_code == 0, result.output
+        assert ("UNet compiled (default)" in result.output) == (name == "compiled"), result.output
+        df = read_manifest(str(tmp_path / name)).to_pandas().sort_values("view_index")
+        pixels[name] = np.stack([np.asarray(Image.open(io.BytesIO(storage.read_bytes(
+            storage.join(str(tmp_path / name), u)))), dtype=np.int16) for u in df.image_uri])
+    assert np.abs(pixels["compiled"] - pixels["eager"]).max() <= 2

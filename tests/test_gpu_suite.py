@@ -49,7 +49,8 @@ def test_every_section_reports_finite_positive_numbers(dry_run):
         assert section["status"] == expected, (name, section["reason"], section["log_tail"])
     assert "no CUDA device" in payload["sections"]["cuda_tests"]["reason"]
     training = payload["sections"]["training"]["metrics"]
-    assert {"stage-1 panoramas/s, eager", "stage-2 views/s, eager"} <= training.keys()
+    assert {"stage-1 panoramas/s, eager", "stage-2 views/s, eager", "stage-1 panoramas/s, eager, batch 8"} \
+        <= training.keys()
     for kind in ("tours_bundled", "tours_sd"):
         metrics = payload["sections"][kind]["metrics"]
         assert {"4-view tour s, eager", "8-view tour s, eager", "4-view peak MB, eager",

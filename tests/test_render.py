@@ -1,4 +1,5 @@
-"""The renderer against docs/geometry.md: analytic depth, geometry between keyframes, augmentations, cube faces."""
+"""The procedural scenes' renderer (their mesh, ray cast by Embree) against docs/geometry.md and against the box ray
+caster it replaced: analytic depth, geometry between keyframes, augmentations, cube faces, GLB export."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import torch
 
 from diffpano.data.loaders import flip_pose, yaw_roll_pose
 from diffpano.data.manifest import decode_depth, depth_png_bytes
+from diffpano.data.mesh import load_mesh
+from diffpano.data.raycast import MeshRenderer
 from diffpano.data.render import CEILING, FLOOR, WALL, SceneRenderer, camera_pose
+from diffpano.data.scene_mesh import SceneMeshRenderer, export_glb
 from diffpano.data.scenes import generate_scene
 from diffpano.data.walks import clip_poses
 from diffpano.projection import cubemap_to_equirect
@@ -23,7 +27,7 @@ def clips():
     out = []
     for seed in range(5):
         scene = generate_scene(seed)
-        renderer = SceneRenderer(scene)
+        renderer = SceneMeshRenderer(scene)
         poses = clip_poses(scene, 4, 0.5, np.random.default_rng(seed))
         out.append((renderer, poses, [renderer.render(p, H, W) for p in poses]))
     return out
@@ -33,7 +37,7 @@ def test_depth_is_range_to_floor_ceiling_and_walls():
     scene = generate_scene(3)
     room = scene.rooms[0]
     x, z = room.hub
-    view = SceneRenderer(scene).render(camera_pose(x, z, 0.0, scene.eye_height), H, W)
+    view = SceneMeshRenderer(scene).render(camera_pose(x, z, 0.0, scene.eye_height), H, W)
     bottom, top = view.depth[-1], view.depth[0]
     # The rows nearest the poles look almost straight down / up: range = height / cos(angle from vertical).
     tilt = np.cos(np.pi * 0.5 / H)
@@ -119,7 +123,7 @@ def test_shading_follows_light_direction(clips):
 
 def test_rendering_is_deterministic_and_depth_png_round_trips(clips):
     renderer, poses, views = clips[3]
-    again = SceneRenderer(generate_scene(3)).render(poses[0], H, W)
+    again = SceneMeshRenderer(generate_scene(3)).render(poses[0], H, W)
     assert np.array_equal(again.rgb, views[0].rgb) and np.array_equal(again.depth, views[0].depth)
     back = decode_depth(depth_png_bytes(views[0].depth))
     assert np.abs(back - views[0].depth).max() <= 0.0005 + 1e-6
@@ -131,3 +135,26 @@ def test_bad_poses_and_sizes_are_rejected(clips):
         renderer.render(camera_pose(-50.0, -50.0, 0.0, 1.5), H, W)
     with pytest.raises(ValueError, match="size"):
         renderer.render(poses[0], 64, 100)
+
+
+def test_the_mesh_path_matches_the_box_ray_caster_oracle(clips):
+    """Depth within 1 cm, colours within 2 levels, labels and rooms equal: for all but 0.1% of pixels of every view."""
+    for renderer, poses, views in clips:
+        oracle = SceneRenderer(renderer.scene)
+        for pose, view in zip(poses, views, strict=True):
+            truth = oracle.render(pose, H, W)
+            assert (np.abs(view.depth - truth.depth) < 0.01).mean() > 0.999
+            assert (np.abs(view.rgb.astype(int) - truth.rgb.astype(int)).max(-1) <= 2).mean() > 0.999
+            assert (view.label == truth.label).mean() > 0.999 and (view.room == truth.room).mean() > 0.999
+
+
+def test_a_scene_exported_as_glb_loads_back_with_the_same_geometry_and_labels(clips, tmp_path):
+    renderer, poses, views = clips[0]
+    path = tmp_path / "scene.glb"
+    path.write_bytes(export_glb(renderer.scene))
+    mesh = load_mesh(path, up="y")
+    assert {"wall", "floor", "ceiling"} <= set(mesh.labels) and len(mesh.triangles) == len(renderer.mesh.triangles)
+    again = MeshRenderer(mesh).render(poses[0], H, W)
+    assert (np.abs(again.depth - views[0].depth) < 1e-3).mean() > 0.999
+    floor = views[0].label == FLOOR
+    assert (np.array(mesh.labels)[again.label[floor]] == "floor").mean() > 0.999

@@ -304,10 +304,12 @@ def test_packaged_serve_config_is_valid_and_uses_current_keys():
     from serve.ingress import ServerSettings
     from serve.run import load_config
 
-    config = load_config(None, {"model": "/models/x"})
+    config = load_config(None, {"model": "/models/x", "compile": None})
     app = config.applications[0]
     assert app.import_path == "serve.app:build_app" and app.args["model"] == "/models/x"
-    ServerSettings.model_validate(app.args)
+    assert ServerSettings.model_validate(app.args).compile == "off"  # the packaged default
+    compiled = load_config(None, {"compile": "reduce-overhead"}).applications[0].args  # `diffpano serve --compile`
+    assert ServerSettings.model_validate(compiled).compile == "reduce-overhead"
     generator = next(d for d in app.deployments if d.name == "PanoGenerator")
     scaling = generator.autoscaling_config
     assert set(scaling) <= set(AutoscalingConfig.model_fields)  # no stale key silently ignored

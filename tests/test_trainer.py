@@ -120,6 +120,7 @@ def test_a_killed_worker_process_is_replaced_and_the_stage_resumes_from_its_chec
     assert optimiser_steps(tmp_path / "faulty" / "stage1") == 5
 
 
+@pytest.mark.slow  # about a minute: make test-slow
 def test_training_to_s3_resumes(ray_local, train_dataset, s3_endpoint):
     store = "s3://diffpano-test/runs"
     code, text = train(train_dataset, store, "s3run", "stage1", "stage1.steps=2")

@@ -17,7 +17,7 @@ from diffpano.data.captions import (
     caption_frame,
 )
 from diffpano.data.manifest import Clip, commit_clips, read_dataset
-from diffpano.data.render import SceneRenderer
+from diffpano.data.scene_mesh import SceneMeshRenderer
 from diffpano.data.scenes import generate_scene
 from diffpano.data.walks import clip_poses
 from diffpano.geometry import check_panorama_size
@@ -77,12 +77,12 @@ def scene_seed(spec: BuildSpec, index: int) -> int:
     return int(np.random.SeedSequence([spec.seed, index]).generate_state(1)[0])
 
 
-def check_spec_file(out: str, spec: BuildSpec) -> None:
-    """Write the spec at a new output; at an existing one, require the fields that fix its content to match."""
+def check_spec_file(out: str, spec, fixed: tuple[str, ...] = FIXED_FIELDS) -> None:
+    """Write the spec (a dataclass) at a new output; at an existing one, require its `fixed` fields to match."""
     uri = storage.join(out, SPEC_FILE)
     if storage.exists(uri):
         old = json.loads(storage.read_bytes(uri))
-        for name in FIXED_FIELDS:
+        for name in fixed:
             if old.get(name) != getattr(spec, name):
                 raise ValueError(
                     f"{name}: the dataset at {out} was built with {name}={old.get(name)!r}, got {getattr(spec, name)!r}"
@@ -102,7 +102,7 @@ def pending_clips(out: str, spec: BuildSpec) -> dict[int, list[int]]:
     return plan
 
 
-def _captioners(spec: BuildSpec, seed: int):
+def make_captioners(spec: BuildSpec, seed: int):
     """The face captioner and summariser the spec asks for."""
     captioner = Blip2Captioner(spec.captioner) if spec.captioner else SceneGraphCaptioner()
     summariser = LLMSummariser(spec.summariser) if spec.summariser else TemplateSummariser(seed)
@@ -112,12 +112,12 @@ def _captioners(spec: BuildSpec, seed: int):
 def render_clips(spec: BuildSpec, scene_index: int, clips: list[int]) -> list[Clip]:
     """Keyframes, depth, poses and captions of some clips of one scene (deterministic)."""
     scene = generate_scene(scene_seed(spec, scene_index))
-    renderer = SceneRenderer(scene)
+    renderer = SceneMeshRenderer(scene, threads=1)  # one scene per task or process: Embree on its one core
     out = []
     for c in clips:
         rng = np.random.default_rng([spec.seed, scene_index, c])
         poses = clip_poses(scene, spec.frames, spec.spacing, rng)
-        captioner, summariser = _captioners(spec, int(rng.integers(2**31)))
+        captioner, summariser = make_captioners(spec, int(rng.integers(2**31)))
         views = [renderer.render(p, spec.height, spec.width) for p in poses]
         captions = [caption_frame(renderer, p, captioner, summariser, spec.face_size)[0] for p in poses]
         out.append(Clip(

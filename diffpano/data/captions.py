@@ -7,13 +7,16 @@ real models from local directories through transformers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from diffpano.data.furniture import Item
 from diffpano.data.materials import FLOORS
-from diffpano.data.render import DOOR, FIRST_ITEM_LABEL, WINDOW, SceneRenderer, View
+from diffpano.data.render import DOOR, FIRST_ITEM_LABEL, WINDOW, View
+
+if TYPE_CHECKING:
+    from diffpano.data.scene_mesh import SceneMeshRenderer
 
 FACE_NAMES = ("front", "right", "back", "left", "up", "down")
 MIN_SHARE = 0.01  # a thing must cover 1% of a face to be mentioned
@@ -44,7 +47,7 @@ class FrameFacts:
     items: list[Item] = field(default_factory=list)
 
 
-def frame_facts(renderer: SceneRenderer, cube: View, room_index: int) -> FrameFacts:
+def frame_facts(renderer: SceneMeshRenderer, cube: View, room_index: int) -> FrameFacts:
     """Facts of a keyframe from its cube-face rendering (labels and rooms per pixel)."""
     scene = renderer.scene
     room = scene.rooms[room_index]
@@ -209,7 +212,7 @@ class LLMSummariser:
 
 
 def caption_frame(
-    renderer: SceneRenderer, pose: np.ndarray, captioner: FaceCaptioner, summariser: Summariser, face_size: int = 64
+    renderer: SceneMeshRenderer, pose: np.ndarray, captioner: FaceCaptioner, summariser: Summariser, face_size: int = 64
 ) -> tuple[str, list[str]]:
     """(panorama caption, six face captions) of a keyframe."""
     cube = renderer.render_cube(pose, face_size)

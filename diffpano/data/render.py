@@ -1,4 +1,5 @@
-"""Vectorised ray casting of procedural scenes: equirectangular (docs/geometry.md) and cube-face RGB, depth, labels."""
+"""Vectorised box ray casting of procedural scenes (equirectangular, docs/geometry.md, and cube-face RGB, depth,
+labels), kept as the tests' oracle of the mesh path (diffpano.data.scene_mesh); and the shading both paths share."""
 
 from __future__ import annotations
 
@@ -75,8 +76,25 @@ class _RoomArrays:
     light: np.ndarray
 
 
-class SceneRenderer:
-    """Renders a scene from any pose; geometry is compiled to arrays once."""
+class DirectionRenderer:
+    """Equirectangular and cube-face views from a renderer's `render_directions(pose, dirs)`."""
+
+    def render_directions(self, pose: np.ndarray, dirs: np.ndarray) -> View:
+        """View along camera-frame unit directions (..., 3) from a pose."""
+        raise NotImplementedError
+
+    def render(self, pose: np.ndarray, height: int, width: int) -> View:
+        """Equirectangular view (H, W) from a camera-to-world pose (docs/geometry.md)."""
+        check_panorama_size(height, width, field="size")
+        return self.render_directions(pose, erp_directions(height, width))
+
+    def render_cube(self, pose: np.ndarray, face_size: int) -> View:
+        """Six cube faces (6, s, s) in projection.CUBE_FACES order."""
+        return self.render_directions(pose, cube_directions(face_size))
+
+
+class SceneRenderer(DirectionRenderer):
+    """Renders a scene from any pose by casting rays room by room through boxes; geometry is compiled once."""
 
     def __init__(self, scene: Scene) -> None:
         self.scene = scene
@@ -146,15 +164,6 @@ class SceneRenderer:
         """Compiled room index (rooms, then doorway passages) of a floor point, -1 outside."""
         room, door = self.scene.locate(x, z)
         return room if door is None else len(self.scene.rooms) + next(k for k, d in enumerate(self.doors) if d is door)
-
-    def render(self, pose: np.ndarray, height: int, width: int) -> View:
-        """Equirectangular view (H, W) from a camera-to-world pose (docs/geometry.md)."""
-        check_panorama_size(height, width, field="size")
-        return self.render_directions(pose, erp_directions(height, width))
-
-    def render_cube(self, pose: np.ndarray, face_size: int) -> View:
-        """Six cube faces (6, s, s) in projection.CUBE_FACES order."""
-        return self.render_directions(pose, cube_directions(face_size))
 
     def render_directions(self, pose: np.ndarray, dirs: np.ndarray) -> View:
         """View along camera-frame unit directions (..., 3) from a pose."""
@@ -256,29 +265,30 @@ class SceneRenderer:
 
     def _shade(self, o, d, t, axis, mat, room) -> np.ndarray:
         """Lambertian colour under each room's ceiling light, times the materials' procedural patterns."""
-        n = len(d)
-        p = o + d * t[:, None]
-        sign = -np.sign(d[np.arange(n), axis])  # the face normal points back towards the camera
-        light = np.stack([r.light for r in self.rooms])[room]
-        to_light = light - p
-        dist = np.linalg.norm(to_light, axis=1) + 1e-6
-        lambert = np.clip(sign * to_light[np.arange(n), axis] / dist, 0, None)
-        up_facing = (axis == 1) & (sign < 0)
-        shade = AMBIENT + 0.08 * up_facing + DIFFUSE * lambert / (1 + FALLOFF * dist**2)
-        codes = self.pattern[mat]
-        factor = np.ones(n, np.float32)
-        for code in np.unique(codes):
-            sel = codes == code
-            factor[sel] = pattern_factor(int(code), p[sel], axis[sel])
-        emissive = np.isin(codes, [PATTERNS.index("emissive"), PATTERNS.index("window")])
-        shade = np.where(emissive, 1.0, shade)
-        rgb = self.rgb[mat] * (factor * shade)[:, None]
-        return (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
+        lights = np.stack([r.light for r in self.rooms])[room]
+        return shade(o + d * t[:, None], d, axis, mat, lights, self.rgb, self.pattern)
 
 
-def render_panorama(scene: Scene, pose: np.ndarray, height: int, width: int) -> View:
-    """One equirectangular view of a scene (compiles the scene; reuse SceneRenderer for many views)."""
-    return SceneRenderer(scene).render(pose, height, width)
+def shade(p: np.ndarray, d: np.ndarray, axis: np.ndarray, mat: np.ndarray, light: np.ndarray, rgb: np.ndarray,
+          pattern: np.ndarray) -> np.ndarray:
+    """uint8 colours (N, 3) of surface points p hit along d on faces normal to `axis`: Lambertian under the
+    point's room light (N, 3), times material colour and procedural pattern (MaterialTable.arrays)."""
+    n = len(d)
+    sign = -np.sign(d[np.arange(n), axis])  # the face normal points back towards the camera
+    to_light = light - p
+    dist = np.linalg.norm(to_light, axis=1) + 1e-6
+    lambert = np.clip(sign * to_light[np.arange(n), axis] / dist, 0, None)
+    up_facing = (axis == 1) & (sign < 0)
+    brightness = AMBIENT + 0.08 * up_facing + DIFFUSE * lambert / (1 + FALLOFF * dist**2)
+    codes = pattern[mat]
+    factor = np.ones(n, np.float32)
+    for code in np.unique(codes):
+        sel = codes == code
+        factor[sel] = pattern_factor(int(code), p[sel], axis[sel])
+    emissive = np.isin(codes, [PATTERNS.index("emissive"), PATTERNS.index("window")])
+    brightness = np.where(emissive, 1.0, brightness)
+    colour = rgb[mat] * (factor * brightness)[:, None]
+    return (np.clip(colour, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
 def camera_pose(x: float, z: float, yaw: float, eye_height: float) -> np.ndarray:

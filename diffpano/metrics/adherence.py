@@ -20,7 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffpano.data.materials import WALL_COLOURS
-from diffpano.data.render import SceneRenderer, camera_pose
+from diffpano.data.render import camera_pose
+from diffpano.data.scene_mesh import SceneMeshRenderer
 from diffpano.data.scenes import ROOM_TYPES, Room, Scene, generate_scene
 from diffpano.geometry import check_panorama_size
 from diffpano.metrics.images import channels_first, float_images
@@ -234,7 +235,7 @@ def make_training_set(
     n = 0
     for s in tqdm(range(num_scenes), desc="render", disable=not progress):
         scene = generate_scene(training_seed(seed, s))
-        renderer = SceneRenderer(scene)
+        renderer = SceneMeshRenderer(scene)
         order = rng.permutation(len(scene.rooms))
         for v in range(views_per_scene):
             room = scene.rooms[int(order[v % len(order)])]
