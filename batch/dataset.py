@@ -78,7 +78,7 @@ def render_meshes(spec: MeshSpec, meshes: list[str], out: str, progress: bool = 
     summary = BuildSummary(out, len(scenes), 0, 0, total_clips - todo, 0.0)
     with tqdm(total=len(plan), unit="scene", desc="rendering", disable=not progress or not plan) as bar:
         items = [(spec, scene, scenes[scene], clips, out, 1) for scene, clips in plan.items()]
-        for result in _run_on_ray(build_mesh_scene, items, max_in_flight) if plan else []:
+        for result in _run_on_ray(build_mesh_scene, items, max_in_flight, _scene_failed) if plan else []:
             summary.clips_written += result["clips"]
             summary.frames_written += result["frames"]
             if "error" in result:
@@ -102,17 +102,32 @@ def _run_in_pool(items: list[tuple], processes: int):
         yield from pool.imap_unordered(partial(_call, build_scene), items)
 
 
-def _run_on_ray(fn, items: list[tuple], max_in_flight: int | None):
-    """fn(*item) of each item as a Ray task of one CPU (a bounded number in flight), as they finish."""
+def _run_on_ray(fn, items: list[tuple], max_in_flight: int | None, on_error=None):
+    """fn(*item) of each item as a Ray task of one CPU (a bounded number in flight), as they finish. A task that
+    still fails after its retries (its worker crashed, say) raises, or gives on_error(item, error) when set."""
     import ray
 
     ensure_ray()
     task = ray.remote(fn).options(num_cpus=1, max_retries=2, runtime_env={"env_vars": worker_env()})
     limit = max_in_flight or max(2, 2 * int(ray.available_resources().get("CPU", 1)))
     queue = list(items)
-    running: list = []
+    running: dict = {}  # ref -> item
     while queue or running:
         while queue and len(running) < limit:
-            running.append(task.remote(*queue.pop(0)))
-        done, running = ray.wait(running, num_returns=1)
-        yield ray.get(done[0])
+            item = queue.pop(0)
+            running[task.remote(*item)] = item
+        done, _ = ray.wait(list(running), num_returns=1)
+        item = running.pop(done[0])
+        try:
+            result = ray.get(done[0])
+        except ray.exceptions.RayError as err:
+            if on_error is None:
+                raise
+            result = on_error(item, err)
+        yield result
+
+
+def _scene_failed(item: tuple, err: Exception) -> dict:
+    """build_mesh_scene's result for a scene whose task failed outright (its worker died: out of memory, a crash)."""
+    _, scene, path, *_ = item
+    return {"scene": scene, "path": path, "clips": 0, "frames": 0, "error": f"{type(err).__name__}: {err}"}

@@ -201,6 +201,23 @@ def test_dataset_render_lists_failing_scenes_completes_the_rest_and_reruns_add_n
     assert sorted(p.name for p in (out / "manifest").iterdir()) == parts
 
 
+def test_a_scene_whose_worker_dies_is_a_failure_entry_and_the_others_complete(ray_local):
+    """A task that kills its worker process on every retry becomes that scene's failure record."""
+    from batch.dataset import _run_on_ray, _scene_failed
+
+    def scene_task(spec, scene, path, clips, out, threads):
+        import os
+
+        if scene == "crashes":
+            os._exit(1)
+        return {"scene": scene, "path": path, "clips": len(clips), "frames": 3 * len(clips)}
+
+    items = [(None, name, f"/meshes/{name}.glb", [0, 1], "out", 1) for name in ("crashes", "fine")]
+    results = {r["scene"]: r for r in _run_on_ray(scene_task, items, None, _scene_failed)}
+    assert results["fine"]["frames"] == 6 and "error" not in results["fine"]
+    assert results["crashes"]["clips"] == 0 and "Worker" in results["crashes"]["error"], results["crashes"]
+
+
 @pytest.mark.parametrize(("extra", "field"), [
     (["--up", "x"], "up"), (["--unit-scale", "nan"], "--unit-scale"), (["--camera-height", "9"], "camera_height"),
     (["--clearance", "0"], "clearance"), (["--size", "33x65"], "size"), (["--spacing", "-1"], "spacing"),

@@ -9,13 +9,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from diffpano import storage
-from diffpano.data.captions import (
-    Blip2Captioner,
-    LLMSummariser,
-    SceneGraphCaptioner,
-    TemplateSummariser,
-    caption_frame,
-)
+from diffpano.data.captions import CaptionModels, caption_frame
 from diffpano.data.manifest import Clip, commit_clips, read_dataset
 from diffpano.data.scene_mesh import SceneMeshRenderer
 from diffpano.data.scenes import generate_scene
@@ -102,22 +96,16 @@ def pending_clips(out: str, spec: BuildSpec) -> dict[int, list[int]]:
     return plan
 
 
-def make_captioners(spec: BuildSpec, seed: int):
-    """The face captioner and summariser the spec asks for."""
-    captioner = Blip2Captioner(spec.captioner) if spec.captioner else SceneGraphCaptioner()
-    summariser = LLMSummariser(spec.summariser) if spec.summariser else TemplateSummariser(seed)
-    return captioner, summariser
-
-
 def render_clips(spec: BuildSpec, scene_index: int, clips: list[int]) -> list[Clip]:
     """Keyframes, depth, poses and captions of some clips of one scene (deterministic)."""
     scene = generate_scene(scene_seed(spec, scene_index))
     renderer = SceneMeshRenderer(scene, threads=1)  # one scene per task or process: Embree on its one core
+    models = CaptionModels(spec.captioner, spec.summariser)
     out = []
     for c in clips:
         rng = np.random.default_rng([spec.seed, scene_index, c])
         poses = clip_poses(scene, spec.frames, spec.spacing, rng)
-        captioner, summariser = make_captioners(spec, int(rng.integers(2**31)))
+        captioner, summariser = models.pair(int(rng.integers(2**31)))
         views = [renderer.render(p, spec.height, spec.width) for p in poses]
         captions = [caption_frame(renderer, p, captioner, summariser, spec.face_size)[0] for p in poses]
         out.append(Clip(

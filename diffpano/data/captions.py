@@ -211,6 +211,19 @@ class LLMSummariser:
         return self.tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
+class CaptionModels:
+    """The face captioner and summariser a dataset spec names, loaded once per scene: local BLIP2 / LLM
+    directories, or the scene-graph pair (its template summariser seeded per clip)."""
+
+    def __init__(self, captioner: str | None = None, summariser: str | None = None) -> None:
+        self.captioner: FaceCaptioner = Blip2Captioner(captioner) if captioner else SceneGraphCaptioner()
+        self.summariser: Summariser | None = LLMSummariser(summariser) if summariser else None
+
+    def pair(self, seed: int) -> tuple[FaceCaptioner, Summariser]:
+        """(captioner, summariser) for one clip."""
+        return self.captioner, self.summariser or TemplateSummariser(seed)
+
+
 def caption_frame(
     renderer: SceneMeshRenderer, pose: np.ndarray, captioner: FaceCaptioner, summariser: Summariser, face_size: int = 64
 ) -> tuple[str, list[str]]:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from diffpano.data.build import MAX_SIZE, PART_FRAMES, make_captioners
+from diffpano.data.build import MAX_SIZE, PART_FRAMES
+from diffpano.data.captions import CaptionModels
 from diffpano.data.manifest import Clip, commit_clips, read_dataset
 from diffpano.data.mesh import load_mesh, world_transform
 from diffpano.data.mesh_captions import caption_mesh_frame
@@ -89,14 +90,12 @@ def pending_mesh_clips(out: str, spec: MeshSpec, scenes: dict[str, str]) -> dict
     return {s: c for s, c in plan.items() if c}
 
 
-def _meshmake_captioners(spec: MeshSpec, labelled: bool, seed: int):
-    """Captioner and summariser for one scene; ValueError saying what to pass when the mesh has no labels."""
-    if labelled:
-        return make_captioners(spec, seed)
-    if not (spec.captioner and spec.summariser):
+def caption_models(spec: MeshSpec, labelled: bool) -> CaptionModels:
+    """The scene's captioner and summariser; ValueError saying what to pass when the mesh has no labels."""
+    if not labelled and not (spec.captioner and spec.summariser):
         raise ValueError("captions: the mesh has no semantic labels (node or geometry names naming categories, "
                          "docs/meshes.md); pass --captioner BLIP2_DIR and --summariser LLM_DIR")
-    return make_captioners(spec, seed)
+    return CaptionModels(spec.captioner, spec.summariser)
 
 
 def prepare_scene(spec: MeshSpec, path: str, threads: int = 0) -> tuple[MeshRenderer, FloorMap]:
@@ -109,11 +108,12 @@ def render_mesh_clips(spec: MeshSpec, scene: str, renderer: MeshRenderer, floor:
                       clips: list[int]) -> list[Clip]:
     """Keyframes, depth, poses and captions of some clips of one mesh (deterministic by seed and scene id)."""
     mesh = renderer.mesh
+    models = caption_models(spec, mesh.has_labels)
     key = int.from_bytes(hashlib.sha256(scene.encode()).digest()[:8], "little")
     out = []
     for c in clips:
         rng = np.random.default_rng([spec.seed, key, c])
-        captioner, summariser = _meshmake_captioners(spec, mesh.has_labels, int(rng.integers(2**31)))
+        captioner, summariser = models.pair(int(rng.integers(2**31)))
         poses = walk_poses(floor, spec.frames, spec.spacing, rng)
         views = [renderer.render(p, spec.height, spec.width) for p in poses]
         captions = [caption_mesh_frame(renderer, p, captioner, summariser, spec.face_size)[0] for p in poses]
