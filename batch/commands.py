@@ -69,8 +69,11 @@ def dataset_render(
     from diffpano.data.mesh import MESH_SUFFIXES
     from diffpano.data.mesh_build import MeshSpec
 
-    paths = sorted({p for m in meshes for p in (  # a glob keeps mesh files only (not their textures and MTLs)
-        [g for g in glob.glob(m, recursive=True) if g.lower().endswith(MESH_SUFFIXES)] if glob.has_magic(m) else [m])})
+    def scene_file(name: str) -> bool:  # a glob keeps meshes, not their textures, MTLs or semantic sidecars
+        return name.lower().endswith(MESH_SUFFIXES) and ".semantic." not in os.path.basename(name)
+
+    paths = sorted({p for m in meshes for p in (
+        [g for g in glob.glob(m, recursive=True) if scene_file(g)] if glob.has_magic(m) else [m])})
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise typer.BadParameter(f"MESHES: no such file: {missing[0]}")

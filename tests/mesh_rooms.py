@@ -114,15 +114,32 @@ def parts(subdivide: int = 0) -> dict[str, trimesh.Trimesh]:
 TO_Y_UP = np.diag([1.0, -1.0, -1.0, 1.0])  # world (y down) <-> glTF (y up): its own inverse
 
 
-def write_glb(path: Path, subdivide: int = 0) -> Path:
-    """The whole scene as a GLB with semantic node names, in glTF's y-up frame."""
+def write_glb(path: Path, subdivide: int = 0, named: bool = True) -> Path:
+    """The whole scene as a GLB in glTF's y-up frame, its nodes named by category (or `part_K` when not named)."""
     scene = trimesh.Scene()
-    for name, mesh in parts(subdivide).items():
+    for k, (name, mesh) in enumerate(parts(subdivide).items()):
         m = mesh.copy()
         m.apply_transform(TO_Y_UP)
-        scene.add_geometry(m, geom_name=name, node_name=name)
+        scene.add_geometry(m, geom_name=name if named else f"part_{k}", node_name=name if named else f"part_{k}")
     path.write_bytes(scene.export(file_type="glb"))
     return path
+
+
+def write_semantic_sidecar(folder: Path, stem: str) -> tuple[Path, Path]:
+    """HM3D-semantics style labels for the scene: STEM.semantic.glb (one flat vertex colour per object) and
+    STEM.semantic.txt (id,HEX,"category",region)."""
+    scene, lines = trimesh.Scene(), ["HM3D Semantic Annotations"]
+    for k, (name, mesh) in enumerate(parts().items(), 1):
+        colour = np.array([37 * k % 256, 91 * k % 256, 173 * k % 256, 255], np.uint8)
+        m = trimesh.Trimesh(mesh.vertices, mesh.faces, vertex_colors=np.tile(colour, (len(mesh.vertices), 1)),
+                            process=False)
+        m.apply_transform(TO_Y_UP)
+        scene.add_geometry(m, geom_name=f"object_{k}", node_name=f"object_{k}")
+        lines.append(f'{k},{colour[0]:02X}{colour[1]:02X}{colour[2]:02X},"{name}",0')
+    glb, txt = folder / f"{stem}.semantic.glb", folder / f"{stem}.semantic.txt"
+    glb.write_bytes(scene.export(file_type="glb"))
+    txt.write_text("\n".join(lines) + "\n")
+    return glb, txt
 
 
 def write_obj(folder: Path) -> Path:

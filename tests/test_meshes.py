@@ -9,7 +9,17 @@ import re
 
 import numpy as np
 import pytest
-from mesh_rooms import BOXES, COLOURS, DOOR, HEIGHT, floor_texel, write_glb, write_obj, write_ply
+from mesh_rooms import (
+    BOXES,
+    COLOURS,
+    DOOR,
+    HEIGHT,
+    floor_texel,
+    write_glb,
+    write_obj,
+    write_ply,
+    write_semantic_sidecar,
+)
 from typer.testing import CliRunner
 
 from diffpano import storage
@@ -251,3 +261,21 @@ def test_textures_that_cannot_be_decoded_are_refused_not_rendered_white(glb, tmp
     path.write_bytes(b"glTF" + struct.pack("<II", 2, 12 + len(body)) + body)
     with pytest.raises(ValueError, match="KHR_texture_basisu"):
         load_mesh(path, up="y")
+
+
+def test_hm3d_style_semantic_sidecars_label_the_textured_mesh(tmp_path):
+    """X.glb with no category names + X.semantic.glb / X.semantic.txt: triangles take the sidecar's categories,
+    and captions name the furniture."""
+    from diffpano.data.mesh_labels import attach_labels
+
+    path = write_glb(tmp_path / "TEEsavR23oF.basis.glb", named=False)
+    assert not load_mesh(path, up="y").has_labels
+    write_semantic_sidecar(tmp_path, "TEEsavR23oF")
+    mesh = attach_labels(load_mesh(path, up="y"), path, "y", 1.0)
+    assert {"wall", "floor", "sofa", "bed", "table", "window"} <= set(mesh.labels)
+    assert (mesh.label_index >= 0).all()
+    view = MeshRenderer(mesh).render(pose_at(1.2, 1.5, np.pi), H, W)  # facing the sofa
+    assert (np.array(mesh.labels)[view.label[view.label >= 0]] == "sofa").sum() > 100
+    spec = MeshSpec(clips_per_scene=1, frames=2, height=32, width=64, seed=0)
+    clip = render_mesh_clips(spec, "TEEsavR23oF", *prepare_scene(spec, str(path)), [0])[0]
+    assert any(re.search(r"(sofa|bed|table)", c) for c in clip.captions), clip.captions

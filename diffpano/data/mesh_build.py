@@ -18,6 +18,7 @@ from diffpano.data.captions import CaptionModels
 from diffpano.data.manifest import Clip, commit_clips, read_dataset
 from diffpano.data.mesh import load_mesh, world_transform
 from diffpano.data.mesh_captions import caption_mesh_frame
+from diffpano.data.mesh_labels import attach_labels
 from diffpano.data.raycast import MeshRenderer
 from diffpano.data.walkable import FloorMap, floor_map, walk_poses
 from diffpano.geometry import check_panorama_size
@@ -100,7 +101,8 @@ def caption_models(spec: MeshSpec, labelled: bool) -> CaptionModels:
 
 def prepare_scene(spec: MeshSpec, path: str, threads: int = 0) -> tuple[MeshRenderer, FloorMap]:
     """The mesh's renderer and walkable floor; ValueError naming what is wrong with the mesh."""
-    renderer = MeshRenderer(load_mesh(path, spec.up, spec.unit_scale), threads)
+    mesh = attach_labels(load_mesh(path, spec.up, spec.unit_scale), path, spec.up, spec.unit_scale)
+    renderer = MeshRenderer(mesh, threads)
     return renderer, floor_map(renderer, spec.camera_height, spec.clearance)
 
 

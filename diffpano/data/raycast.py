@@ -73,6 +73,11 @@ class MeshRenderer(DirectionRenderer):
         hits = self.raycaster.cast_rays(self._tensor(rays), nthreads=self.threads)
         return {k: hits[k].numpy() for k in ("t_hit", "primitive_ids", "primitive_uvs")}
 
+    def closest(self, points: np.ndarray) -> dict[str, np.ndarray]:
+        """Closest surface points (N, 3) to points (N, 3), their primitive_ids and primitive_uvs (barycentric)."""
+        found = self.raycaster.compute_closest_points(self._tensor(points.astype(np.float32)), nthreads=self.threads)
+        return {k: found[k].numpy() for k in ("points", "primitive_ids", "primitive_uvs")}
+
     def distance(self, points: np.ndarray) -> np.ndarray:
         """Unsigned distance (N,) from points (N, 3) to the nearest surface, metres."""
         return self.raycaster.compute_distance(self._tensor(points.astype(np.float32)), nthreads=self.threads).numpy()
