@@ -279,3 +279,19 @@ def test_hm3d_style_semantic_sidecars_label_the_textured_mesh(tmp_path):
     spec = MeshSpec(clips_per_scene=1, frames=2, height=32, width=64, seed=0)
     clip = render_mesh_clips(spec, "TEEsavR23oF", *prepare_scene(spec, str(path)), [0])[0]
     assert any(re.search(r"(sofa|bed|table)", c) for c in clip.captions), clip.captions
+
+
+def test_dataset_render_to_s3_writes_once(ray_local, s3_endpoint, glb):
+    """Output to s3:// (the local endpoint): keyframes, depth and manifest, and a re-run adds nothing."""
+    from batch.dataset import render_meshes
+    from diffpano.data.manifest import decode_depth
+
+    spec = MeshSpec(clips_per_scene=1, frames=2, height=32, width=64, seed=2)
+    out = "s3://diffpano-test/datasets/meshes"
+    assert render_meshes(spec, [str(glb)], out, progress=False).frames_written == 2
+    table = read_dataset(out).to_pandas()
+    assert len(table) == 2 and set(table.scene_id) == {"rooms"}
+    depth = decode_depth(storage.read_bytes(storage.join(out, table.depth_uri[0])))
+    assert depth.shape == (32, 64) and 0.3 < depth[depth > 0].min() and depth.max() < 9.0
+    summary = render_meshes(spec, [str(glb)], out, progress=False)
+    assert summary.frames_written == 0 and summary.clips_present == 1 and not summary.failures
