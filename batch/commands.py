@@ -70,7 +70,8 @@ def dataset_render(
     from diffpano.data.mesh_build import MeshSpec
 
     def scene_file(name: str) -> bool:  # a glob keeps meshes, not their textures, MTLs or semantic sidecars
-        return name.lower().endswith(MESH_SUFFIXES) and ".semantic." not in os.path.basename(name)
+        base = os.path.basename(name).lower()
+        return base.endswith(MESH_SUFFIXES) and ".semantic." not in base and not base.endswith("_semantic.ply")
 
     paths = sorted({p for m in meshes for p in (
         [g for g in glob.glob(m, recursive=True) if scene_file(g)] if glob.has_magic(m) else [m])})

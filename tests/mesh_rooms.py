@@ -8,6 +8,7 @@ written in glTF's y-up frame, so `load_mesh(path, up="y")` gives them back.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,26 @@ def write_ply(path: Path) -> Path:
     mesh = trimesh.util.concatenate([m for k, m in parts().items() if k != "floor"])
     path.write_bytes(mesh.export(file_type="ply"))
     return path
+
+
+def write_replica(folder: Path) -> Path:
+    """A Replica-style scene: FOLDER/mesh.ply (vertex colours, no labels) and FOLDER/habitat/mesh_semantic.ply
+    (quads with an object_id each, as Replica's) + FOLDER/habitat/info_semantic.json; all in the world frame."""
+    (folder / "habitat").mkdir(parents=True, exist_ok=True)
+    mesh = write_ply(folder / "mesh.ply")
+    verts, quads, objects = [], [], []
+    for k, part in enumerate(parts().values()):
+        base = sum(len(v) for v in verts)
+        verts.append(np.asarray(part.vertices))
+        quads += [[a + base, b + base, c + base, c + base] for a, b, c in np.asarray(part.faces)]  # degenerate quads
+        objects += [10 + k] * len(part.faces)
+    v = np.concatenate(verts)
+    header = (f"ply\nformat ascii 1.0\nelement vertex {len(v)}\nproperty float x\nproperty float y\n"
+              f"property float z\nelement face {len(quads)}\nproperty list uchar int vertex_indices\n"
+              "property int object_id\nend_header\n")
+    body = "\n".join(f"{x:.6f} {y:.6f} {z:.6f}" for x, y, z in v) + "\n"
+    body += "\n".join(f"4 {a} {b} {c} {d} {o}" for (a, b, c, d), o in zip(quads, objects, strict=True)) + "\n"
+    (folder / "habitat" / "mesh_semantic.ply").write_text(header + body)
+    info = {"objects": [{"id": 10 + k, "class_name": name} for k, name in enumerate(parts())]}
+    (folder / "habitat" / "info_semantic.json").write_text(json.dumps(info))
+    return mesh

@@ -18,6 +18,7 @@ from mesh_rooms import (
     write_glb,
     write_obj,
     write_ply,
+    write_replica,
     write_semantic_sidecar,
 )
 from typer.testing import CliRunner
@@ -295,3 +296,15 @@ def test_dataset_render_to_s3_writes_once(ray_local, s3_endpoint, glb):
     assert depth.shape == (32, 64) and 0.3 < depth[depth > 0].min() and depth.max() < 9.0
     summary = render_meshes(spec, [str(glb)], out, progress=False)
     assert summary.frames_written == 0 and summary.clips_present == 1 and not summary.failures
+
+
+def test_replica_style_semantic_plys_label_the_mesh(tmp_path):
+    """mesh.ply + habitat/mesh_semantic.ply (quads with object_id) + habitat/info_semantic.json: labels transfer."""
+    from diffpano.data.mesh_labels import attach_labels
+
+    path = write_replica(tmp_path / "room_0")
+    mesh = attach_labels(load_mesh(path, up="-y"), path, "-y", 1.0)
+    assert {"wall", "ceiling", "sofa", "bed", "table", "window"} <= set(mesh.labels)
+    assert (mesh.label_index >= 0).all()
+    view = MeshRenderer(mesh).render(pose_at(1.2, 1.5, np.pi), H, W)
+    assert (np.array(mesh.labels)[view.label[view.label >= 0]] == "sofa").sum() > 100
