@@ -99,6 +99,7 @@ def test_exported_model_loads_with_from_pretrained_and_generates(run):
     assert out.images.shape == (1, 2, 16, 32, 3)
 
 
+@pytest.mark.slow  # about a minute: make test-slow
 def test_a_killed_worker_process_is_replaced_and_the_stage_resumes_from_its_checkpoint(ray_local, train_dataset,
                                                                                        tmp_path):
     """run.fail_at_step=3: after its third step the last worker's process dies (SIGKILL); Ray Train restarts the
