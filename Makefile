@@ -9,6 +9,8 @@ $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@# Open3D's wheel links libusb-1.0, which minimal Debian images lack
+	@ldconfig -p | grep -q libusb-1.0 || { apt-get install -y -q libusb-1.0-0 || { apt-get update -q && apt-get install -y -q libusb-1.0-0; }; } >/dev/null 2>&1 || echo "make install: libusb-1.0 is missing and could not be installed; Open3D (mesh datasets) needs it: apt-get install libusb-1.0-0"
 	touch $(STAMP)
 
 install: $(STAMP)

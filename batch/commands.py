@@ -40,6 +40,18 @@ def dataset_build(
     typer.echo(summary.line())
 
 
+def expand_inputs(patterns: list[str], keep, field: str) -> list[str]:
+    """Paths named or matched by globs (a glob keeps those `keep` accepts); BadParameter for a missing one."""
+    import glob
+
+    paths = sorted({p for pattern in patterns for p in (
+        [g for g in glob.glob(pattern, recursive=True) if keep(g)] if glob.has_magic(pattern) else [pattern])})
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise typer.BadParameter(f"{field}: no such file or folder: {missing[0]}")
+    return paths
+
+
 def dataset_render(
     meshes: list[str] = typer.Argument(..., help="Mesh files or globs: .glb/.gltf, .obj (+ .mtl), .ply."),
     out: str = typer.Option(..., "--out", help="Dataset folder or s3:// prefix (docs/datasets.md)."),
@@ -63,7 +75,6 @@ def dataset_render(
 ) -> None:
     """Render walks through textured indoor meshes into a panoramic video-text dataset, a Ray task per mesh; failed
     meshes are listed in OUT/failures/, and a re-run completes what is missing."""
-    import glob
 
     from batch.dataset import render_meshes
     from diffpano.data.mesh import MESH_SUFFIXES
@@ -73,11 +84,7 @@ def dataset_render(
         base = os.path.basename(name).lower()
         return base.endswith(MESH_SUFFIXES) and ".semantic." not in base and not base.endswith("_semantic.ply")
 
-    paths = sorted({p for m in meshes for p in (
-        [g for g in glob.glob(m, recursive=True) if scene_file(g)] if glob.has_magic(m) else [m])})
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise typer.BadParameter(f"MESHES: no such file: {missing[0]}")
+    paths = expand_inputs(meshes, scene_file, "MESHES")
     height, width = parse_size(size)
     try:
         spec = MeshSpec(clips_per_scene=clips_per_scene, frames=frames, height=height, width=width, spacing=spacing,
@@ -89,6 +96,50 @@ def dataset_render(
     typer.echo(summary.line())
     if summary.failures_uri:
         typer.echo(f"failed scenes: {summary.failures_uri}")
+
+
+def dataset_capture(
+    captures: list[str] = typer.Argument(..., help="Equirectangular videos or folders of panoramas, or globs."),
+    out: str = typer.Option(..., "--out", help="Dataset folder or s3:// prefix (docs/datasets.md)."),
+    frames: int = typer.Option(8, "--frames", help="Keyframes per clip."),
+    size: str = typer.Option("256x512", "--size", help="HxW of the written panoramas, W = 2H."),
+    sfm_size: str = typer.Option("512x1024", "--sfm-size", help="HxW the panoramas are reconstructed at."),
+    keyframe_spacing: float = typer.Option(0.5, "--keyframe-spacing", help="Metres between keyframes.",
+                                           callback=finite),
+    camera_height: float = typer.Option(1.6, "--camera-height", help="Lens height above the floor, metres: sets "
+                                        "the metric scale.", callback=finite),
+    scale: float | None = typer.Option(None, "--scale", help="Metres per reconstruction unit, instead of "
+                                       "--camera-height.", callback=finite),
+    fps: float = typer.Option(2.0, "--fps", help="Video frames read per second.", callback=finite),
+    max_frames: int = typer.Option(600, "--max-frames", help="Most frames read from one capture (held in memory)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the reconstruction."),
+    captioner: str | None = typer.Option(None, "--captioner", help="Local BLIP2 directory for face captions."),
+    summariser: str | None = typer.Option(None, "--summariser", help="Local LLM directory to merge captions."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Turn 360-degree captures into posed, captioned clips: keyframes by sharpness and motion, COLMAP rig SfM,
+    upright metric poses; a Ray task per capture, failed captures listed in OUT/failures/, a re-run completes what is
+    missing (docs/captures.md)."""
+
+    from batch.dataset import capture_dataset
+    from diffpano.data.capture_build import CaptureSpec
+    from diffpano.data.capture_frames import is_capture
+
+    paths = expand_inputs(captures, is_capture, "CAPTURES")
+    height, width = parse_size(size)
+    sfm_height, sfm_width = parse_size(sfm_size, "--sfm-size")
+    try:
+        if sfm_width != 2 * sfm_height:
+            raise ValueError(f"sfm_size: equirectangular panoramas need W = 2H, got {sfm_height}x{sfm_width}")
+        spec = CaptureSpec(frames=frames, height=height, width=width, sfm_height=sfm_height,
+                           keyframe_spacing=keyframe_spacing, camera_height=camera_height, scale=scale, fps=fps,
+                           max_frames=max_frames, seed=seed, captioner=captioner, summariser=summariser).validate()
+        summary = capture_dataset(spec, paths, out, progress=not quiet)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    typer.echo(summary.line())
+    if summary.failures_uri:
+        typer.echo(f"failed captures: {summary.failures_uri}")
 
 
 def bulk(
@@ -271,6 +322,7 @@ def register(commands: Commands) -> None:
     """Add the offline sub-commands."""
     commands.group("dataset").command("build")(dataset_build)
     commands.group("dataset").command("render")(dataset_render)
+    commands.group("dataset").command("capture")(dataset_capture)
     commands.app.command()(bulk)
     commands.app.command("eval")(evaluate)
     commands.app.command()(ablate)

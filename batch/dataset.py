@@ -1,5 +1,6 @@
 """Builds training datasets on Ray (or a local process pool), one task per scene rendering and committing its missing
-clips: procedural scenes (`build_dataset`) and textured meshes (`render_meshes`, failures recorded per scene)."""
+clips: procedural scenes (`build_dataset`), textured meshes (`render_meshes`) and 360-degree captures
+(`capture_dataset`), the last two with failures recorded per scene."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from tqdm import tqdm
 
 from batch.ray_init import ensure_ray
 from diffpano.data.build import BuildSpec, build_scene, check_spec_file, pending_clips
+from diffpano.data.capture_build import FIXED_FIELDS as CAPTURE_FIELDS
+from diffpano.data.capture_build import CaptureSpec, build_capture, pending_captures
+from diffpano.data.manifest import read_dataset
 from diffpano.data.mesh_build import FIXED_FIELDS, MeshSpec, build_mesh_scene, pending_mesh_clips, scene_ids
 from diffpano.storage import worker_env
 from diffpano.tours import record_failures
@@ -30,14 +34,26 @@ class BuildSummary:
     seconds: float
     failures: list[dict] = field(default_factory=list)  # per failed scene: scene, path, error
     failures_uri: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)  # per-scene counts summed (captures: frames read, ...)
+
+    def add(self, result: dict) -> None:
+        """Count one scene task's result in."""
+        self.clips_written += result["clips"]
+        self.frames_written += result["frames"]
+        for name, n in result.get("counts", {}).items():
+            self.counts[name] = self.counts.get(name, 0) + n
+        if "error" in result:
+            self.failures.append({k: result[k] for k in ("scene", "path", "error")})
 
     def line(self) -> str:
         """One-line summary for the console."""
         rate = self.frames_written / self.seconds if self.seconds > 0 else 0.0
+        counts = ", ".join(f"{n} {name}" for name, n in self.counts.items())
         return (
             f"dataset {self.out}: {self.clips_written} clips / {self.frames_written} keyframes written "
             f"({self.clips_present} clips already there), {self.scenes} scenes, {self.seconds:.1f}s, "
-            f"{rate:.1f} keyframes/s" + (f", {len(self.failures)} scene(s) failed" if self.failures else "")
+            f"{rate:.1f} keyframes/s" + (f"; frames: {counts}" if counts else "")
+            + (f", {len(self.failures)} scene(s) failed" if self.failures else "")
         )
 
 
@@ -74,18 +90,37 @@ def render_meshes(spec: MeshSpec, meshes: list[str], out: str, progress: bool = 
     plan = pending_mesh_clips(out, spec, scenes)
     total_clips = len(scenes) * spec.clips_per_scene
     todo = sum(len(c) for c in plan.values())
-    started = time.perf_counter()
     summary = BuildSummary(out, len(scenes), 0, 0, total_clips - todo, 0.0)
-    with tqdm(total=len(plan), unit="scene", desc="rendering", disable=not progress or not plan) as bar:
-        items = [(spec, scene, scenes[scene], clips, out, 1) for scene, clips in plan.items()]
-        for result in _run_on_ray(build_mesh_scene, items, max_in_flight, _scene_failed) if plan else []:
-            summary.clips_written += result["clips"]
-            summary.frames_written += result["frames"]
-            if "error" in result:
-                summary.failures.append({k: result[k] for k in ("scene", "path", "error")})
+    items = [(spec, scene, scenes[scene], clips, out, 1) for scene, clips in plan.items()]
+    return _run_scenes(build_mesh_scene, items, summary, "render", progress, max_in_flight)
+
+
+def capture_dataset(spec: CaptureSpec, captures: list[str], out: str, progress: bool = True,
+                    max_in_flight: int | None = None) -> BuildSummary:
+    """Reconstruct, caption and commit every capture that `out` does not hold yet, a Ray task per capture (COLMAP
+    on its one CPU); a capture that fails is listed in OUT/failures/ and the others complete. Idempotent."""
+    spec.validate()
+    scenes = scene_ids(captures, "captures")
+    check_spec_file(out, spec, CAPTURE_FIELDS)
+    plan = pending_captures(out, scenes)
+    summary = BuildSummary(out, len(scenes), 0, 0, len(read_dataset(out, ["clip_id"]).column("clip_id").unique()),
+                           0.0)
+    items = [(spec, scene, path, out, 1) for scene, path in plan.items()]
+    return _run_scenes(build_capture, items, summary, "capture", progress, max_in_flight)
+
+
+def _run_scenes(fn, items: list[tuple], summary: BuildSummary, kind: str, progress: bool,
+                max_in_flight: int | None) -> BuildSummary:
+    """fn(*item) per scene as Ray tasks, with a bar that moves as scenes finish; failures go to
+    OUT/failures/KIND-*.jsonl."""
+    started = time.perf_counter()
+    with tqdm(total=len(items), unit="scene", desc=kind, disable=not progress or not items) as bar:
+        for result in _run_on_ray(fn, items, max_in_flight, _scene_failed) if items else []:
+            summary.add(result)
             bar.set_postfix_str(f"{summary.frames_written} keyframes, {len(summary.failures)} failed", refresh=False)
             bar.update(1)
-    summary.failures_uri = record_failures(out, f"render-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}",
+    out = summary.out
+    summary.failures_uri = record_failures(out, f"{kind}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}",
                                            summary.failures)
     summary.seconds = time.perf_counter() - started
     return summary

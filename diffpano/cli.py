@@ -76,14 +76,14 @@ def compile_option(default_help: str = "off"):
                          f"torch.compile the UNet: {', '.join(COMPILE_MODES)} (default: {default_help}).")
 
 
-def parse_size(size: str | None) -> tuple[int | None, int | None]:
+def parse_size(size: str | None, flag: str = "--size") -> tuple[int | None, int | None]:
     """(height, width) of 'HxW', or (None, None) for the model's default."""
     if not size:
         return None, None
     try:
         h, w = (int(x) for x in size.lower().split("x"))
     except ValueError:
-        raise typer.BadParameter(f"--size: expected HxW such as 128x256, got {size!r}") from None
+        raise typer.BadParameter(f"{flag}: expected HxW such as 128x256, got {size!r}") from None
     return h, w
 
 

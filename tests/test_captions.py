@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tiny_captioners import write_tiny_blip2, write_tiny_llm
 
 from diffpano.data.captions import (
     FACE_NAMES,
+    Blip2Captioner,
     LLMSummariser,
     SceneGraphCaptioner,
     TemplateSummariser,
@@ -69,18 +71,14 @@ def test_scene_graph_pair_needs_facts():
 
 def test_llm_summariser_loads_a_local_directory(tmp_path):
     """The model path of the paper's summariser: a (tiny, random) causal LM and tokenizer from a local folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = ["<unk>", "<s>", "</s>", "a", "room", "with", "blue", "walls", "bed", "caption", ":", "."]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                            pad_token="<unk>").save_pretrained(tmp_path)
-    config = LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    summariser = LLMSummariser(str(tmp_path), max_new_tokens=5)
+    summariser = LLMSummariser(write_tiny_llm(tmp_path), max_new_tokens=5)
     assert "1. a room with blue walls" in summariser.prompt(["a room with blue walls"] * 6)
     assert isinstance(summariser.summarise(["a room with blue walls"] * 6), str)
+
+
+def test_blip2_captioner_loads_a_local_directory(tmp_path):
+    """The model path of the paper's face captioner: a (tiny, random) BLIP2 and processor from a local folder."""
+    captioner = Blip2Captioner(write_tiny_blip2(tmp_path), max_new_tokens=4)
+    faces = np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    captions = captioner.caption_faces(faces)
+    assert len(captions) == 6 and all(isinstance(c, str) for c in captions)

@@ -198,6 +198,7 @@ def test_dataset_render_lists_failing_scenes_completes_the_rest_and_reruns_add_n
     assert "2 clips / 6 keyframes written" in text and "6 scene(s) failed" in text, text
     df = read_dataset(str(out)).to_pandas()
     assert len(df) == 6 and set(df.scene_id) == {"good-rooms"} and not df.duplicated(["clip_id", "frame_index"]).any()
+    assert set(df.source_uri) == {str((meshes / "good" / "rooms.glb").resolve())}
     assert all(isinstance(c, str) and len(c) > 20 for c in df.caption)
     failures = [json.loads(line) for uri in storage.list_files(storage.join(str(out), "failures"), ".jsonl")
                 for line in storage.read_bytes(uri).decode().splitlines()]

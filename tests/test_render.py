@@ -151,7 +151,7 @@ def test_the_mesh_path_matches_the_box_ray_caster_oracle(clips):
 def test_a_scene_exported_as_glb_loads_back_with_the_same_geometry_and_labels(clips, tmp_path):
     renderer, poses, views = clips[0]
     path = tmp_path / "scene.glb"
-    path.write_bytes(export_glb(renderer.scene))
+    path.write_bytes(export_glb(renderer))
     mesh = load_mesh(path, up="y")
     assert {"wall", "floor", "ceiling"} <= set(mesh.labels) and len(mesh.triangles) == len(renderer.mesh.triangles)
     again = MeshRenderer(mesh).render(poses[0], H, W)

@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+import torch
 
 from diffpano.data.furniture import Item
 from diffpano.data.materials import FLOORS
 from diffpano.data.render import DOOR, FIRST_ITEM_LABEL, WINDOW, View
+from diffpano.projection import equirect_to_cubemap
 
 if TYPE_CHECKING:
     from diffpano.data.scene_mesh import SceneMeshRenderer
@@ -233,3 +235,12 @@ def caption_frame(
     facts = frame_facts(renderer, cube, room)
     faces = captioner.caption_faces(cube.rgb, facts)
     return summariser.summarise(faces, facts), faces
+
+
+def caption_panorama(rgb: np.ndarray, captioner: FaceCaptioner, summariser: Summariser,
+                     face_size: int = 64) -> tuple[str, list[str]]:
+    """(panorama caption, six face captions) of a panorama image (H, W, 3) uint8 with no scene facts (captures)."""
+    faces = equirect_to_cubemap(torch.from_numpy(rgb).permute(2, 0, 1).float(), face_size)
+    faces = faces.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy()
+    captions = captioner.caption_faces(faces)
+    return summariser.summarise(captions), captions

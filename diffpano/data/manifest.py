@@ -22,6 +22,7 @@ DATASET_SCHEMA = pa.schema(
         ("depth_uri", pa.string()),
         ("height", pa.int32()),
         ("width", pa.int32()),
+        ("source_uri", pa.string()),  # optional: where the keyframe came from (a capture's file, video#t=seconds)
     ]
 )
 DEPTH_SCALE = 1000.0  # docs/geometry.md: depth PNGs hold millimetres
@@ -38,6 +39,7 @@ class Clip:
     poses: np.ndarray
     rgb: np.ndarray
     depth: np.ndarray | None = None
+    sources: list[str] | None = None  # per keyframe: the source_uri column
 
 
 def rgb_path(scene_id: str, clip_id: str, frame: int) -> str:
@@ -74,7 +76,7 @@ def clip_table(clips: list[Clip]) -> pa.Table:
             pose_c2w=np.asarray(c.poses[i], dtype=np.float32).reshape(16).tolist(),
             rgb_uri=rgb_path(c.scene_id, c.clip_id, i),
             depth_uri=None if c.depth is None else depth_path(c.scene_id, c.clip_id, i),
-            height=c.rgb.shape[1], width=c.rgb.shape[2],
+            height=c.rgb.shape[1], width=c.rgb.shape[2], source_uri=c.sources[i] if c.sources else None,
         )
         for c in clips
         for i in range(len(c.rgb))

@@ -58,7 +58,7 @@ class Material:
 
     name: str
     rgb: tuple[float, float, float]
-    pattern: str = "plain"  # plain, planks, carpet, tiles, stone, grain, window, emissive
+    pattern: str = "plain"  # one of PATTERNS
 
 
 class MaterialTable:
@@ -82,12 +82,29 @@ class MaterialTable:
         return rgb, codes
 
 
-PATTERNS = ("plain", "planks", "carpet", "tiles", "stone", "grain", "window", "emissive")
+PATTERNS = ("plain", "planks", "carpet", "tiles", "stone", "grain", "window", "emissive", "plaster")
 
 
 def hash2(i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """Pseudo-random value in [0, 1) per integer cell (i, j): a cheap, vectorised, deterministic hash."""
     return np.modf(np.abs(np.sin(i * 12.9898 + j * 78.233) * 43758.5453))[0].astype(np.float32)
+
+
+NOISE_LATTICE = np.random.default_rng(20).random((256, 256), dtype=np.float32)  # value noise, tiled every 256 cells
+
+
+def value_noise(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Smooth noise in [0, 1) at real points: a fixed random lattice, smoothstep-interpolated (cheap gathers)."""
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    i, j = np.floor(x), np.floor(y)
+    fx, fy = x - i, y - j
+    fx, fy = fx * fx * (3 - 2 * fx), fy * fy * (3 - 2 * fy)
+    i0, j0 = i.astype(np.int64) & 255, j.astype(np.int64) & 255
+    i1, j1 = (i0 + 1) & 255, (j0 + 1) & 255
+    lattice = NOISE_LATTICE
+    top = lattice[i0, j0] + (lattice[i1, j0] - lattice[i0, j0]) * fx
+    bottom = lattice[i0, j1] + (lattice[i1, j1] - lattice[i0, j1]) * fx
+    return top + (bottom - top) * fy
 
 
 def pattern_factor(code: int, p: np.ndarray, normal_axis: np.ndarray) -> np.ndarray:
@@ -117,6 +134,10 @@ def pattern_factor(code: int, p: np.ndarray, normal_axis: np.ndarray) -> np.ndar
         fb = b / 0.32 - row
         mortar = (np.minimum(np.minimum(fa, 1 - fa), np.minimum(fb, 1 - fb)) < 0.04) * 0.35
         return (0.78 + 0.4 * hash2(row, col)) * (1.0 - mortar)
+    if name == "plaster":
+        # Painted plaster: two octaves of smooth noise, a few percent, the texture feature detectors find on real
+        # walls (docs/captures.md: structure from motion of rendered walks)
+        return 0.94 + 0.07 * value_noise(a / 0.06, b / 0.06) + 0.05 * value_noise(a / 0.21 + 31.0, b / 0.21)
     if name == "grain":
         return 0.9 + 0.12 * np.sin(a * 31.0 + 3.0 * np.sin(b * 7.0))
     if name == "window":

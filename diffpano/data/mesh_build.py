@@ -63,10 +63,10 @@ class MeshSpec:
         return self
 
 
-def scene_ids(paths: list[str]) -> dict[str, str]:
-    """Scene id -> mesh path: the path below the inputs' common folder, without suffix, '/' as '-' (unique)."""
+def scene_ids(paths: list[str], field: str = "meshes") -> dict[str, str]:
+    """Scene id -> input path: the path below the inputs' common folder, without suffix, '/' as '-' (unique)."""
     if not paths:
-        raise ValueError("meshes: no mesh files given (or the glob matched none)")
+        raise ValueError(f"{field}: no input files given (or the glob matched none)")
     resolved = [Path(p).resolve() for p in paths]
     common = Path(os.path.commonpath([str(p.parent) for p in resolved]))
     ids: dict[str, str] = {}
@@ -74,7 +74,7 @@ def scene_ids(paths: list[str]) -> dict[str, str]:
         rel = path.relative_to(common).with_suffix("")
         sid = re.sub(r"[^A-Za-z0-9_.-]+", "-", "-".join(rel.parts))
         if sid in ids:
-            raise ValueError(f"meshes: {path} given twice")
+            raise ValueError(f"{field}: {path} given twice")
         ids[sid] = str(path)
     return ids
 
@@ -132,7 +132,10 @@ def build_mesh_scene(spec: MeshSpec, scene: str, path: str, clips: list[int], ou
     try:
         renderer, floor = prepare_scene(spec, path, threads)
         for k in range(0, len(clips), per_part):
-            commit_clips(out, render_mesh_clips(spec, scene, renderer, floor, clips[k : k + per_part]))
+            part = render_mesh_clips(spec, scene, renderer, floor, clips[k : k + per_part])
+            for clip in part:
+                clip.sources = [path] * len(clip.rgb)
+            commit_clips(out, part)
     except Exception as err:  # any bad mesh is this scene's failure, recorded; the other scenes go on
         return {"scene": scene, "path": path, "clips": 0, "frames": 0, "error": f"{type(err).__name__}: {err}",
                 "seconds": time.perf_counter() - started}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from diffpano.data.mesh import Mesh, category, load_mesh, world_transform
-from diffpano.data.raycast import MeshRenderer
+from diffpano.data.raycast import MeshRenderer, corner_weights, texel_coordinates
 
 SNAP_M = 0.05  # a semantic surface farther than this from a triangle's centre does not label it
 COLOUR_TOLERANCE = 8  # 0-255 per channel: texture compression moves flat colours a little
@@ -46,18 +46,17 @@ def read_table(path: Path) -> dict[tuple[int, int, int], str]:
 
 def flat_colours(semantic: Mesh, tri: np.ndarray, bary: np.ndarray) -> np.ndarray:
     """uint8 colours (N, 3) of the semantic mesh at its nearest corner or texel (no blending across objects)."""
-    corner = np.argmax(np.stack([1 - bary[:, 0] - bary[:, 1], bary[:, 0], bary[:, 1]], axis=1), axis=1)
+    w = corner_weights(bary)
+    corner = np.argmax(w, axis=1)
     rgb = semantic.corner_colour[tri, corner]
     tex = semantic.texture_index[tri]
     for k in np.unique(tex[tex >= 0]):
         sel = tex == k
-        w = np.stack([1 - bary[sel, 0] - bary[sel, 1], bary[sel, 0], bary[sel, 1]], axis=1)[..., None]
-        uv = (semantic.corner_uv[tri[sel]] * w).sum(1)
+        uv = (semantic.corner_uv[tri[sel]] * w[sel, :, None]).sum(1)
         image = semantic.textures[int(k)]
-        h, width = image.shape[:2]
-        x = np.clip((np.mod(uv[:, 0], 1.0) * width).astype(np.int64), 0, width - 1)
-        y = np.clip((np.mod(1.0 - uv[:, 1], 1.0) * h).astype(np.int64), 0, h - 1)
-        rgb[sel] *= image[y, x]
+        x, y = texel_coordinates(image, uv)
+        rgb[sel] *= image[np.minimum(y.astype(np.int64), image.shape[0] - 1),
+                          np.minimum(x.astype(np.int64), image.shape[1] - 1)]
     return (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.int64)
 
 

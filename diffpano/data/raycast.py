@@ -16,11 +16,23 @@ from diffpano.data.mesh import Mesh
 from diffpano.data.render import DirectionRenderer, View
 
 
-def sample_texture(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
-    """Bilinear RGB (N, 3) of image (h, w, 3) at uv (N, 2), origin bottom-left, repeating (glTF's default)."""
+def corner_weights(bary: np.ndarray) -> np.ndarray:
+    """Weights (N, 3) of a triangle's corners at barycentric (u, v): p = (1-u-v) p0 + u p1 + v p2."""
+    return np.stack([1 - bary[:, 0] - bary[:, 1], bary[:, 0], bary[:, 1]], axis=1)
+
+
+def texel_coordinates(image: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Continuous texel coordinates (x, y) in image (h, w, 3) of uv (N, 2): origin bottom-left, repeating (glTF's
+    default); texel (i, j) covers [i, i + 1) x [j, j + 1)."""
     h, w = image.shape[:2]
-    x = np.mod(uv[:, 0], 1.0) * w - 0.5
-    y = np.mod(1.0 - uv[:, 1], 1.0) * h - 0.5
+    return np.mod(uv[:, 0], 1.0) * w, np.mod(1.0 - uv[:, 1], 1.0) * h
+
+
+def sample_texture(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """Bilinear RGB (N, 3) of image (h, w, 3) at uv (N, 2) (texel_coordinates)."""
+    h, w = image.shape[:2]
+    x, y = texel_coordinates(image, uv)
+    x, y = x - 0.5, y - 0.5
     x0, y0 = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)
     fx, fy = (x - x0)[:, None], (y - y0)[:, None]
     x0, x1, y0, y1 = x0 % w, (x0 + 1) % w, y0 % h, (y0 + 1) % h
@@ -42,7 +54,7 @@ class TextureShader:
     def __call__(self, tri: np.ndarray, bary: np.ndarray, points: np.ndarray, dirs: np.ndarray) -> np.ndarray:
         """uint8 RGB at barycentric (u, v) of triangles tri: p = (1-u-v) p0 + u p1 + v p2."""
         m = self.mesh
-        w = np.stack([1 - bary[:, 0] - bary[:, 1], bary[:, 0], bary[:, 1]], axis=1)[..., None]  # (N, 3, 1)
+        w = corner_weights(bary)[..., None]  # (N, 3, 1)
         rgb = (m.corner_colour[tri] * w).sum(1)
         tex = m.texture_index[tri]
         for k in np.unique(tex[tex >= 0]):

@@ -101,7 +101,7 @@ class SceneRenderer(DirectionRenderer):
         self.table = MaterialTable()
         self.items: list[Item] = []
         self.item_room: list[int] = []
-        self.ceiling_mat = self.table.add(Material("ceiling", FIXED["ceiling"]))
+        self.ceiling_mat = self.table.add(Material("ceiling", FIXED["ceiling"], "plaster"))
         self.window_mat = self.table.add(Material("window", FIXED["window"], "window"))
         self.door_mat = self.table.add(Material("door", FIXED["door"], "grain"))
         self.frame_mat = self.table.add(Material("frame", FIXED["ceiling"]))
@@ -136,7 +136,7 @@ class SceneRenderer(DirectionRenderer):
             item_lo=np.array([b[0] for b in bounds], np.float32).reshape(-1, 3),
             item_hi=np.array([b[1] for b in bounds], np.float32).reshape(-1, 3),
             item_ids=np.array(ids, np.int32), parts=parts,
-            wall_mat=self.table.add(Material(room.wall, WALL_COLOURS[room.wall])),
+            wall_mat=self.table.add(Material(room.wall, WALL_COLOURS[room.wall], "plaster")),
             floor_mat=self.table.add(Material(floor_name, FLOORS[floor_name][1], FLOOR_PATTERN[floor_name])),
             light=self.rooms_light(room),
         )

@@ -142,12 +142,12 @@ class SceneMeshRenderer(MeshRenderer):
         return super().render_directions(pose, dirs)
 
 
-def export_glb(scene: Scene) -> bytes:
-    """The scene's mesh as GLB (glTF y-up metres), one node per label with flat material colours (no patterns or
-    lighting: those are the shader's); `diffpano dataset render` reads it back with --up y."""
+def export_glb(renderer: SceneMeshRenderer) -> bytes:
+    """A procedural scene's mesh as GLB (glTF y-up metres), one node per label with flat material colours (no
+    patterns or lighting: those are the shader's); `diffpano dataset render` reads it back with --up y."""
     import trimesh
 
-    mesh, _ = scene_mesh(SceneRenderer(scene))
+    mesh = renderer.mesh
     out = trimesh.Scene()
     flip = np.diag([1.0, -1.0, -1.0])
     for index, name in enumerate(mesh.labels):
