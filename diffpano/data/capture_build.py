@@ -24,6 +24,7 @@ from diffpano.geometry import check_panorama_size
 FIXED_FIELDS = ("source", "frames", "height", "width", "sfm_height", "keyframe_spacing", "camera_height", "scale",
                 "fps", "seed")
 MIN_FRAMES = 3  # sharp, moving frames a capture needs before reconstruction is tried
+SPACING_TOLERANCE = 0.95  # a step of 0.499 m still counts as 0.5 m: SfM scale is good to a fraction of a percent
 
 
 @dataclass(frozen=True)
@@ -74,10 +75,10 @@ def pending_captures(out: str, scenes: dict[str, str]) -> dict[str, str]:
 
 
 def spaced(poses: np.ndarray, spacing: float) -> list[int]:
-    """Indices of keyframes in capture order, each at least `spacing` metres from the previous one kept."""
+    """Indices of keyframes in capture order, each about `spacing` metres or more from the previous one kept."""
     keep = [0]
     for i in range(1, len(poses)):
-        if np.linalg.norm(poses[i, :3, 3] - poses[keep[-1], :3, 3]) >= spacing:
+        if np.linalg.norm(poses[i, :3, 3] - poses[keep[-1], :3, 3]) >= SPACING_TOLERANCE * spacing:
             keep.append(i)
     return keep
 
