@@ -52,6 +52,18 @@ def expand_inputs(patterns: list[str], keep, field: str) -> list[str]:
     return paths
 
 
+def run_scene_job(job, make_spec, paths: list[str], out: str, quiet: bool, noun: str) -> None:
+    """Validate the spec, run a per-scene dataset job, print its summary and where its failures are; a ValueError
+    is a bad parameter (exit code 2)."""
+    try:
+        summary = job(make_spec().validate(), paths, out, progress=not quiet)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    typer.echo(summary.line())
+    if summary.failures_uri:
+        typer.echo(f"failed {noun}: {summary.failures_uri}")
+
+
 def dataset_render(
     meshes: list[str] = typer.Argument(..., help="Mesh files or globs: .glb/.gltf, .obj (+ .mtl), .ply."),
     out: str = typer.Option(..., "--out", help="Dataset folder or s3:// prefix (docs/datasets.md)."),
@@ -86,16 +98,10 @@ def dataset_render(
 
     paths = expand_inputs(meshes, scene_file, "MESHES")
     height, width = parse_size(size)
-    try:
-        spec = MeshSpec(clips_per_scene=clips_per_scene, frames=frames, height=height, width=width, spacing=spacing,
-                        camera_height=camera_height, clearance=clearance, seed=seed, up=up, unit_scale=unit_scale,
-                        depth=not no_depth, captioner=captioner, summariser=summariser).validate()
-        summary = render_meshes(spec, paths, out, progress=not quiet)
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
-    typer.echo(summary.line())
-    if summary.failures_uri:
-        typer.echo(f"failed scenes: {summary.failures_uri}")
+    run_scene_job(render_meshes, lambda: MeshSpec(
+        clips_per_scene=clips_per_scene, frames=frames, height=height, width=width, spacing=spacing,
+        camera_height=camera_height, clearance=clearance, seed=seed, up=up, unit_scale=unit_scale,
+        depth=not no_depth, captioner=captioner, summariser=summariser), paths, out, quiet, "scenes")
 
 
 def dataset_capture(
@@ -128,18 +134,12 @@ def dataset_capture(
     paths = expand_inputs(captures, is_capture, "CAPTURES")
     height, width = parse_size(size)
     sfm_height, sfm_width = parse_size(sfm_size, "--sfm-size")
-    try:
-        if sfm_width != 2 * sfm_height:
-            raise ValueError(f"sfm_size: equirectangular panoramas need W = 2H, got {sfm_height}x{sfm_width}")
-        spec = CaptureSpec(frames=frames, height=height, width=width, sfm_height=sfm_height,
-                           keyframe_spacing=keyframe_spacing, camera_height=camera_height, scale=scale, fps=fps,
-                           max_frames=max_frames, seed=seed, captioner=captioner, summariser=summariser).validate()
-        summary = capture_dataset(spec, paths, out, progress=not quiet)
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
-    typer.echo(summary.line())
-    if summary.failures_uri:
-        typer.echo(f"failed captures: {summary.failures_uri}")
+    if sfm_width != 2 * sfm_height:
+        raise typer.BadParameter(f"sfm_size: equirectangular panoramas need W = 2H, got {sfm_height}x{sfm_width}")
+    run_scene_job(capture_dataset, lambda: CaptureSpec(
+        frames=frames, height=height, width=width, sfm_height=sfm_height, keyframe_spacing=keyframe_spacing,
+        camera_height=camera_height, scale=scale, fps=fps, max_frames=max_frames, seed=seed, captioner=captioner,
+        summariser=summariser), paths, out, quiet, "captures")
 
 
 def bulk(
