@@ -16,7 +16,6 @@ from batch.ray_init import ensure_ray
 from diffpano.data.build import BuildSpec, build_scene, check_spec_file, pending_clips
 from diffpano.data.capture_build import FIXED_FIELDS as CAPTURE_FIELDS
 from diffpano.data.capture_build import CaptureSpec, build_capture, pending_captures
-from diffpano.data.manifest import read_dataset
 from diffpano.data.mesh_build import FIXED_FIELDS, MeshSpec, build_mesh_scene, pending_mesh_clips, scene_ids
 from diffpano.storage import worker_env
 from diffpano.tours import record_failures
@@ -102,9 +101,8 @@ def capture_dataset(spec: CaptureSpec, captures: list[str], out: str, progress: 
     spec.validate()
     scenes = scene_ids(captures, "captures")
     check_spec_file(out, spec, CAPTURE_FIELDS)
-    plan = pending_captures(out, scenes)
-    summary = BuildSummary(out, len(scenes), 0, 0, len(read_dataset(out, ["clip_id"]).column("clip_id").unique()),
-                           0.0)
+    plan, clips_present = pending_captures(out, scenes)
+    summary = BuildSummary(out, len(scenes), 0, 0, clips_present, 0.0)
     items = [(spec, scene, path, out, 1) for scene, path in plan.items()]
     return _run_scenes(build_capture, items, summary, "capture", progress, max_in_flight)
 

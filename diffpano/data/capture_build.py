@@ -68,10 +68,11 @@ class CaptureSpec:
         return self
 
 
-def pending_captures(out: str, scenes: dict[str, str]) -> dict[str, str]:
-    """The captures (scene id -> path) that the output does not hold yet."""
-    done = set(read_dataset(out, ["scene_id"]).column("scene_id").to_pylist())
-    return {s: p for s, p in scenes.items() if s not in done}
+def pending_captures(out: str, scenes: dict[str, str]) -> tuple[dict[str, str], int]:
+    """The captures (scene id -> path) that the output does not hold yet, and how many clips it holds."""
+    table = read_dataset(out, ["scene_id", "clip_id"])
+    done = set(table.column("scene_id").to_pylist())
+    return {s: p for s, p in scenes.items() if s not in done}, len(table.column("clip_id").unique())
 
 
 def spaced(poses: np.ndarray, spacing: float) -> list[int]:
