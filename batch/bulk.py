@@ -21,7 +21,7 @@ from diffpano import storage
 from diffpano.compiling import check_mode, compile_pipeline
 from diffpano.defaults import REPLICAS, TOURS_PER_BATCH
 from diffpano.manifest import Tour, commit_tours
-from diffpano.modelio import resolve_model
+from diffpano.modelio import check_model, resolve_model
 from diffpano.specs import BulkSpec, SpecError
 from diffpano.tours import error_text, make_tours, pending, record_failures
 
@@ -30,12 +30,12 @@ class TourWriter:
     """One model replica (a Ray actor): generates a batch of specs and commits them as one manifest part."""
 
     def __init__(self, model: str | None, out: str, device: str | None = None, threads: int | None = None,
-                 options: dict | None = None, compile: str = "off") -> None:
+                 options: dict | None = None, compile: str = "off", scheduler: str | None = None) -> None:
         import torch
 
         if threads:
             torch.set_num_threads(threads)
-        self.pipe = compile_pipeline(resolve_model(model, device), check_mode(compile))
+        self.pipe = compile_pipeline(resolve_model(model, device, scheduler=scheduler), check_mode(compile))
         self.pipe.set_progress_bar_config(disable=True)
         self.out, self.options = out, dict(options or {})
 
@@ -86,21 +86,23 @@ class BulkSummary:
 def run_bulk(specs: list[BulkSpec], out: str, model: str | None = None, replicas: int = REPLICAS,
              batch_size: int = TOURS_PER_BATCH, num_gpus: float = 0.0, cpus_per_replica: float = 1.0,
              progress: bool = True, invalid: list[SpecError] | None = None, options: dict | None = None,
-             compile: str = "off") -> BulkSummary:
+             compile: str = "off", scheduler: str | None = None) -> BulkSummary:
     """Generate every spec whose tour is not yet in the manifest under out; failures go to OUT/failures/.
 
     `options` go to every pipeline call (num_ref_views, num_samples, use_epipolar: what an ablation varies);
-    `compile` is the replicas' torch.compile mode (diffpano.compiling).
+    `compile` is the replicas' torch.compile mode (diffpano.compiling); `scheduler` the sampler that replaces the
+    model's own (specs naming theirs keep them). ValueError before any work when the model cannot sample.
     """
     out = storage.absolute(out)
     todo = pending(out, specs)
     summary = BulkSummary(out, len(specs), len(specs) - len(todo), invalid=list(invalid or []))
     started = time.perf_counter()
     if todo:
+        check_model(model, own_scheduler=scheduler is None)
         ensure_ray()
         writer = ray_writer(num_gpus, cpus_per_replica)
         device, threads = "cuda" if num_gpus else "cpu", max(1, int(cpus_per_replica))
-        pool = [writer.remote(model, out, device, threads, options, compile)
+        pool = [writer.remote(model, out, device, threads, options, compile, scheduler)
                 for _ in range(min(replicas, -(-len(todo) // batch_size)))]
         batches = [[s.model_dump_json() for s in todo[i:i + batch_size]] for i in range(0, len(todo), batch_size)]
         bar = tqdm(total=len(todo), unit="tour", disable=not progress, desc="tours", mininterval=0)  # each batch shows

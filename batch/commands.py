@@ -183,7 +183,11 @@ def bulk(
         return bulk_online(endpoint, good, out)
     from batch.bulk import run_bulk
 
-    summary = run_bulk(good, out, model, replicas, batch_size, gpus, cpus, invalid=invalid, compile=compile or "off")
+    try:
+        summary = run_bulk(good, out, model, replicas, batch_size, gpus, cpus, invalid=invalid,
+                           compile=compile or "off", scheduler=scheduler)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     typer.echo(summary.line())
     if summary.failures_uri:
         typer.echo(f"failures and invalid specs: {summary.failures_uri}")

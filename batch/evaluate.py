@@ -30,7 +30,8 @@ def generate_tours(tours: list[EvalTour], model: str | None, out: str, steps: in
                       seed=t.seed, num_inference_steps=steps, guidance_scale=guidance, height=h, width=w,
                       scheduler=scheduler)
              for t in tours]
-    summary = run_bulk(specs, out, model, replicas, num_gpus=num_gpus, progress=False, options=variant)
+    summary = run_bulk(specs, out, model, replicas, num_gpus=num_gpus, progress=False, options=variant,
+                       scheduler=scheduler)
     if summary.failures:
         tour_id, error = summary.failures[0]
         raise ValueError(f"model: {len(summary.failures)} test tours failed (first: {tour_id}: {error})")

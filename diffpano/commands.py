@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from diffpano.cli import Commands, compile_option, finite, parse_size, scheduler_option
-from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_VIEWS
+from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_VIEWS, MAX_SEED
 
 DEFAULT_OUT = "outputs/tours"
 
@@ -32,7 +32,8 @@ def generate(
     trajectory: str = typer.Option("walk", help="walk, orbit, or a JSON file of poses."),
     spacing: float = typer.Option(1.0, help="Metres between views of a walk.", callback=finite),
     out: str = typer.Option(DEFAULT_OUT, "--out", help="Output folder or s3:// prefix (docs/tours.md)."),
-    seed: int | None = typer.Option(None, help="Seed that reproduces the tour (random when omitted)."),
+    seed: int | None = typer.Option(None, min=0, max=MAX_SEED,
+                                    help="Seed that reproduces the tour with the same sampler (random when omitted)."),
     steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, max=1000, help="Sampler steps."),
     guidance: float = typer.Option(DEFAULT_GUIDANCE, "--guidance", min=0.0, callback=finite,
                                    help="Classifier-free guidance scale."),
@@ -50,9 +51,13 @@ def generate(
     """Generate one multi-view tour and add it to the output (images + Parquet manifest)."""
     from diffpano.compiling import compile_pipeline, is_compiled
     from diffpano.manifest import Tour, commit_tours
-    from diffpano.modelio import resolve_model
+    from diffpano.modelio import check_model, resolve_model
 
     height, width = parse_size(size)
+    try:
+        check_model(model, (height, width), own_scheduler=scheduler is None)
+    except (ValueError, OSError) as err:
+        raise typer.BadParameter(str(err)) from None
     try:
         poses, file_prompts = tour_poses(trajectory, views, spacing)
     except (ValueError, OSError) as err:
@@ -61,7 +66,7 @@ def generate(
     if len(prompts) != len(poses):
         raise typer.BadParameter(f"--prompts-per-view: got {len(prompts)} prompts for {len(poses)} views")
     started = time.perf_counter()
-    pipe = resolve_model(model, device)
+    pipe = resolve_model(model, device, scheduler=scheduler)
     if lora:
         from diffpano.lora import load_lora
 
@@ -81,7 +86,7 @@ def generate(
     tour = Tour(
         tour_id=f"tour-{uuid.uuid4().hex[:12]}", images=result.images[0], prompts=result.prompts[0],
         poses=result.poses[0], seed=result.seeds[0], model=pipe.model_name, num_inference_steps=steps,
-        guidance_scale=guidance,
+        guidance_scale=guidance, scheduler=result.scheduler,
     )
     part = commit_tours(out, [tour])
     h, w = tour.images.shape[1:3]

@@ -47,7 +47,10 @@ def compacted_name(parts: list[str]) -> str:
 def read_parts_table(root: str, parts: list[str]) -> pa.Table:
     """The rows of these parts, sorted by their first two columns (tour/clip id, view/frame) for later reads."""
     fs, _ = storage.resolve(root)
-    table = pads.dataset([storage.resolve(p)[1] for p in parts], filesystem=fs, format="parquet").to_table()
+    paths = [storage.resolve(p)[1] for p in parts]
+    # parts written before a column was added lack it: the union keeps it (null there) whichever part comes first
+    schema = pa.unify_schemas([pq.read_schema(p, filesystem=fs) for p in paths])
+    table = pads.dataset(paths, filesystem=fs, format="parquet", schema=schema).to_table()
     keys = [(name, "ascending") for name in table.column_names[:2]]
     return table.take(pc.sort_indices(table, sort_keys=keys))
 

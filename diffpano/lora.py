@@ -18,19 +18,31 @@ from torch import nn
 
 from diffpano import storage
 
-ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+# LoRA on the value and output projections learns the spherical structure; on query/key it mostly keeps perspective
+# knowledge (UniPano, ICCV 2025). Runs with other targets still load: the file's own peft config names them.
+DEFAULT_LORA_TARGETS = ("to_v", "to_out.0")
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 ADAPTER = "default"  # the name add_lora's adapter gets (peft's default)
 LORA_SUFFIXES = (".lora.down.weight", ".lora.up.weight", ".lora_A.weight", ".lora_B.weight", ".alpha")
 
 
-def add_lora(unet: UNet2DConditionModel, rank: int = 8, alpha: float | None = None) -> list[nn.Parameter]:
-    """Freeze the UNet, add LoRA adapters to its attention projections and return the trainable LoRA parameters."""
+def add_lora(unet: UNet2DConditionModel, rank: int = 8, alpha: float | None = None,
+             targets: tuple[str, ...] | list[str] = DEFAULT_LORA_TARGETS) -> list[nn.Parameter]:
+    """Freeze the UNet, add LoRA adapters to the named attention projections, return the trainable LoRA parameters."""
     if not 1 <= rank <= 512:
         raise ValueError(f"lora_rank: must be in [1, 512], got {rank}")
+    check_lora_targets(targets)
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=ATTENTION_PROJECTIONS))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets)))
     return [p for p in unet.parameters() if p.requires_grad]
+
+
+def check_lora_targets(targets: tuple[str, ...] | list[str]) -> None:
+    """ValueError naming lora_targets unless it is a non-empty list of distinct attention projections."""
+    if not targets or len(set(targets)) != len(targets) or not set(targets) <= set(ATTENTION_PROJECTIONS):
+        raise ValueError(f"lora_targets: expected distinct names from {', '.join(ATTENTION_PROJECTIONS)}, "
+                         f"got {list(targets)}")
 
 
 def merge_lora(unet: UNet2DConditionModel) -> UNet2DConditionModel:

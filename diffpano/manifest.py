@@ -29,13 +29,15 @@ TOUR_SCHEMA = pa.schema(
         ("num_inference_steps", pa.int32()),
         ("guidance_scale", pa.float32()),
         ("created_at", pa.timestamp("us", tz="UTC")),
+        ("scheduler", pa.string()),  # null in parts written before the column
     ]
 )
 
 
 @dataclass
 class Tour:
-    """One generated tour: images (N, H, W, 3) uint8 with prompts and poses, and how it was made."""
+    """One generated tour: images (N, H, W, 3) uint8 with prompts and poses, and how it was made (scheduler: the
+    sampler's name, or its diffusers class for a model's own that has none)."""
 
     tour_id: str
     images: np.ndarray
@@ -45,6 +47,7 @@ class Tour:
     model: str
     num_inference_steps: int
     guidance_scale: float
+    scheduler: str | None = None
 
 
 def image_path(tour_id: str, view_index: int) -> str:
@@ -74,6 +77,7 @@ def tour_table(tours: list[Tour], created_at: datetime | None = None) -> pa.Tabl
             pose_c2w=np.asarray(t.poses[i], dtype=np.float32).reshape(16).tolist(),
             image_uri=image_path(t.tour_id, i), height=t.images.shape[1], width=t.images.shape[2], seed=t.seed,
             model=t.model, num_inference_steps=t.num_inference_steps, guidance_scale=t.guidance_scale, created_at=now,
+            scheduler=t.scheduler,
         )
         for t in tours
         for i in range(len(t.images))

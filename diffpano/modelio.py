@@ -19,11 +19,13 @@ from transformers import AutoTokenizer
 from diffpano import storage
 from diffpano.epipolar import EpipolarAdapter
 from diffpano.epipolar_convert import load_adapter
-from diffpano.pipelines import MultiViewPanoPipeline
-from diffpano.schedulers import scheduler_from_class
+from diffpano.geometry import check_panorama_size
+from diffpano.pipelines import MultiViewPanoPipeline, size_multiple
+from diffpano.schedulers import check_samplable, make_scheduler, scheduler_from_class
 
 log = logging.getLogger(__name__)
 CACHE_DIR = Path(os.environ.get("DIFFPANO_CACHE", Path.home() / ".cache" / "diffpano"))
+BUNDLED_MODEL = Path(__file__).parent / "assets" / "model"
 
 
 def save_model(pipe: MultiViewPanoPipeline, uri: str) -> str:
@@ -61,33 +63,64 @@ def local_model_dir(uri: str) -> Path:
 
 
 def load_model(
-    uri: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    uri: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+    scheduler: str | None = None,
 ) -> MultiViewPanoPipeline:
-    """Load a DiffPano model (or a plain Stable Diffusion directory, given fresh EA modules) with one call."""
+    """Load a DiffPano model (or a plain Stable Diffusion directory, given fresh EA modules) with one call.
+
+    scheduler names the sampler that replaces the model's own (built from its config), so a model whose scheduler
+    class cannot be built here still loads."""
     root = local_model_dir(str(uri))
     transformers.utils.logging.disable_progress_bar()
-    index = json.loads((root / "model_index.json").read_text()) if (root / "model_index.json").exists() else {}
+    index = read_json(root, "model_index.json") or {}
     unet = UNet2DConditionModel.from_pretrained(root / "unet").float()  # weights may be stored in fp16
     vae = AutoencoderKL.from_pretrained(root / "vae").float() if (root / "vae").is_dir() else None
     encoder_cls = getattr(transformers, index.get("text_encoder", [None, "AutoModel"])[1])
     text_encoder = encoder_cls.from_pretrained(text_encoder_dir(root))
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-    scheduler = load_scheduler(root, index)
+    sampler = load_scheduler(root, scheduler)
     if (root / "epipolar").is_dir():
         epipolar = load_adapter(root / "epipolar")
     else:
         log.warning("model: %s has no epipolar/ modules; adding fresh zero-initialised ones", uri)
         epipolar = EpipolarAdapter.for_unet(unet)
-    pipe = MultiViewPanoPipeline(unet, scheduler, text_encoder, tokenizer, vae=vae, epipolar=epipolar.eval())
+    pipe = MultiViewPanoPipeline(unet, sampler, text_encoder, tokenizer, vae=vae, epipolar=epipolar.eval())
     pipe.model_name = f"{Path(str(uri).rstrip('/')).name}@{model_digest(pipe)[:12]}"
     return place(pipe, device, dtype)
 
 
-def load_scheduler(root: Path, index: dict) -> SchedulerMixin:
-    """The scheduler model_index.json names ("scheduler": ["diffusers", "<Class>"]), built from scheduler/'s config."""
-    config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    entry = index.get("scheduler") or [None, config.get("_class_name", "DDIMScheduler")]
-    return scheduler_from_class(str(entry[1]), config)
+def read_json(uri: str | os.PathLike, rel: str) -> dict | None:
+    """A JSON file of a model directory, local or s3:// (None when it has none), read without the rest."""
+    path = storage.join(str(uri), rel)
+    return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
+
+
+def load_scheduler(uri: str | os.PathLike, name: str | None = None) -> SchedulerMixin:
+    """The sampler `name` built from the model's scheduler config, or (None) the class its model_index.json names
+    ("scheduler": ["diffusers", "<Class>"])."""
+    config = read_json(uri, "scheduler/scheduler_config.json") or {}
+    if name:
+        return make_scheduler(name, config)
+    entry = (read_json(uri, "model_index.json") or {}).get("scheduler")
+    return scheduler_from_class(str(entry[1] if entry else config.get("_class_name", "DDIMScheduler")), config)
+
+
+def check_model(uri: str | None, size: tuple[int | None, int | None] = (None, None),
+                own_scheduler: bool = True) -> None:
+    """Before any weights load (its configs alone are read): ValueError when a size breaks the model's rules, or
+    when the model's own scheduler is to sample and cannot (uri None: the bundled model)."""
+    if uri is None and not (BUNDLED_MODEL / "model_index.json").exists():
+        return  # resolve_model's tiny random fallback takes any size and samples with DDIM
+    uri = str(uri or BUNDLED_MODEL)
+    unet = read_json(uri, "unet/config.json")
+    if unet is None:
+        raise ValueError(f"model: {uri} is not a model directory (no unet/config.json)")
+    height, width = size
+    if height is not None:
+        multiple = size_multiple(unet, read_json(uri, "vae/config.json"))
+        check_panorama_size(height, 2 * height if width is None else width, multiple, field="size")
+    if own_scheduler:
+        check_samplable(load_scheduler(uri))
 
 
 PACKAGE_REF = "package.json"
@@ -163,17 +196,17 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-BUNDLED_MODEL = Path(__file__).parent / "assets" / "model"
-
 
 def resolve_model(
-    uri: str | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    uri: str | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+    scheduler: str | None = None,
 ) -> MultiViewPanoPipeline:
-    """The model at uri; without one, the bundled model, or (until it exists) a tiny random model, said loudly."""
+    """The model at uri; without one, the bundled model, or (until it exists) a tiny random model, said loudly.
+    scheduler names a sampler that replaces the model's own (load_model)."""
     if uri:
-        return load_model(uri, device, dtype)
+        return load_model(uri, device, dtype, scheduler)
     if (BUNDLED_MODEL / "model_index.json").exists():
-        return load_model(BUNDLED_MODEL, device, dtype)
+        return load_model(BUNDLED_MODEL, device, dtype, scheduler)
     from diffpano.factory import build_tiny_pipeline
 
     log.warning("model: no bundled model is installed; using a TINY RANDOM model (output is noise). Pass --model.")

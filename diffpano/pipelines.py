@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -19,10 +20,18 @@ from diffpano.compiling import mark_step
 from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED, WINDOW_VIEWS
 from diffpano.epipolar import EpipolarAdapter, EpipolarContext, epipolar_kwargs
 from diffpano.geometry import check_panorama_size, validate_poses
-from diffpano.schedulers import fresh_scheduler, make_scheduler
+from diffpano.schedulers import (
+    check_samplable,
+    fresh_scheduler,
+    make_scheduler,
+    scheduler_label,
+    takes_eta,
+    unet_calls,
+)
 from diffpano.seamless import make_seamless
 from diffpano.text import encode_prompts
 
+log = logging.getLogger(__name__)
 DECODE_CHUNK = 8
 OUTPUT_TYPES = ("np", "pil", "latent")
 
@@ -39,12 +48,14 @@ class PanoramaOutput(BaseOutput):
 
 @dataclass
 class TourOutput(BaseOutput):
-    """Generated tours: images (B, N, H, W, 3) uint8 (or as output_type), poses (B, N, 4, 4), prompts, seeds."""
+    """Generated tours: images (B, N, H, W, 3) uint8 (or as output_type), poses (B, N, 4, 4), prompts, seeds, and
+    the sampler that made them (a seed reproduces a tour only with the same one)."""
 
     images: np.ndarray | list[list[Image.Image]] | torch.Tensor
     poses: np.ndarray
     prompts: list[list[str]]
     seeds: list[int]
+    scheduler: str | None = None
 
 
 @dataclass
@@ -55,6 +66,11 @@ class Sampling:
     guidance: float
     scheduler: SchedulerMixin
     eta: float = 0.0
+
+    @property
+    def unet_calls(self) -> int:
+        """UNet calls (progress updates) of one denoising run."""
+        return unet_calls(self.scheduler, self.steps)
 
 
 def to_pil(image: np.ndarray) -> Image.Image:
@@ -111,6 +127,23 @@ def view_generators(step_seeds: list[list[int]], views: torch.Tensor) -> list[to
     ]
 
 
+def vae_factor(vae_config) -> int:
+    """Pixels per latent cell of a VAE config (1 in pixel space: no VAE)."""
+    return 1 if vae_config is None else 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def size_multiple(unet_config, vae_config) -> int:
+    """What panorama heights and widths must be multiples of for these UNet and VAE configs."""
+    return vae_factor(vae_config) * 2 ** (len(unet_config["down_block_types"]) - 1)
+
+
+def trained_size(unet_config, vae_config) -> tuple[int, int]:
+    """(height, width) of the panoramas a model was configured (trained) for: the UNet's sample_size in pixels."""
+    size = unet_config["sample_size"]
+    h = (size[0] if isinstance(size, (list, tuple)) else size) * vae_factor(vae_config)
+    return h, 2 * h
+
+
 class PanoPipeline(DiffusionPipeline):
     """Prompt -> equirectangular panorama with a seamless (longitude-circular) UNet, in latent or pixel space."""
 
@@ -124,30 +157,34 @@ class PanoPipeline(DiffusionPipeline):
         if vae is not None:
             make_seamless(vae)
         self.model_name = "unnamed"
+        self._sizes_warned: set[tuple[int, int]] = set()
 
     @property
     def vae_factor(self) -> int:
         """Pixels per latent cell (1 in pixel space)."""
-        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_factor(self.vae.config if self.vae is not None else None)
 
     @property
     def size_multiple(self) -> int:
         """Height and width must be multiples of this."""
-        return self.vae_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+        return size_multiple(self.unet.config, self.vae.config if self.vae is not None else None)
 
     @property
     def default_size(self) -> tuple[int, int]:
-        """(height, width) the model was configured for."""
-        size = self.unet.config.sample_size
-        h = (size[0] if isinstance(size, (list, tuple)) else size) * self.vae_factor
-        return h, 2 * h
+        """(height, width) the model was configured (trained) for."""
+        return trained_size(self.unet.config, self.vae.config if self.vae is not None else None)
 
     def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        """Validated (height, width), defaulting to the model's size; ValueError names the rule broken."""
+        """Validated (height, width), defaulting to the model's size; ValueError names the rule broken, and a size
+        the model was not trained for is warned about once."""
         dh, dw = self.default_size
         height = dh if height is None else int(height)
         width = 2 * height if width is None else int(width)
         check_panorama_size(height, width, self.size_multiple, field="height/width")
+        if (height, width) != (dh, dw) and (height, width) not in self._sizes_warned:
+            self._sizes_warned.add((height, width))
+            log.warning("size: %dx%d is not the size model %s was trained for (%dx%d, from its unet/ config); its "
+                        "panoramas at other sizes repeat or lose their layout", height, width, self.model_name, dh, dw)
         return height, width
 
     def _initial_noise(
@@ -268,6 +305,9 @@ class PanoPipeline(DiffusionPipeline):
         if scheduler is not None and not isinstance(scheduler, str):
             raise ValueError(f"scheduler: expected a scheduler name, got {type(scheduler).__name__}")
         template = self.scheduler if scheduler is None else make_scheduler(scheduler, self.scheduler.config)
+        check_samplable(template)
+        if eta and not takes_eta(template):
+            raise ValueError(f"eta: {scheduler_label(template)} takes no eta (DDIM-style samplers do); leave it at 0")
         return Sampling(steps, float(guidance), template, float(eta))
 
     @torch.no_grad()
@@ -301,7 +341,7 @@ class PanoPipeline(DiffusionPipeline):
         x_t, step_seeds = self._initial_noise(generators, 1, height, width)
         cond = self._embed(prompts).unsqueeze(1)
         view_gens = view_generators(step_seeds, torch.zeros(len(prompts), 1, dtype=torch.long))
-        with self.progress_bar(total=num_inference_steps) as bar:
+        with self.progress_bar(total=sampling.unet_calls) as bar:
             x = self._denoise(x_t, cond, self._embed([""]), sampling, generators=view_gens, progress=bar)
         images = self._postprocess(x, output_type)
         images = images[:, 0] if output_type != "pil" else [tour[0] for tour in images]
@@ -380,7 +420,7 @@ class MultiViewPanoPipeline(PanoPipeline):
         result = clean if clean is not None else torch.zeros_like(x_t)
         done = known.clone() if known is not None else torch.zeros(n, dtype=torch.bool)
         plan = self._plan_windows(poses_t, done, window, context_n)
-        with self.progress_bar(total=len(plan) * num_inference_steps) as bar:
+        with self.progress_bar(total=len(plan) * sampling.unet_calls) as bar:
             for idx, _ in plan:
                 sel = (torch.arange(b).view(-1, 1), idx)  # each tour's views of this window
                 fixed = done[idx[0]]  # context views and user-given views stay as they are
@@ -393,7 +433,8 @@ class MultiViewPanoPipeline(PanoPipeline):
                 result[sel] = x
                 done[idx[0]] = True
         images = self._postprocess(result, output_type)
-        out = TourOutput(images=images, poses=poses_t.cpu().numpy(), prompts=prompts, seeds=seeds)
+        out = TourOutput(images=images, poses=poses_t.cpu().numpy(), prompts=prompts, seeds=seeds,
+                         scheduler=scheduler_label(sampling.scheduler))
         return out if return_dict else (out.images, out.poses, out.prompts, out.seeds)
 
     @staticmethod

@@ -47,7 +47,7 @@ def _generate(pipe, specs: list[BulkSpec], key: tuple, options: dict) -> list[To
                width=width, num_inference_steps=steps, guidance_scale=guidance, seed=seeds, scheduler=scheduler,
                **options)
     return [Tour(s.tour_id, out.images[i], list(out.prompts[i]), out.poses[i], out.seeds[i], pipe.model_name, steps,
-                 guidance) for i, s in enumerate(specs)]
+                 guidance, out.scheduler) for i, s in enumerate(specs)]
 
 
 def pending(out: str, specs: Sequence[BulkSpec]) -> list[BulkSpec]:

@@ -30,8 +30,8 @@ class PanoGenerator:
     """Loads the model once; generates batches of tours whose settings agree, in a worker thread."""
 
     def __init__(self, model: str | None = None, device: str | None = None, max_batch_views: int = MAX_BATCH_VIEWS,
-                 batch_wait_timeout_s: float = 0.1, compile: str = "off") -> None:
-        self.pipe = compile_pipeline(resolve_model(model, device), check_mode(compile))
+                 batch_wait_timeout_s: float = 0.1, compile: str = "off", scheduler: str | None = None) -> None:
+        self.pipe = compile_pipeline(resolve_model(model, device, scheduler=scheduler), check_mode(compile))
         self.pipe.set_progress_bar_config(disable=True)
         self.max_batch_views = max_batch_views
         self.generate_batch.set_max_batch_size(max_batch_views)

@@ -33,12 +33,16 @@ def load_config(path: str | None, overrides: dict | None = None) -> ServeDeployS
 
 def start(path: str | None = None, host: str | None = None, port: int | None = None,
           overrides: dict | None = None) -> str:
-    """Start Ray (if needed), Serve's proxy and the application; returns the endpoint's base URL."""
+    """Start Ray (if needed), Serve's proxy and the application; returns the endpoint's base URL. ValueError before
+    anything starts when an application's model cannot sample as configured."""
     from ray import serve
 
+    from diffpano.modelio import check_model
     from serve.app import build_app
 
     config = load_config(path, overrides)
+    for app in config.applications:
+        check_model(app.args.get("model"), own_scheduler=app.args.get("default_scheduler") is None)
     http = config.http_options.model_dump(exclude_unset=True)
     http.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
     ensure_ray()

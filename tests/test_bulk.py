@@ -67,7 +67,7 @@ def test_bulk_job_to_a_local_folder_then_compaction_and_a_rerun_add_nothing(ray_
     expected = [(s["tour_id"], v, s["prompts"][v], s["seed"]) for s in specs for v in range(2)]
     assert list(zip(table.tour_id, table.view_index, table.prompt, table.seed, strict=True)) == expected
     np.testing.assert_allclose(np.stack(table.pose_c2w), [p for s in specs for p in s["poses"]], atol=1e-6)
-    assert set(table.num_inference_steps) == {2}
+    assert set(table.num_inference_steps) == {2} and set(table.scheduler) == {"ddim"}  # the tiny model's own
     result = CliRunner().invoke(app, ["manifest", "compact", out])  # a re-run reads the compacted manifest too
     assert result.exit_code == 0 and "3 parts -> 1, 10 rows" in result.output, result.output
     code, text = bulk("--synthetic", "5", *TINY, "--out", out, "--model", str(tiny_model_dir))

@@ -111,6 +111,7 @@ def test_generate_with_a_named_scheduler_is_reproducible_and_differs_from_the_de
         assert result.exit_code == 0, result.output
         df = read_manifest(str(out)).to_pandas().sort_values("view_index")
         images[name] = [storage.read_bytes(storage.join(str(out), u)) for u in df.image_uri]
+        assert set(df.scheduler) == {"euler-a" if name != "ddim" else "ddim"}  # what a seed reproduces with
     assert images["a"] == images["b"]
     assert images["a"] != images["ddim"]
 

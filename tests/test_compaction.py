@@ -192,3 +192,27 @@ def test_a_batch_retried_after_its_part_was_compacted_adds_no_duplicate(tmp_path
     assert keys(root) == sorted((t, v) for t in "abc" for v in range(VIEWS))
     commit(root, "d")  # new batches still publish
     assert len(keys(root)) == 4 * VIEWS
+
+
+@pytest.mark.parametrize("into", [False, True])
+def test_parts_written_before_the_scheduler_column_still_read_and_compact_with_it(tmp_path, into):
+    """docs/tours.md: `scheduler` is null in older parts; reading and compacting keep the newer parts' values, whichever
+    part comes first."""
+    from diffpano.manifest import TOUR_SCHEMA, parquet_bytes, tour_table
+
+    root = str(tmp_path / "out")
+    commit_tours(root, [tour("new")])
+    new = tour("newer")
+    new.scheduler = "pndm"
+    commit_tours(root, [new])
+    old = tour_table([tour("aaa-old")]).drop_columns(["scheduler"])  # as written before the column existed
+    assert old.schema.names == TOUR_SCHEMA.names[:-1]
+    storage.write_bytes(storage.join(root, "manifest", "part-0000-old.parquet"), parquet_bytes(old))
+    expect = {"aaa-old": None, "new": None, "newer": "pndm"}
+    table = read_manifest(root)
+    assert dict(zip(table["tour_id"].to_pylist(), table["scheduler"].to_pylist(), strict=True)) == expect
+    target = str(tmp_path / "into") if into else root
+    compact(root, target if into else None)
+    table = read_manifest(target)
+    assert len(storage.list_files(storage.join(target, "manifest"), ".parquet")) == 1
+    assert dict(zip(table["tour_id"].to_pylist(), table["scheduler"].to_pylist(), strict=True)) == expect

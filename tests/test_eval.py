@@ -69,6 +69,7 @@ def test_eval_writes_metrics_report_and_pictures(ray_local, dataset, tiny_model_
     assert any("Inception" in m for m in metrics["missing"]) and "not measured" in text
     assert "| epipolar_score |" in (out / "report.md").read_text()
     assert read_manifest(str(out / "tours")).num_rows == 6
+    assert set(read_manifest(str(out / "tours")).column("scheduler").to_pylist()) == {"ddim"}
     # Scoring the generated tours again from their output: the same unpaired numbers.
     again = tmp_path / "again"
     code, text = run("eval", "--tours", str(out / "tours"), "--out", str(again))

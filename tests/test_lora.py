@@ -3,17 +3,17 @@ also writes the adapter alone, which diffusers' StableDiffusionPipeline and our 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
+from tiny_sd import write_tiny_sd
 from torch import nn
 
-from diffpano.factory import build_pipeline, default_scheduler, tiny_unet_config, tiny_vae_config
-from diffpano.lora import LORA_FILE, add_lora, load_lora, merge_lora
+from diffpano.factory import build_pipeline, tiny_unet_config
+from diffpano.lora import DEFAULT_LORA_TARGETS, LORA_FILE, add_lora, load_lora, merge_lora
 from diffpano.seamless import make_seamless
 
 
@@ -48,48 +48,38 @@ def test_bad_rank():
         add_lora(UNet2DConditionModel(**tiny_unet_config()), rank=0)
 
 
-def _write_tiny_sd(directory: Path) -> None:
-    """A tiny random Stable Diffusion directory written by diffusers' own StableDiffusionPipeline.save_pretrained:
-    a latent UNet with cross-attention, a VAE, a CLIP text encoder and a CLIP tokenizer over single letters."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def lora_train(dataset: str, base: Path, runs: Path, name: str, *overrides: str) -> Path:
+    """A short stage-1 LoRA run (local, CPU, with an EMA) on a base model; returns the run's folder."""
+    from trainer.config import load_config
+    from trainer.run import train
 
-    letters = list("abcdefghijklmnopqrstuvwxyz")
-    vocab = {c: i for i, c in enumerate(letters + [c + "</w>" for c in letters])}
-    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
-    words = directory.parent / "clip-vocab"
-    words.mkdir()
-    (words / "vocab.json").write_text(json.dumps(vocab))
-    (words / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"))
-    end = vocab["<|endoftext|>"]
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=end, pad_token_id=end))
-    unet = UNet2DConditionModel(**tiny_unet_config(4, cross_attention_dim=32) | {"sample_size": 8})
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(**tiny_vae_config()), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=default_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(directory)
+    cfg = load_config("trainer/configs/tiny.yaml", [
+        f"data.dataset={dataset}", f"model.base={base}", "stage1.steps=3", "stage1.lora_rank=4",
+        "stage1.lora_alpha=8", "stage1.lr=0.01", "stage1.ema.enabled=true", "stage1.ema.decay=0.5",
+        "scaling.num_workers=0", "run.checkpoint_every=100", *overrides])
+    [result] = train(cfg, [1], name, str(runs), local_device="cpu")
+    assert result.steps == 3
+    return runs / name
 
 
 @pytest.fixture(scope="module")
 def lora_run(train_dataset, tmp_path_factory):
-    """A plain Stable Diffusion directory, and a short stage-1 LoRA run on it (local, CPU) with an EMA."""
-    from trainer.config import load_config
-    from trainer.run import train
-
+    """A Stable Diffusion 1.x-style directory (its PNDM scheduler included), and a stage-1 LoRA run on it."""
     root = tmp_path_factory.mktemp("lora")
-    base = root / "sd"
-    _write_tiny_sd(base)
-    cfg = load_config("trainer/configs/tiny.yaml", [
-        f"data.dataset={train_dataset}", f"model.base={base}", "stage1.steps=3", "stage1.lora_rank=4",
-        "stage1.lora_alpha=8", "stage1.lr=0.01", "stage1.ema.enabled=true", "stage1.ema.decay=0.5",
-        "scaling.num_workers=0", "run.checkpoint_every=100"])
-    [result] = train(cfg, [1], "lora", str(root / "runs"), local_device="cpu")
-    assert result.steps == 3
-    return base, root / "runs" / "lora"
+    base = write_tiny_sd(root / "sd", "PNDMScheduler")
+    return base, lora_train(train_dataset, base, root / "runs", "lora")
+
+
+def _projection(key: str) -> str:
+    """The attention projection a UNet weight key belongs to ('...attn1.to_out.0.weight' -> 'to_out.0')."""
+    name = key.removesuffix(".weight")
+    return "to_out.0" if name.endswith("to_out.0") else name.rsplit(".", 1)[-1]
+
+
+def _changed(before: nn.Module, after: nn.Module) -> set[str]:
+    """The projections whose weights differ between two UNets."""
+    w0, w1 = before.state_dict(), after.state_dict()
+    return {_projection(k) for k in w0 if not torch.equal(w0[k], w1[k])}
 
 
 def _unet_out(unet: nn.Module) -> torch.Tensor:
@@ -107,7 +97,9 @@ def test_stage1_lora_is_a_diffusers_file_that_diffusers_and_load_lora_apply(lora
 
     base, run = lora_run
     assert (run / "lora" / LORA_FILE).is_file()
-    merged = _unet_out(load_model(run / "stage1-model", "cpu").unet)  # the export, the LoRA merged
+    export = load_model(run / "stage1-model", "cpu")  # the LoRA merged; the base's PNDM scheduler kept
+    assert type(export.scheduler).__name__ == "PNDMScheduler"
+    merged = _unet_out(export.unet)
     plain = _unet_out(StableDiffusionPipeline.from_pretrained(base).unet)
     sd = StableDiffusionPipeline.from_pretrained(base)
     sd.load_lora_weights(str(run / "lora"))
@@ -126,8 +118,7 @@ def test_stage1_lora_is_a_diffusers_file_that_diffusers_and_load_lora_apply(lora
     load_lora(half, str(run / "lora"), scale=0.5)
     w0, w1, w_half = (m.state_dict() for m in (load_model(base, "cpu").unet, ours.unet, half.unet))
     changed = [k for k in w0 if not torch.equal(w0[k], w1[k])]
-    assert changed and all(k.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight"))
-                           for k in changed)
+    assert {_projection(k) for k in changed} == set(DEFAULT_LORA_TARGETS) == {"to_v", "to_out.0"}
     for k in changed:  # scale 0.5 adds half the LoRA's weight delta
         torch.testing.assert_close(w_half[k], w0[k] + (w1[k] - w0[k]) / 2, rtol=1e-5, atol=1e-6)
 
@@ -182,3 +173,29 @@ def test_generate_applies_a_lora_file_to_a_base_model(lora_run, tmp_path):
     result = runner.invoke(app, ["generate", "x", "--model", str(base), "--lora", str(tmp_path), "--out",
                                  str(tmp_path / "none")])
     assert result.exit_code == 2 and "--lora" in result.output and not (tmp_path / "none").exists()
+
+
+def test_runs_with_the_old_query_key_targets_still_load(lora_run, train_dataset, tmp_path):
+    """`stage1.lora_targets` chooses the projections; a LoRA on all four (the targets before the default changed)
+    loads with diffusers' load_lora_weights and with load_lora, which read the targets from the file."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffpano.modelio import load_model
+
+    base, _ = lora_run
+    run = lora_train(train_dataset, base, tmp_path, "old", "stage1.lora_targets=[to_q, to_k, to_v, to_out.0]")
+    merged = _unet_out(load_model(run / "stage1-model", "cpu").unet)
+    sd = StableDiffusionPipeline.from_pretrained(base)
+    sd.load_lora_weights(str(run / "lora"))
+    torch.testing.assert_close(_unet_out(sd.unet), merged, rtol=1e-4, atol=1e-5)
+    ours = load_model(base, "cpu")
+    load_lora(ours, str(run / "lora"))
+    assert _changed(load_model(base, "cpu").unet, ours.unet) == {"to_q", "to_k", "to_v", "to_out.0"}
+
+
+def test_lora_targets_are_checked_naming_the_key(train_dataset):
+    from trainer.config import load_config
+
+    for bad in ("[to_v, to_v]", "[]", "[ff]"):
+        with pytest.raises(ValueError, match="stage1.lora_targets"):
+            load_config("trainer/configs/tiny.yaml", [f"stage1.lora_targets={bad}"])

@@ -94,6 +94,7 @@ def test_stored_tours_land_in_the_manifest_and_load_by_id(server):
     table = read_manifest(str(out)).to_pandas()
     rows = table[table.tour_id == body["tour_id"]]
     assert sorted(rows.view_index) == [0, 1] and set(rows.prompt) == {"a green kitchen"}
+    assert set(rows.scheduler) == {"ddim"}  # the sampler that made it: the tiny model's own
     loaded = requests.get(f"{url}/v1/tours/{body['tour_id']}", headers={"X-API-Key": KEY}, timeout=30)
     assert loaded.status_code == 200 and len(loaded.json()["views"]) == 2
     assert requests.get(f"{url}/v1/tours/nope", headers={"X-API-Key": KEY}, timeout=30).status_code == 404

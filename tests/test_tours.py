@@ -36,6 +36,7 @@ def test_specs_sharing_settings_share_one_call_and_each_tour_is_as_if_alone(tiny
     alone = make_tours(tiny_pipe, [spec("b", seed=4)])["b"]
     assert np.array_equal(alone.images, tours["b"].images) and tours["b"].seed == 4
     assert tours["d"].images.shape[0] == 3 and tours["a"].num_inference_steps == 2
+    assert (tours["a"].scheduler, tours["c"].scheduler) == ("ddim", "euler-a")  # the model's own, or the one named
 
 
 def test_defaults_come_from_the_library_and_a_failing_group_fails_alone(tiny_pipe):

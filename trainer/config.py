@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from diffpano.compiling import CompileMode
+from diffpano.lora import DEFAULT_LORA_TARGETS, check_lora_targets
 
 
 class Strict(BaseModel):
@@ -78,6 +79,7 @@ class StageConfig(LoopConfig):
 
     lora_rank: int = Field(0, ge=0, le=1024)  # 0: train the whole UNet (stage 1) / keep it frozen (stage 2)
     lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # attention projections LoRA adapts (diffpano.lora)
     views: int = Field(4, ge=2, le=64)  # stage 2: views per clip window
     train_unet: bool = False  # stage 2: train the whole UNet with the EA modules (one-stage training, an ablation)
     size: tuple[int, int] | None = None  # [H, W] of this stage; None: data.size
@@ -87,6 +89,13 @@ class StageConfig(LoopConfig):
     def _panorama(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
         """W = 2H, H >= 8."""
         return check_size(v)
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _targets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        """Distinct attention projections."""
+        check_lora_targets(v)
+        return v
 
 
 class VaeStageConfig(LoopConfig):

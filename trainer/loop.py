@@ -44,7 +44,7 @@ def trainable_parameters(pipe, stage: int, stage_cfg) -> list[nn.Parameter]:
             module.requires_grad_(False)
     params: list[nn.Parameter] = []
     if stage_cfg.lora_rank:
-        params += add_lora(pipe.unet, stage_cfg.lora_rank, stage_cfg.lora_alpha)
+        params += add_lora(pipe.unet, stage_cfg.lora_rank, stage_cfg.lora_alpha, stage_cfg.lora_targets)
     elif stage == 1:
         pipe.unet.requires_grad_(True)
         params += list(pipe.unet.parameters())
