@@ -196,7 +196,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-
 def resolve_model(
     uri: str | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
     scheduler: str | None = None,

@@ -77,8 +77,8 @@ class PanoGenerator:
         if isinstance(tour, Exception):
             return tour
         h, w = tour.images.shape[1:3]
-        result = GenerationResult(tour_id=job.tour_id, model=tour.model, seed=tour.seed, height=h, width=w,
-                                  pngs=[png_bytes(im) for im in tour.images])
+        result = GenerationResult(tour_id=job.tour_id, model=tour.model, seed=tour.seed, scheduler=tour.scheduler,
+                                  height=h, width=w, pngs=[png_bytes(im) for im in tour.images])
         if job.store_root:
             result.manifest_uri = commit_tours(job.store_root, [tour])
             result.image_uris = [f"{job.store_root}/{image_path(job.tour_id, i)}" for i in range(len(tour.images))]

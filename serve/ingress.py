@@ -108,7 +108,9 @@ def read_stored_tour(root: str, tour_id: str) -> TourResponse:
                   height=int(r.height), width=int(r.width), image_uri=storage.join(root, r.image_uri),
                   image_png_base64=base64.b64encode(storage.read_bytes(storage.join(root, r.image_uri))).decode())
              for r in rows.itertuples()]
-    return TourResponse(tour_id=tour_id, model=str(rows.iloc[0].model), views=views,
+    first = rows.iloc[0]
+    return TourResponse(tour_id=tour_id, model=str(first.model), seed=int(first.seed),
+                        scheduler=first.scheduler if isinstance(first.scheduler, str) else None, views=views,
                         manifest_uri=storage.join(root, "manifest"))
 
 
@@ -120,7 +122,8 @@ def tour_response(result: GenerationResult, prompts: list[str], poses: np.ndarra
                   image_png_base64=None if stored else base64.b64encode(png).decode(),
                   image_uri=result.image_uris[i] if stored else None)
              for i, png in enumerate(result.pngs)]
-    return TourResponse(tour_id=result.tour_id, model=result.model, views=views, manifest_uri=result.manifest_uri)
+    return TourResponse(tour_id=result.tour_id, model=result.model, seed=result.seed, scheduler=result.scheduler,
+                        views=views, manifest_uri=result.manifest_uri)
 
 
 @serve.deployment(name="DiffPanoAPI", max_ongoing_requests=64)

@@ -82,6 +82,8 @@ class TourResponse(BaseModel):
 
     tour_id: str
     model: str
+    seed: int | None = None  # with the model and the sampler, what reproduces the tour
+    scheduler: str | None = None  # the sampler's name (docs/tours.md); None for tours stored before it was recorded
     views: list[View]
     manifest_uri: str | None = None
 
@@ -98,6 +100,7 @@ class GenerationResult(BaseModel):
     tour_id: str
     model: str
     seed: int
+    scheduler: str | None = None
     height: int
     width: int
     pngs: list[bytes]

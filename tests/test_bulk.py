@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 from helpers import plain, wait_until
+from tiny_sd import with_scheduler_class
 from typer.testing import CliRunner
 
 from diffpano import storage
@@ -92,6 +93,18 @@ def test_bulk_job_to_s3_from_a_jsonl_spec_file(ray_local, tiny_model_dir, s3_end
     table = read_manifest(out).to_pandas()
     assert len(table) == 11 and set(table.height) == {16}
     assert table[table.tour_id == "posed"].sort_values("view_index").pose_c2w.iloc[1][3] == 1.0
+
+
+def test_a_model_naming_a_scheduler_diffusers_lacks_is_refused_and_runs_with_scheduler(ray_local, tiny_model_dir,
+                                                                                        tmp_path):
+    model = with_scheduler_class(tiny_model_dir, tmp_path / "renamed", "PLMSv9Scheduler")
+    code, text = bulk("--synthetic", "2", *TINY, "--out", str(tmp_path / "refused"), "--model", str(model))
+    assert code == 2 and "PLMSv9Scheduler" in text and "--scheduler" in text
+    assert not (tmp_path / "refused").exists()
+    out = str(tmp_path / "pndm")
+    code, text = bulk("--synthetic", "2", *TINY, "--out", out, "--model", str(model), "--scheduler", "pndm")
+    assert code == 0, text
+    assert set(read_manifest(out).column("scheduler").to_pylist()) == {"pndm"}
 
 
 def test_invalid_specs_are_refused_with_line_and_field_and_nothing_is_written(tiny_model_dir, tmp_path):

@@ -234,7 +234,7 @@ def test_s3_round_trip(tiny_pipe, s3_endpoint, tmp_path, monkeypatch):
         (dict(guidance_scale=float("nan")), "guidance_scale"),
         (dict(seed=-1), "seed"),
         (dict(window_views=2, window_context=2), "window"),
-        (dict(scheduler="heun"), "scheduler"),
+        (dict(scheduler="plms"), "scheduler"),
         (dict(seed=1, generator=torch.Generator().manual_seed(1)), "seed/generator"),
         (dict(generator=[torch.Generator()] * 2), "generator: got 2"),
         (dict(output_type="pt"), "output_type"),

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import json
-import shutil
 
 import diffusers
 import numpy as np
@@ -14,7 +12,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, UNet2DConditionModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-from tiny_sd import SD1_SCHEDULER
+from tiny_sd import SD1_SCHEDULER, with_scheduler_class
 
 from diffpano.factory import build_pipeline, default_scheduler, tiny_unet_config
 from diffpano.modelio import check_model, load_model
@@ -173,26 +171,15 @@ def test_a_call_leaves_the_pipeline_scheduler_untouched(tiny_pipe):
     assert tiny_pipe.scheduler.num_inference_steps is None and dict(tiny_pipe.scheduler.config) == before
 
 
-def with_scheduler(src, dst, class_name: str, config: dict) -> None:
-    """Copy a model directory naming `class_name` as its scheduler, with `config` (the class need not exist)."""
-    shutil.copytree(src, dst)
-    shutil.rmtree(dst / "scheduler")
-    (dst / "scheduler").mkdir()
-    (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(config | {"_class_name": class_name}))
-    index = json.loads((dst / "model_index.json").read_text())
-    index["scheduler"] = ["diffusers", class_name]
-    (dst / "model_index.json").write_text(json.dumps(index))
-
-
 def test_load_model_builds_the_scheduler_the_model_index_names(tiny_model_dir, tmp_path):
     assert isinstance(load_model(tiny_model_dir, "cpu").scheduler, DDIMScheduler)
     dpm = make_scheduler("dpmpp-2m", default_scheduler().config)
-    with_scheduler(tiny_model_dir, tmp_path / "dpm", "DPMSolverMultistepScheduler", dict(dpm.config))
+    with_scheduler_class(tiny_model_dir, tmp_path / "dpm", "DPMSolverMultistepScheduler", dict(dpm.config))
     pipe = load_model(tmp_path / "dpm", "cpu")
     assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler) and scheduler_name(pipe.scheduler) == "dpmpp-2m"
     pipe.set_progress_bar_config(disable=True)
     assert pipe("a room", walk(2), seed=0, **FAST).images.shape == (1, 2, 16, 32, 3)
-    with_scheduler(tiny_model_dir, tmp_path / "anc", "EulerAncestralDiscreteScheduler", dict(dpm.config))
+    with_scheduler_class(tiny_model_dir, tmp_path / "anc", "EulerAncestralDiscreteScheduler", dict(dpm.config))
     assert isinstance(load_model(tmp_path / "anc", "cpu").scheduler, EulerAncestralDiscreteScheduler)
     replaced = load_model(tmp_path / "anc", "cpu", scheduler="ddim")
     assert isinstance(replaced.scheduler, DDIMScheduler)
@@ -200,7 +187,7 @@ def test_load_model_builds_the_scheduler_the_model_index_names(tiny_model_dir, t
 
 def test_classes_that_cannot_sample_are_refused_in_one_line_and_a_name_replaces_them(tiny_model_dir, tmp_path):
     base = dict(default_scheduler().config)
-    with_scheduler(tiny_model_dir, tmp_path / "gone", "FancyNewScheduler", base)
+    with_scheduler_class(tiny_model_dir, tmp_path / "gone", "FancyNewScheduler", base)
     with pytest.raises(ValueError, match=r"^scheduler: the model names 'FancyNewScheduler', which diffusers "
                                          r"[\d.]+ does not have; choose a sampler by name with --scheduler") as err:
         load_model(tmp_path / "gone", "cpu")
@@ -209,7 +196,7 @@ def test_classes_that_cannot_sample_are_refused_in_one_line_and_a_name_replaces_
         check_model(str(tmp_path / "gone"))
     check_model(str(tmp_path / "gone"), own_scheduler=False)
     assert isinstance(load_model(tmp_path / "gone", "cpu", scheduler="ddim").scheduler, DDIMScheduler)
-    with_scheduler(tiny_model_dir, tmp_path / "lcm", "LCMScheduler", base)
+    with_scheduler_class(tiny_model_dir, tmp_path / "lcm", "LCMScheduler", base)
     assert type(load_model(tmp_path / "lcm", "cpu").scheduler).__name__ == "LCMScheduler"  # any diffusers class
     with pytest.raises(ValueError, match="the model's LCMScheduler cannot sample tours"):
         check_model(str(tmp_path / "lcm"))

@@ -4,13 +4,12 @@ checked before any weights load; a size the model was not trained for is warned 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 
 import pytest
 from helpers import plain
-from tiny_sd import CHECKPOINT_SCHEDULERS, write_tiny_sd
+from tiny_sd import CHECKPOINT_SCHEDULERS, with_scheduler_class, write_tiny_sd
 from typer.testing import CliRunner
 
 from diffpano.cli import build_app
@@ -48,10 +47,7 @@ def test_each_checkpoint_scheduler_generates_with_its_own_sampler_and_with_ddim(
 
 
 def test_a_class_diffusers_lacks_is_one_line_and_exit_2_and_scheduler_is_the_way_out(sd_dirs, tmp_path):
-    model = tmp_path / "renamed"
-    shutil.copytree(sd_dirs["PNDMScheduler"], model)
-    index = json.loads((model / "model_index.json").read_text())
-    (model / "model_index.json").write_text(json.dumps(index | {"scheduler": ["diffusers", "PLMSv9Scheduler"]}))
+    model = with_scheduler_class(sd_dirs["PNDMScheduler"], tmp_path / "renamed", "PLMSv9Scheduler")
     result = generate(model, tmp_path / "none")
     text = plain(result.output)
     assert result.exit_code == 2 and "Traceback" not in result.output
@@ -59,6 +55,8 @@ def test_a_class_diffusers_lacks_is_one_line_and_exit_2_and_scheduler_is_the_way
     assert not (tmp_path / "none").exists()
     assert generate(model, tmp_path / "ddim", "--scheduler", "ddim").exit_code == 0
     assert set(read_manifest(str(tmp_path / "ddim")).column("scheduler").to_pylist()) == {"ddim"}
+    served = CliRunner().invoke(build_app(), ["serve", "--model", str(model), "--port", "1"])  # refused before Ray
+    assert served.exit_code == 2 and "PLMSv9Scheduler" in plain(served.output) and "--scheduler" in plain(served.output)
 
 
 def test_sizes_and_seeds_are_checked_before_any_weights_load(sd_dirs, tmp_path):

@@ -69,6 +69,7 @@ def test_a_request_chooses_its_scheduler_and_its_seed_still_reproduces_the_tour(
     for name in ("euler-a", "euler-a", "ddim"):
         r = post(url, "/v1/tours", body | {"scheduler": name})
         assert r.status_code == 200, r.text
+        assert (r.json()["seed"], r.json()["scheduler"]) == (9, name)
         views.setdefault(name, []).append([v["image_png_base64"] for v in r.json()["views"]])
     assert views["euler-a"][0] == views["euler-a"][1]
     assert views["euler-a"][0] != views["ddim"][0]
@@ -97,6 +98,7 @@ def test_stored_tours_land_in_the_manifest_and_load_by_id(server):
     assert set(rows.scheduler) == {"ddim"}  # the sampler that made it: the tiny model's own
     loaded = requests.get(f"{url}/v1/tours/{body['tour_id']}", headers={"X-API-Key": KEY}, timeout=30)
     assert loaded.status_code == 200 and len(loaded.json()["views"]) == 2
+    assert body["scheduler"] == loaded.json()["scheduler"] == "ddim" and body["seed"] == loaded.json()["seed"]
     assert requests.get(f"{url}/v1/tours/nope", headers={"X-API-Key": KEY}, timeout=30).status_code == 404
     assert requests.get(f"{url}/v1/tours/..%2Fx", headers={"X-API-Key": KEY}, timeout=30).status_code in (404, 422)
 

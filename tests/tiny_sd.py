@@ -5,6 +5,7 @@ with components small enough to build in a second."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -51,3 +52,14 @@ def write_tiny_sd(directory: Path, scheduler_class: str = "PNDMScheduler") -> Pa
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(directory)
     return directory
+
+
+def with_scheduler_class(src: Path, dst: Path, class_name: str, config: dict | None = None) -> Path:
+    """Copy a model directory naming `class_name` in model_index.json (the class need not exist), with `config` as
+    its scheduler config when given; returns dst."""
+    shutil.copytree(src, dst)
+    if config is not None:
+        (dst / "scheduler" / "scheduler_config.json").write_text(json.dumps(config | {"_class_name": class_name}))
+    index = json.loads((dst / "model_index.json").read_text())
+    (dst / "model_index.json").write_text(json.dumps(index | {"scheduler": ["diffusers", class_name]}))
+    return dst
