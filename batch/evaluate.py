@@ -12,12 +12,11 @@ from diffpano.evaluation import (
     SUMMARY_KEYS,
     EvalTools,
     EvalTour,
-    read_tours,
     score_tours,
     select_eval_tours,
     write_eval_report,
 )
-from diffpano.manifest import decode_rgb, resolve_uri
+from diffpano.manifest import decode_rgb, read_tours, resolve_uri
 from diffpano.specs import BulkSpec
 
 

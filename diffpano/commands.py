@@ -106,22 +106,17 @@ def video(
     fps: int = typer.Option(12, min=1, max=120),
 ) -> None:
     """Render a perspective walk-through of a generated tour as a video."""
-    import numpy as np
-
-    from diffpano import storage
-    from diffpano.manifest import decode_rgb, read_manifest
+    from diffpano.manifest import latest_tour_id, read_tours
     from diffpano.video import walkthrough_frames, write_video
 
-    table = read_manifest(output).to_pandas()
-    if table.empty:
+    tour_id = tour or latest_tour_id(output)
+    if tour_id is None:
         raise typer.BadParameter(f"OUT: no tours in {output}")
-    tour_id = tour or table.sort_values("created_at")["tour_id"].iloc[-1]
-    rows = table[table.tour_id == tour_id].sort_values("view_index")
-    if rows.empty:
-        raise typer.BadParameter(f"--tour: no tour {tour_id!r} in {output}")
-    images = [decode_rgb(storage.read_bytes(storage.join(output, u))) for u in rows.image_uri]
-    poses = np.stack([np.asarray(p, dtype=np.float64).reshape(4, 4) for p in rows.pose_c2w])
-    frames = walkthrough_frames(images, poses, frames_per_view=frames_per_view, fov_deg=fov)
+    try:
+        [found] = read_tours(output, [tour_id])
+    except ValueError as err:
+        raise typer.BadParameter(f"--tour: {err}") from None
+    frames = walkthrough_frames(list(found.images), found.poses, frames_per_view=frames_per_view, fov_deg=fov)
     path = write_video(frames, out, fps=fps)
     typer.echo(f"tour {tour_id}: {len(frames)} frames -> {path}")
 

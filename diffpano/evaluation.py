@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from diffpano import storage
 from diffpano.data.manifest import decode_depth, read_dataset
-from diffpano.manifest import decode_rgb, read_manifest, resolve_uri
+from diffpano.manifest import Tour, decode_rgb, pose_matrices, resolve_uri
 from diffpano.metrics.images import channels_first as _nchw
 from diffpano.metrics.images import resize_uint8 as _resize_to
 
@@ -46,7 +46,7 @@ def select_eval_tours(dataset: str, num_tours: int, views: int, seed: int = 0, l
         rows = table[table.clip_id == cid].sort_values("frame_index").iloc[:views]
         tour = EvalTour(
             tour_id=f"eval-{hashlib.sha256(f'{cid}:{views}:{seed}'.encode()).hexdigest()[:12]}",
-            prompts=rows.caption.tolist(), poses=_poses(rows.pose_c2w), seed=int(rng.integers(2**31)),
+            prompts=rows.caption.tolist(), poses=pose_matrices(rows.pose_c2w), seed=int(rng.integers(2**31)),
         )
         if load:
             tour.rgb = np.stack([decode_rgb(storage.read_bytes(resolve_uri(dataset, u))) for u in rows.rgb_uri])
@@ -55,37 +55,6 @@ def select_eval_tours(dataset: str, num_tours: int, views: int, seed: int = 0, l
                                        for u in rows.depth_uri])
         out.append(tour)
     return out
-
-
-def _poses(column) -> np.ndarray:
-    """(N, 4, 4) float64 of a manifest's pose_c2w column."""
-    return np.stack([np.asarray(p, np.float64).reshape(4, 4) for p in column])
-
-
-@dataclass
-class GeneratedTour:
-    """A tour read back from an output (docs/tours.md)."""
-
-    tour_id: str
-    images: np.ndarray  # (N, H, W, 3) uint8
-    prompts: list[str]
-    poses: np.ndarray
-
-
-def read_tours(out: str, tour_ids: list[str] | None = None) -> list[GeneratedTour]:
-    """Tours of an output, in tour_ids order when given (missing ones raise ValueError), else by id."""
-    table = read_manifest(out).to_pandas()
-    ids = tour_ids if tour_ids is not None else sorted(set(table.tour_id))
-    tours = []
-    for tid in ids:
-        rows = table[table.tour_id == tid].sort_values("view_index")
-        if rows.empty:
-            raise ValueError(f"tours: no tour {tid!r} in {out}")
-        tours.append(GeneratedTour(
-            tour_id=tid, images=np.stack([decode_rgb(storage.read_bytes(resolve_uri(out, u))) for u in rows.image_uri]),
-            prompts=rows.prompt.tolist(), poses=_poses(rows.pose_c2w),
-        ))
-    return tours
 
 
 @dataclass
@@ -131,7 +100,7 @@ def _mean_of(rows: list[dict]) -> dict:
     return out
 
 
-def score_tours(generated: list[GeneratedTour], truth: list[EvalTour] | None, tools: EvalTools,
+def score_tours(generated: list[Tour], truth: list[EvalTour] | None, tools: EvalTools,
                 real: np.ndarray | None = None) -> dict:
     """All metrics of generated tours: distribution, paired (with truth), consistency, seam, adherence, FAED.
 
@@ -198,7 +167,7 @@ SUMMARY_KEYS = (
 )
 
 
-def write_eval_report(out: str, metrics: dict, generated: list[GeneratedTour], title: str,
+def write_eval_report(out: str, metrics: dict, generated: list[Tour], title: str,
                       ablation: tuple[list[dict], str, str | None] | None = None) -> dict[str, str]:
     """metrics.json, report.md, a grid of sample tours and (for ablations) a plot and a table, under out."""
     from diffpano.metrics.report import ablation_plot, figure_link, markdown_table, tour_grid, write_report

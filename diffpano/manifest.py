@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -37,7 +38,8 @@ TOUR_SCHEMA = pa.schema(
 @dataclass
 class Tour:
     """One generated tour: images (N, H, W, 3) uint8 with prompts and poses, and how it was made (scheduler: the
-    sampler's name, or its diffusers class for a model's own that has none)."""
+    sampler's name, or its diffusers class for a model's own that has none); image_uris where a tour read back from
+    an output is stored (absolute)."""
 
     tour_id: str
     images: np.ndarray
@@ -48,6 +50,7 @@ class Tour:
     num_inference_steps: int
     guidance_scale: float
     scheduler: str | None = None
+    image_uris: list[str] | None = None
 
 
 def image_path(tour_id: str, view_index: int) -> str:
@@ -144,3 +147,40 @@ def commit_tours(root: str, tours: list[Tour]) -> str:
 def read_manifest(root: str) -> pa.Table:
     """All tour manifest rows under root (an empty table when there are none)."""
     return read_parts(root, TOUR_SCHEMA)
+
+
+def tour_ids(root: str) -> set[str]:
+    """The ids of the tours under root, reading the tour_id column alone."""
+    return set(read_parts(root, TOUR_SCHEMA, ["tour_id"]).column("tour_id").to_pylist())
+
+
+def latest_tour_id(root: str) -> str | None:
+    """The id of the tour written last under root (None when there is none)."""
+    table = read_parts(root, TOUR_SCHEMA, ["tour_id", "created_at"]).to_pandas()
+    return None if table.empty else str(table.sort_values("created_at").tour_id.iloc[-1])
+
+
+def pose_matrices(column) -> np.ndarray:
+    """(N, 4, 4) float64 of a manifest's pose_c2w column (16 numbers a row)."""
+    return np.stack([np.asarray(p, np.float64).reshape(4, 4) for p in column])
+
+
+def read_tours(root: str, ids: Sequence[str] | None = None) -> list[Tour]:
+    """Tours under root with their images, in `ids` order (ValueError names a missing one; None: all, by id); each
+    image_uri is resolved against root when relative and kept when absolute (docs/tours.md), local or s3://."""
+    table = read_manifest(root).to_pandas()
+    tours = []
+    for tid in sorted(set(table.tour_id)) if ids is None else ids:
+        rows = table[table.tour_id == tid].sort_values("view_index")
+        if rows.empty:
+            raise ValueError(f"tour_id: no tour {tid!r} in {root}")
+        first = rows.iloc[0]
+        uris = [resolve_uri(root, u) for u in rows.image_uri]
+        tours.append(Tour(
+            tour_id=tid, images=np.stack([decode_rgb(storage.read_bytes(u)) for u in uris]),
+            prompts=rows.prompt.tolist(), poses=pose_matrices(rows.pose_c2w),
+            seed=int(first.seed), model=first.model, num_inference_steps=int(first.num_inference_steps),
+            guidance_scale=float(first.guidance_scale),
+            scheduler=first.scheduler if isinstance(first.scheduler, str) else None, image_uris=uris,
+        ))
+    return tours

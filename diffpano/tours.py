@@ -11,7 +11,7 @@ import numpy as np
 
 from diffpano import storage
 from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
-from diffpano.manifest import Tour, read_manifest
+from diffpano.manifest import Tour, tour_ids
 from diffpano.specs import BulkSpec
 
 
@@ -52,7 +52,7 @@ def _generate(pipe, specs: list[BulkSpec], key: tuple, options: dict) -> list[To
 
 def pending(out: str, specs: Sequence[BulkSpec]) -> list[BulkSpec]:
     """The specs whose tour the manifest under out does not hold yet (a re-run completes, never duplicates)."""
-    present = set(read_manifest(out).column("tour_id").to_pylist())
+    present = tour_ids(out)
     return [s for s in specs if s.tour_id not in present]
 
 

@@ -125,13 +125,14 @@ def walkthrough_frames(
     frames_per_view: int = 12,
     fov_deg: float = 90,
     size: tuple[int, int] = (240, 320),
-    crossfade: int = 4,
+    crossfade: int | None = None,
 ) -> list[np.ndarray]:
     """Render a perspective walk-through of a tour: N * frames_per_view frames (h x w x 3 uint8), looking ahead.
 
     View i fills frames [i*F, (i+1)*F). Its world heading turns along the shortest path from the incoming segment's
     heading to the outgoing one's (the first view starts, and the last ends, on its only segment). Its last
-    `crossfade` frames blend towards view i+1 rendered at the same heading, with weights 1/(c+1) ... c/(c+1).
+    `crossfade` frames (default: 4, at most frames_per_view) blend towards view i+1 rendered at the same heading,
+    with weights 1/(c+1) ... c/(c+1).
     """
     _check_panoramas(panoramas)
     n = len(panoramas)
@@ -140,7 +141,7 @@ def walkthrough_frames(
         raise ValueError(f"poses: expected shape ({n}, 4, 4), one pose per panorama, got {pose_arr.shape}")
     validate_poses(torch.from_numpy(pose_arr), field="poses")
     f = _check_int(frames_per_view, "frames_per_view", 1)
-    c = _check_int(crossfade, "crossfade", 0, f)
+    c = _check_int(min(4, f) if crossfade is None else crossfade, "crossfade", 0, f)
     size = _check_size(size)
     ranges = view_heading_ranges(pose_arr)
     tensors = [torch.from_numpy(np.array(p, dtype=np.uint8)).permute(2, 0, 1).float().div(255) for p in panoramas]

@@ -28,7 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from diffpano import storage
 from diffpano.compiling import CompileMode
 from diffpano.defaults import MAX_BATCH_VIEWS, MAX_SEED
-from diffpano.manifest import read_manifest
+from diffpano.manifest import png_bytes, read_tours
 from diffpano.schedulers import SCHEDULER_NAMES
 from diffpano.specs import ID_PATTERN, BulkSpec, Sampling
 from serve.online import BACKOFF_S, JobRunner
@@ -100,17 +100,16 @@ def viewer_asset(name: str) -> str:
 
 def read_stored_tour(root: str, tour_id: str) -> TourResponse:
     """The views of a stored tour with their images inline; 404 when the manifest has no such tour."""
-    table = read_manifest(root).to_pandas()
-    rows = table[table.tour_id == tour_id].sort_values("view_index")
-    if rows.empty:
-        raise HTTPException(404, detail=f"tour_id: no stored tour {tour_id!r}")
-    views = [View(view_index=int(r.view_index), prompt=r.prompt, pose_c2w=[float(x) for x in r.pose_c2w],
-                  height=int(r.height), width=int(r.width), image_uri=storage.join(root, r.image_uri),
-                  image_png_base64=base64.b64encode(storage.read_bytes(storage.join(root, r.image_uri))).decode())
-             for r in rows.itertuples()]
-    first = rows.iloc[0]
-    return TourResponse(tour_id=tour_id, model=str(first.model), seed=int(first.seed),
-                        scheduler=first.scheduler if isinstance(first.scheduler, str) else None, views=views,
+    try:
+        [tour] = read_tours(root, [tour_id])
+    except ValueError:
+        raise HTTPException(404, detail=f"tour_id: no stored tour {tour_id!r}") from None
+    h, w = tour.images.shape[1:3]
+    views = [View(view_index=i, prompt=tour.prompts[i], pose_c2w=[float(x) for x in tour.poses[i].reshape(16)],
+                  height=h, width=w, image_uri=tour.image_uris[i],
+                  image_png_base64=base64.b64encode(png_bytes(image)).decode())
+             for i, image in enumerate(tour.images)]
+    return TourResponse(tour_id=tour_id, model=tour.model, seed=tour.seed, scheduler=tour.scheduler, views=views,
                         manifest_uri=storage.join(root, "manifest"))
 
 

@@ -216,3 +216,36 @@ def test_parts_written_before_the_scheduler_column_still_read_and_compact_with_i
     table = read_manifest(target)
     assert len(storage.list_files(storage.join(target, "manifest"), ".parquet")) == 1
     assert dict(zip(table["tour_id"].to_pylist(), table["scheduler"].to_pylist(), strict=True)) == expect
+
+
+def check_compacted_into_plays_back(root: str, into: str, tmp_path: Path) -> None:
+    """Tours of an output compacted --into another read back identically there (absolute image URIs): by the tour
+    reader, `diffpano video` and the server's GET /v1/tours/{id}."""
+    import base64
+
+    from diffpano.manifest import decode_rgb, read_tours
+    from serve.ingress import read_stored_tour
+
+    commit(root, "t-one", "t-two")
+    result = CliRunner().invoke(app, ["manifest", "compact", root, "--into", into])
+    assert result.exit_code == 0, result.output
+    before, after = read_tours(root), read_tours(into)
+    assert [t.tour_id for t in after] == ["t-one", "t-two"]
+    for a, b in zip(before, after, strict=True):
+        assert np.array_equal(a.images, b.images) and a.image_uris == b.image_uris  # the images stayed where they were
+    result = CliRunner().invoke(app, ["video", into, "--tour", "t-two", "--frames-per-view", "2",
+                                      "--out", str(tmp_path / "t.gif")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "t.gif").stat().st_size > 0
+    answer = read_stored_tour(into, "t-one")
+    assert [v.image_uri for v in answer.views] == before[0].image_uris
+    shown = np.stack([decode_rgb(base64.b64decode(v.image_png_base64)) for v in answer.views])
+    assert np.array_equal(shown, before[0].images)
+
+
+def test_an_output_compacted_into_a_new_folder_plays_back(tmp_path):
+    check_compacted_into_plays_back(str(tmp_path / "out"), str(tmp_path / "new"), tmp_path)
+
+
+def test_an_s3_output_compacted_into_a_new_prefix_plays_back(s3_endpoint, tmp_path):
+    check_compacted_into_plays_back("s3://diffpano-test/played/out", "s3://diffpano-test/played/new", tmp_path)

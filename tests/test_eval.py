@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from diffpano.cli import build_app
 from diffpano.data.build import BuildSpec, render_clips
 from diffpano.data.manifest import commit_clips
-from diffpano.evaluation import read_tours, select_eval_tours
-from diffpano.manifest import read_manifest
+from diffpano.evaluation import select_eval_tours
+from diffpano.manifest import read_manifest, read_tours
 
 app = build_app()
 
