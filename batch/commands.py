@@ -8,7 +8,17 @@ import time
 import typer
 
 from diffpano.cli import Commands, compile_option, finite, parse_size, scheduler_option
-from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_VIEWS, REPLICAS, TOURS_PER_BATCH
+from diffpano.defaults import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    DEFAULT_VIEWS,
+    MAX_SPEC_STEPS,
+    MAX_SPEC_VIEWS,
+    MAX_STEPS,
+    MAX_VIEWS,
+    REPLICAS,
+    TOURS_PER_BATCH,
+)
 
 
 def dataset_build(
@@ -146,8 +156,9 @@ def bulk(
     specs: str | None = typer.Option(None, "--specs", help="Tour specs (docs/bulk-specs.md): JSONL or Parquet, "
                                      "local or s3://."),
     synthetic: int | None = typer.Option(None, "--synthetic", min=1, help="Make N specs from procedural scenes."),
-    views: int = typer.Option(DEFAULT_VIEWS, "--views", min=1, max=16, help="Views per synthetic tour."),
-    steps: int | None = typer.Option(None, "--steps", min=1, max=200, help="Sampler steps of synthetic tours."),
+    views: int = typer.Option(DEFAULT_VIEWS, "--views", min=1, max=MAX_SPEC_VIEWS, help="Views per synthetic tour."),
+    steps: int | None = typer.Option(None, "--steps", min=1, max=MAX_SPEC_STEPS,
+                                     help="Sampler steps of synthetic tours."),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic specs."),
     out: str = typer.Option("outputs/bulk", "--out", help="Output folder or s3:// prefix (docs/tours.md)."),
     model: str | None = typer.Option(None, "--model", help="Model directory or s3:// URI (default: bundled)."),
@@ -233,8 +244,8 @@ def evaluate(
     dataset: str | None = typer.Option(None, "--dataset", help="Dataset (docs/datasets.md) with the test clips."),
     tours: str | None = typer.Option(None, "--tours", help="Score already generated tours (docs/tours.md) instead."),
     num_tours: int = typer.Option(8, "--num-tours", min=1, help="Test tours drawn from the dataset."),
-    views: int = typer.Option(DEFAULT_VIEWS, "--views", min=1, max=64, help="Views per test tour."),
-    steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, max=1000),
+    views: int = typer.Option(DEFAULT_VIEWS, "--views", min=1, max=MAX_VIEWS, help="Views per test tour."),
+    steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, max=MAX_STEPS),
     guidance: float = typer.Option(DEFAULT_GUIDANCE, "--guidance", min=0.0, callback=finite),
     size: str | None = typer.Option(None, "--size", help="HxW to generate at (default: the model's size)."),
     scheduler: str | None = scheduler_option(),
@@ -283,8 +294,8 @@ def ablate(
     samples: str = typer.Option("2,4,8", "--samples", help="S values for 'sk'."),
     refs: str = typer.Option("1,2", "--refs", help="K values for 'sk'."),
     num_tours: int = typer.Option(4, "--num-tours", min=1),
-    views: int = typer.Option(DEFAULT_VIEWS, "--views", min=2, max=64),
-    steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, max=1000),
+    views: int = typer.Option(DEFAULT_VIEWS, "--views", min=2, max=MAX_VIEWS),
+    steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, max=MAX_STEPS),
     scheduler: str | None = scheduler_option(),
     replicas: int = typer.Option(REPLICAS, "--replicas", min=1),
     seed: int = typer.Option(0, "--seed"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from diffpano.cli import Commands, compile_option, finite, parse_size, scheduler_option
-from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_VIEWS, MAX_SEED
+from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_VIEWS, MAX_SEED, MAX_STEPS, MAX_VIEWS
 
 DEFAULT_OUT = "outputs/tours"
 
@@ -28,13 +28,13 @@ def tour_poses(trajectory: str, views: int, spacing: float):
 def generate(
     prompt: str = typer.Argument(..., help="Text for every view (or the default for views without their own)."),
     prompts_per_view: list[str] | None = typer.Option(None, "--prompts-per-view", help="One per view, repeated."),
-    views: int = typer.Option(DEFAULT_VIEWS, "--views", min=1, max=64, help="Number of views in the tour."),
+    views: int = typer.Option(DEFAULT_VIEWS, "--views", min=1, max=MAX_VIEWS, help="Number of views in the tour."),
     trajectory: str = typer.Option("walk", help="walk, orbit, or a JSON file of poses."),
     spacing: float = typer.Option(1.0, help="Metres between views of a walk.", callback=finite),
     out: str = typer.Option(DEFAULT_OUT, "--out", help="Output folder or s3:// prefix (docs/tours.md)."),
     seed: int | None = typer.Option(None, min=0, max=MAX_SEED,
                                     help="Seed that reproduces the tour with the same sampler (random when omitted)."),
-    steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, max=1000, help="Sampler steps."),
+    steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, max=MAX_STEPS, help="Sampler steps."),
     guidance: float = typer.Option(DEFAULT_GUIDANCE, "--guidance", min=0.0, callback=finite,
                                    help="Classifier-free guidance scale."),
     size: str | None = typer.Option(None, "--size", help="HxW, W = 2H (default: the model's size)."),

@@ -13,12 +13,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from diffpano.defaults import MAX_REF_VIEWS, MAX_SAMPLES
 from diffpano.epipolar_ops.layout import SampleTable, sample_table
 from diffpano.epipolar_ops.op import epipolar_attention
 from diffpano.geometry import EpipolarSamples, epipolar_samples, nearest_views, validate_poses
 
-MAX_REF_VIEWS = 16
-MAX_SAMPLES = 64
 GEOMETRY_FEATURES = 4  # inverse depth, parallax cosine, log distance, source latitude
 CODE_BLOCK_SAMPLES = 1 << 14  # samples per block of the geometry MLP
 EPIPOLAR_KWARG = "epipolar"  # key of the EpipolarContext in a UNet call's cross_attention_kwargs

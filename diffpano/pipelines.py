@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ from diffusers.utils import BaseOutput
 from PIL import Image
 
 from diffpano.compiling import mark_step
-from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED, WINDOW_VIEWS
+from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED, MAX_STEPS, WINDOW_VIEWS, random_seed
 from diffpano.epipolar import EpipolarAdapter, EpipolarContext, epipolar_kwargs
 from diffpano.geometry import check_panorama_size, validate_poses
 from diffpano.schedulers import (
@@ -81,7 +80,7 @@ def to_pil(image: np.ndarray) -> Image.Image:
 def resolve_seeds(seed: int | Sequence[int] | None, count: int) -> list[int]:
     """One seed per tour: a list as given, consecutive seeds from an int, or random ones."""
     if seed is None:
-        base = random.SystemRandom().randrange(0, MAX_SEED - count)
+        base = random_seed() % (MAX_SEED - count + 1)  # room for the consecutive seeds after it
         return [base + i for i in range(count)]
     seeds = [seed + i for i in range(count)] if isinstance(seed, int) else [int(s) for s in seed]
     if len(seeds) != count:
@@ -283,8 +282,9 @@ class PanoPipeline(DiffusionPipeline):
     @staticmethod
     def check_sampling(num_inference_steps: int, guidance_scale: float, eta: float = 0.0) -> None:
         """ValueError naming the field when steps, guidance or eta are out of range."""
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= 1000:
-            raise ValueError(f"num_inference_steps: must be an integer in [1, 1000], got {num_inference_steps!r}")
+        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= MAX_STEPS:
+            raise ValueError(f"num_inference_steps: must be an integer in [1, {MAX_STEPS}], "
+                             f"got {num_inference_steps!r}")
         if not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale: must be a finite number >= 0, got {guidance_scale!r}")
         if not math.isfinite(eta) or eta < 0:

@@ -15,14 +15,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from diffpano import storage
-from diffpano.defaults import DEFAULT_VIEWS, MAX_SEED
+from diffpano.defaults import DEFAULT_VIEWS, MAX_SEED, MAX_SPEC_STEPS, MAX_SPEC_VIEWS
 from diffpano.geometry import validate_poses
 from diffpano.schedulers import SCHEDULER_NAMES
 from diffpano.trajectories import named_trajectory, trajectory_params
 
 MAX_PROMPT_CHARS = 1000
-MAX_VIEWS = 16
-MAX_STEPS = 200
 MAX_GUIDANCE = 30.0
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"  # tour and job ids
 
@@ -57,7 +55,7 @@ class Sampling(Strict):
     """Sampler settings of a tour; None means the library's default (diffpano.defaults) or, for seed, a random one."""
 
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_SPEC_STEPS)
     guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
     height: int | None = Field(None, ge=8, le=4096)
     width: int | None = Field(None, ge=16, le=8192)
@@ -68,9 +66,9 @@ class TourSpec(Sampling):
     """One tour: one prompt or one per view, explicit poses or a named trajectory (walk by default)."""
 
     prompt: Prompt | None = None
-    prompts: list[Prompt] | None = Field(None, min_length=1, max_length=MAX_VIEWS)
-    num_views: int | None = Field(None, ge=1, le=MAX_VIEWS)
-    poses: list[Pose] | None = Field(None, min_length=1, max_length=MAX_VIEWS)
+    prompts: list[Prompt] | None = Field(None, min_length=1, max_length=MAX_SPEC_VIEWS)
+    num_views: int | None = Field(None, ge=1, le=MAX_SPEC_VIEWS)
+    poses: list[Pose] | None = Field(None, min_length=1, max_length=MAX_SPEC_VIEWS)
     trajectory: Trajectory | None = None
 
     @field_validator("poses")

@@ -4,13 +4,12 @@ jobs and evaluation all take, with the bookkeeping they share (what is already d
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 
 import numpy as np
 
 from diffpano import storage
-from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, random_seed
 from diffpano.manifest import Tour, tour_ids
 from diffpano.specs import BulkSpec
 
@@ -42,7 +41,7 @@ def make_tours(pipe, specs: Sequence[BulkSpec], **options) -> dict[str, Tour | E
 def _generate(pipe, specs: list[BulkSpec], key: tuple, options: dict) -> list[Tour]:
     """One pipeline call for specs that share `key` (see settings)."""
     _, height, width, steps, guidance, scheduler = key
-    seeds = [s.seed if s.seed is not None else int.from_bytes(os.urandom(7), "big") for s in specs]
+    seeds = [s.seed if s.seed is not None else random_seed() for s in specs]
     out = pipe([s.prompt_list() for s in specs], np.stack([s.pose_array() for s in specs]), height=height,
                width=width, num_inference_steps=steps, guidance_scale=guidance, seed=seeds, scheduler=scheduler,
                **options)

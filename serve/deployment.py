@@ -10,7 +10,7 @@ import numpy as np
 from ray import serve
 
 from diffpano.compiling import check_mode, compile_pipeline
-from diffpano.defaults import MAX_BATCH_VIEWS
+from diffpano.defaults import BATCH_WAIT_S, MAX_BATCH_VIEWS
 from diffpano.manifest import Tour, commit_tours, image_path, png_bytes
 from diffpano.modelio import resolve_model
 from diffpano.tours import make_tours
@@ -30,7 +30,8 @@ class PanoGenerator:
     """Loads the model once; generates batches of tours whose settings agree, in a worker thread."""
 
     def __init__(self, model: str | None = None, device: str | None = None, max_batch_views: int = MAX_BATCH_VIEWS,
-                 batch_wait_timeout_s: float = 0.1, compile: str = "off", scheduler: str | None = None) -> None:
+                 batch_wait_timeout_s: float = BATCH_WAIT_S, compile: str = "off",
+                 scheduler: str | None = None) -> None:
         self.pipe = compile_pipeline(resolve_model(model, device, scheduler=scheduler), check_mode(compile))
         self.pipe.set_progress_bar_config(disable=True)
         self.max_batch_views = max_batch_views
@@ -63,7 +64,7 @@ class PanoGenerator:
             raise result
         return result
 
-    @serve.batch(max_batch_size=MAX_BATCH_VIEWS, batch_wait_timeout_s=0.1, batch_size_fn=_views)
+    @serve.batch(max_batch_size=MAX_BATCH_VIEWS, batch_wait_timeout_s=BATCH_WAIT_S, batch_size_fn=_views)
     async def generate_batch(self, jobs: list[GenerationJob]) -> list[GenerationResult | Exception]:
         """Tours of a batch (diffpano.tours groups them by shared settings); errors stay per tour."""
         self.batch_views.append(_views(jobs))

@@ -9,7 +9,6 @@ import asyncio
 import base64
 import hmac
 import os
-import secrets
 import uuid
 from importlib import resources
 from pathlib import Path
@@ -20,17 +19,17 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi import Path as FastAPIPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from diffpano import storage
 from diffpano.compiling import CompileMode
-from diffpano.defaults import MAX_BATCH_VIEWS, MAX_SEED
+from diffpano.defaults import BATCH_WAIT_S, MAX_BATCH_VIEWS, random_seed
 from diffpano.manifest import png_bytes, read_tours
 from diffpano.schedulers import SCHEDULER_NAMES
-from diffpano.specs import ID_PATTERN, BulkSpec, Sampling
+from diffpano.specs import ID_PATTERN, BulkSpec, Sampling, Strict
 from serve.online import BACKOFF_S, JobRunner
 from serve.schemas import (
     GenerationJob,
@@ -49,10 +48,9 @@ ResourceId = Annotated[str, FastAPIPath(pattern=ID_PATTERN)]  # tour and job ids
 OPEN_PATHS = ("/healthz", "/viewer", "/docs", "/openapi.json", "/redoc", "/favicon.ico")
 
 
-class ServerSettings(BaseModel):
+class ServerSettings(Strict):
     """The application's arguments (Serve config YAML `args`)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str | None = None  # model directory or s3:// URI; None: the bundled model
     device: str | None = None
     output_root: str = "outputs/served"  # where output="store" writes (docs/tours.md); clients never choose the path
@@ -66,7 +64,7 @@ class ServerSettings(BaseModel):
     job_concurrency: int = Field(4, ge=1)  # tours of one online job in flight: interactive requests share the queue
     default_scheduler: Literal[SCHEDULER_NAMES] | None = None  # None: the model's own
     max_batch_views: int = Field(MAX_BATCH_VIEWS, ge=1)
-    batch_wait_timeout_s: float = Field(0.1, ge=0.0)
+    batch_wait_timeout_s: float = Field(BATCH_WAIT_S, ge=0.0)
     compile: CompileMode = "off"  # torch.compile of the replicas' UNet (diffpano.compiling)
 
     def api_key(self) -> str | None:
@@ -190,7 +188,7 @@ class DiffPanoAPI:
         s = self.settings
         return GenerationJob(
             tour_id=tour_id, prompts=prompts, poses=[p.reshape(16).tolist() for p in poses],
-            seed=req.seed if req.seed is not None else secrets.randbelow(MAX_SEED), height=h, width=w,
+            seed=req.seed if req.seed is not None else random_seed(), height=h, width=w,
             num_inference_steps=req.num_inference_steps or s.default_steps,
             guidance_scale=s.default_guidance if req.guidance_scale is None else req.guidance_scale,
             scheduler=req.scheduler or s.default_scheduler, store_root=store_root,

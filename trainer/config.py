@@ -6,16 +6,12 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from diffpano.compiling import CompileMode
+from diffpano.defaults import MAX_REF_VIEWS, MAX_SAMPLES, MAX_STEPS, MAX_VIEWS
 from diffpano.lora import DEFAULT_LORA_TARGETS, check_lora_targets
-
-
-class Strict(BaseModel):
-    """A config section: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .nan and .inf are refused, naming the key
+from diffpano.specs import Strict  # config sections: unknown keys, NaN and Infinity are errors naming the key
 
 
 class ModelConfig(Strict):
@@ -24,8 +20,8 @@ class ModelConfig(Strict):
     base: str | None = None  # model directory or s3:// URI; None builds `arch` from scratch
     arch: Literal["tiny", "tiny-latent", "small-latent", "sd15", "sd21"] = "tiny"
     text_encoder: Literal["tiny-bert", "minilm"] = "tiny-bert"  # for arch builds only
-    num_ref_views: int = Field(2, ge=1, le=16)
-    num_samples: int = Field(8, ge=1, le=64)
+    num_ref_views: int = Field(2, ge=1, le=MAX_REF_VIEWS)
+    num_samples: int = Field(8, ge=1, le=MAX_SAMPLES)
 
 
 class DataConfig(Strict):
@@ -80,7 +76,7 @@ class StageConfig(LoopConfig):
     lora_rank: int = Field(0, ge=0, le=1024)  # 0: train the whole UNet (stage 1) / keep it frozen (stage 2)
     lora_alpha: float | None = None
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # attention projections LoRA adapts (diffpano.lora)
-    views: int = Field(4, ge=2, le=64)  # stage 2: views per clip window
+    views: int = Field(4, ge=2, le=MAX_VIEWS)  # stage 2: views per clip window
     train_unet: bool = False  # stage 2: train the whole UNet with the EA modules (one-stage training, an ablation)
     size: tuple[int, int] | None = None  # [H, W] of this stage; None: data.size
 
@@ -143,7 +139,7 @@ class RunSection(Strict):
     max_failures: int = Field(1, ge=-1)
     log_every: int = Field(1, ge=1)
     sample_every: int = Field(0, ge=0)  # 0: only at the end of a stage
-    sample_steps: int = Field(10, ge=1, le=1000)
+    sample_steps: int = Field(10, ge=1, le=MAX_STEPS)
     fail_at_step: int | None = None  # testing: the last worker's process is killed once after this step
 
 
