@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,6 +126,40 @@ def view_generators(step_seeds: list[list[int]], views: torch.Tensor) -> list[to
     ]
 
 
+class StepEnd:
+    """What runs after every UNet call of a pipeline call: the progress bar moves, and the caller's
+    callback_on_step_end (diffusers' convention: callback(pipe, step, timestep, {"latents": ...}) -> dict) sees the
+    current latents (B, V, c, h, w) and may return replacements. `step` counts UNet calls over the whole call."""
+
+    def __init__(self, pipe, bar, callback: Callable | None = None, tensor_inputs: Sequence[str] = ("latents",)):
+        self.pipe, self.bar, self.callback, self.tensor_inputs, self.step = pipe, bar, callback, tensor_inputs, 0
+
+    def __call__(self, t: torch.Tensor, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """x (B*V, c, h, w) after a scheduler step, as the callback left it."""
+        self.bar.update()
+        if self.callback is not None:
+            given = {"latents": x.view(shape)} if "latents" in self.tensor_inputs else {}
+            latents = (self.callback(self.pipe, self.step, t, given) or {}).get("latents")
+            if latents is not None:
+                if tuple(latents.shape) != tuple(shape):
+                    raise ValueError(f"callback_on_step_end: returned latents of shape {tuple(latents.shape)}, "
+                                     f"expected {tuple(shape)}")
+                x = latents.reshape(x.shape).to(x.device, x.dtype)
+        self.step += 1
+        return x
+
+
+def check_callback(callback: Callable | None, tensor_inputs: Sequence[str]) -> Sequence[str]:
+    """The tensor inputs a step-end callback gets (a diffusers PipelineCallback names its own); ValueError naming
+    callback_on_step_end_tensor_inputs for any other than "latents"."""
+    names = getattr(callback, "tensor_inputs", None) or tensor_inputs
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback_on_step_end: expected a callable, got {type(callback).__name__}")
+    if not set(names) <= {"latents"}:
+        raise ValueError(f"callback_on_step_end_tensor_inputs: only 'latents' is available, got {list(names)}")
+    return names
+
+
 def vae_factor(vae_config) -> int:
     """Pixels per latent cell of a VAE config (1 in pixel space: no VAE)."""
     return 1 if vae_config is None else 2 ** (len(vae_config["block_out_channels"]) - 1)
@@ -227,6 +261,16 @@ class PanoPipeline(DiffusionPipeline):
             return [[to_pil(view) for view in tour] for tour in images]
         return images
 
+    def _given_latents(self, latents, shape: torch.Size) -> torch.Tensor:
+        """A caller's initial latents in place of the seeded noise; ValueError naming latents unless finite and of
+        the shape the call needs."""
+        if not torch.is_tensor(latents) or tuple(latents.shape) != tuple(shape):
+            got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
+            raise ValueError(f"latents: expected a tensor of shape {tuple(shape)}, got {got}")
+        if not torch.isfinite(latents).all():
+            raise ValueError("latents: must be finite")
+        return latents.to(self.device, self.unet.dtype)
+
     def _embed(self, prompts: list[str]) -> torch.Tensor:
         """Prompt embeddings (P, L, D) in the UNet's dtype."""
         return encode_prompts(self.tokenizer, self.text_encoder, prompts).to(self.unet.dtype)
@@ -241,11 +285,12 @@ class PanoPipeline(DiffusionPipeline):
         known: torch.Tensor | None = None,
         clean: torch.Tensor | None = None,
         generators: list[torch.Generator] | None = None,
-        progress=None,
+        step_end: StepEnd | None = None,
     ) -> torch.Tensor:
         """Denoise x_T (B, V, c, h, w) jointly; views where `known` (B, V) is True follow `clean`, noised to each t.
 
-        `generators` (one per view, B*V) drive a stochastic scheduler's noise; the EA modules see ctx (None: off).
+        `generators` (one per view, B*V) drive a stochastic scheduler's noise; the EA modules see ctx (None: off);
+        step_end runs after every UNet call.
         """
         b, v = x_t.shape[:2]
         sched = fresh_scheduler(sampling.scheduler)  # multistep and ancestral schedulers keep state while sampling
@@ -273,8 +318,8 @@ class PanoPipeline(DiffusionPipeline):
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
             x = sched.step(eps, t, x, **extra).prev_sample
-            if progress is not None:
-                progress.update()
+            if step_end is not None:
+                x = step_end(t, x, tuple(x_t.shape))
         if keep is not None:
             x = torch.where(keep, clean.flatten(0, 1), x)
         return x.view_as(x_t)
@@ -324,25 +369,34 @@ class PanoPipeline(DiffusionPipeline):
         scheduler: str | None = None,
         output_type: str = "np",
         return_dict: bool = True,
+        latents: torch.Tensor | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> PanoramaOutput | tuple:
         """One panorama per prompt.
 
         seed (one per prompt) or generator (one, or a list with one per prompt) make it reproducible. scheduler names
-        a sampler (diffpano.schedulers.SCHEDULER_NAMES; None: the model's own); eta is DDIM's. output_type "np" gives
-        uint8 arrays (B, H, W, 3) (diffusers' "np" is float; this project's callers take uint8), "pil" a list of PIL
-        images, "latent" the model-space tensor (B, c, h, w). return_dict=False returns a tuple.
+        a sampler (diffpano.schedulers.SCHEDULER_NAMES; None: the model's own); eta is DDIM's. latents (B, c, h, w)
+        replace the initial noise; callback_on_step_end runs after every UNet call (StepEnd; its latents are
+        (B, 1, c, h, w)). output_type "np" gives uint8 arrays (B, H, W, 3) (diffusers' "np" is float; this
+        project's callers take uint8), "pil" a list of PIL images, "latent" the model-space tensor (B, c, h, w).
+        return_dict=False returns a tuple.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt: expected a string or a non-empty list of strings")
         height, width = self.check_size(height, width)
         sampling = self._sampling(num_inference_steps, guidance_scale, eta, scheduler, output_type)
+        names = check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         generators, _ = resolve_generators(generator, seed, len(prompts))
         x_t, step_seeds = self._initial_noise(generators, 1, height, width)
+        if latents is not None:
+            x_t = self._given_latents(latents.unsqueeze(1) if torch.is_tensor(latents) else latents, x_t.shape)
         cond = self._embed(prompts).unsqueeze(1)
         view_gens = view_generators(step_seeds, torch.zeros(len(prompts), 1, dtype=torch.long))
         with self.progress_bar(total=sampling.unet_calls) as bar:
-            x = self._denoise(x_t, cond, self._embed([""]), sampling, generators=view_gens, progress=bar)
+            step_end = StepEnd(self, bar, callback_on_step_end, names)
+            x = self._denoise(x_t, cond, self._embed([""]), sampling, generators=view_gens, step_end=step_end)
         images = self._postprocess(x, output_type)
         images = images[:, 0] if output_type != "pil" else [tour[0] for tour in images]
         return PanoramaOutput(images=images) if return_dict else (images,)
@@ -381,6 +435,9 @@ class MultiViewPanoPipeline(PanoPipeline):
         scheduler: str | None = None,
         output_type: str = "np",
         return_dict: bool = True,
+        latents: torch.Tensor | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> TourOutput | tuple:
         """Generate B tours of N views from poses (N, 4, 4) or (B, N, 4, 4) and prompts (one, per view, per tour).
 
@@ -392,7 +449,49 @@ class MultiViewPanoPipeline(PanoPipeline):
         own); eta is DDIM's. output_type "np" gives uint8 arrays (B, N, H, W, 3) (diffusers' "np" is float; this
         project's callers and manifests take uint8), "pil" lists (tours) of lists (views) of PIL images, "latent" the
         model-space tensor (B, N, c, h, w). return_dict=False returns the tuple (images, poses, prompts, seeds).
+        latents (B, N, c, h, w), or (N, c, h, w) for one tour, replace the initial noise the seeds would draw (a
+        stochastic sampler's noise still comes from the seeds). callback_on_step_end(pipe, step, timestep,
+        {"latents": (B, V, c, h, w) of the window being denoised}) runs after every UNet call, step counting the
+        calls of the whole tour, and may return replacement latents (diffusers' convention).
         """
+        prompts, poses_t, height, width, window, context_n = self.check_inputs(
+            prompt, poses, height, width, window_views, window_context, num_ref_views, num_samples)
+        b, n = poses_t.shape[:2]
+        sampling = self._sampling(num_inference_steps, guidance_scale, eta, scheduler, output_type)
+        names = check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        generators, seeds = resolve_generators(generator, seed, b)
+        x_t, step_seeds = self._initial_noise(generators, n, height, width)
+        if latents is not None:
+            x_t = self._given_latents(latents.unsqueeze(0) if torch.is_tensor(latents) and latents.ndim == 4
+                                      else latents, x_t.shape)
+        known, clean = self._known(known_views, b, n, height, width)
+        cond = self._embed([p for tour in prompts for p in tour]).unflatten(0, (b, n))
+        uncond = self._embed([""])
+        result = clean if clean is not None else torch.zeros_like(x_t)
+        done = known.clone() if known is not None else torch.zeros(n, dtype=torch.bool)
+        plan = self._plan_windows(poses_t, done, window, context_n)
+        with self.progress_bar(total=len(plan) * sampling.unet_calls) as bar:
+            step_end = StepEnd(self, bar, callback_on_step_end, names)
+            for idx, _ in plan:
+                sel = (torch.arange(b).view(-1, 1), idx)  # each tour's views of this window
+                fixed = done[idx[0]]  # context views and user-given views stay as they are
+                ctx = self.epipolar.context(poses_t[sel], num_ref_views, num_samples) if use_epipolar else None
+                x = self._denoise(
+                    x_t[sel], cond[sel], uncond, sampling, ctx,
+                    fixed.to(self.device).expand(b, -1) if fixed.any() else None, result[sel],
+                    view_generators(step_seeds, idx), step_end,
+                )
+                result[sel] = x
+                done[idx[0]] = True
+        images = self._postprocess(result, output_type)
+        out = TourOutput(images=images, poses=poses_t.cpu().numpy(), prompts=prompts, seeds=seeds,
+                         scheduler=scheduler_label(sampling.scheduler))
+        return out if return_dict else (out.images, out.poses, out.prompts, out.seeds)
+
+    def check_inputs(self, prompt: Prompts, poses, height: int | None, width: int | None, window_views: int | None,
+                     window_context: int | None, num_ref_views: int | None, num_samples: int | None) -> tuple:
+        """Everything about a tour call that needs no model work, checked (ValueError naming the field) and
+        normalised: (prompts per tour and view, poses (B, N, 4, 4) float64, height, width, window, context)."""
         poses_t = validate_poses(poses, field="poses").double()
         if poses_t.ndim == 3:
             poses_t = poses_t.unsqueeze(0)
@@ -402,8 +501,6 @@ class MultiViewPanoPipeline(PanoPipeline):
         b, n = len(prompts), poses_t.shape[1]
         poses_t = poses_t.expand(b, n, 4, 4)
         height, width = self.check_size(height, width)
-        sampling = self._sampling(num_inference_steps, guidance_scale, eta, scheduler, output_type)
-        generators, seeds = resolve_generators(generator, seed, b)
         window = int(window_views or WINDOW_VIEWS)  # views denoised jointly per window of a long tour
         context_n = window // 2 if window_context is None else int(window_context)
         if window < 1 or not 0 <= context_n < window:
@@ -411,31 +508,8 @@ class MultiViewPanoPipeline(PanoPipeline):
                 "window_views/window_context: need window_views >= 1 and 0 <= window_context < window_views, "
                 f"got {window}/{context_n}"
             )
-        self.epipolar.context(poses_t[:1, :1], num_ref_views, num_samples)  # validates K and S early
-        known, clean = self._known(known_views, b, n, height, width)
-
-        x_t, step_seeds = self._initial_noise(generators, n, height, width)
-        cond = self._embed([p for tour in prompts for p in tour]).unflatten(0, (b, n))
-        uncond = self._embed([""])
-        result = clean if clean is not None else torch.zeros_like(x_t)
-        done = known.clone() if known is not None else torch.zeros(n, dtype=torch.bool)
-        plan = self._plan_windows(poses_t, done, window, context_n)
-        with self.progress_bar(total=len(plan) * sampling.unet_calls) as bar:
-            for idx, _ in plan:
-                sel = (torch.arange(b).view(-1, 1), idx)  # each tour's views of this window
-                fixed = done[idx[0]]  # context views and user-given views stay as they are
-                ctx = self.epipolar.context(poses_t[sel], num_ref_views, num_samples) if use_epipolar else None
-                x = self._denoise(
-                    x_t[sel], cond[sel], uncond, sampling, ctx,
-                    fixed.to(self.device).expand(b, -1) if fixed.any() else None, result[sel],
-                    view_generators(step_seeds, idx), bar,
-                )
-                result[sel] = x
-                done[idx[0]] = True
-        images = self._postprocess(result, output_type)
-        out = TourOutput(images=images, poses=poses_t.cpu().numpy(), prompts=prompts, seeds=seeds,
-                         scheduler=scheduler_label(sampling.scheduler))
-        return out if return_dict else (out.images, out.poses, out.prompts, out.seeds)
+        self.epipolar.context(poses_t[:1, :1], num_ref_views, num_samples)  # validates K and S
+        return prompts, poses_t, height, width, window, context_n
 
     @staticmethod
     def _per_view_prompts(prompt: Prompts, views: int, tours: int) -> list[list[str]]:

@@ -269,3 +269,54 @@ def test_sd15_shaped_unet_runs_one_multiview_forward_pass():
         out = unet(torch.randn(2, 4, 32, 64), 500, encoder_hidden_states=torch.randn(2, 77, 768),
                    cross_attention_kwargs=ea).sample
     assert out.shape == (2, 4, 32, 64) and torch.isfinite(out).all()
+
+
+def test_given_latents_replace_the_seeded_noise(tiny_pipe):
+    """latents= equal to the noise a seed draws give that seed's tour; other latents another; bad ones are refused."""
+    c = tiny_pipe.unet.config.in_channels
+    noise = torch.randn((3, c, 16, 32), generator=torch.Generator().manual_seed(4))
+    assert np.array_equal(tour(tiny_pipe, seed=4, latents=noise), tour(tiny_pipe, seed=4))
+    assert np.abs(tour(tiny_pipe, seed=4, latents=noise.flip(-1)).astype(int) - tour(tiny_pipe, seed=4)).mean() > 1
+    with pytest.raises(ValueError, match=r"latents: expected a tensor of shape \(1, 3, 3, 16, 32\)"):
+        tour(tiny_pipe, latents=noise[:2])
+    with pytest.raises(ValueError, match="latents: must be finite"):
+        tour(tiny_pipe, latents=torch.full_like(noise, float("nan")))
+
+
+def test_callback_on_step_end_sees_every_unet_call_and_may_replace_the_latents(tiny_pipe):
+    """diffusers' callback convention, over the windows of a long tour: steps 0..T-1 in order, the window's latents."""
+    seen = []
+
+    def record(pipe, step, t, kwargs):
+        seen.append((step, tuple(kwargs["latents"].shape)))
+        return {}
+
+    tiny_pipe("a room", walk(5), seed=0, window_views=3, window_context=1, callback_on_step_end=record, **FAST)
+    windows = len(MultiViewPanoPipeline._plan_windows(walk(5)[None].double(), torch.zeros(5, dtype=torch.bool), 3, 1))
+    assert [s for s, _ in seen] == list(range(windows * 3)) and windows == 2
+    assert {shape for _, shape in seen} == {(1, 3, 3, 16, 32)}
+    zeroed = tiny_pipe("a room", walk(2), seed=0, output_type="latent", **FAST, callback_on_step_end=lambda p, i, t, kw:
+                       {"latents": torch.zeros_like(kw["latents"])} if i == FAST["num_inference_steps"] - 1 else {})
+    assert zeroed.images.abs().max() == 0
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs: only 'latents'"):
+        tiny_pipe("a room", walk(2), seed=0, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["eps"],
+                  **FAST)
+    with pytest.raises(ValueError, match="callback_on_step_end: returned latents of shape"):
+        tiny_pipe("a room", walk(2), seed=0, callback_on_step_end=lambda p, i, t, kw: {"latents": torch.zeros(1)},
+                  **FAST)
+
+
+def test_inputs_are_checked_before_any_model_work(tiny_pipe):
+    """check_inputs, sampling and known-view checks run before the text encoder, VAE or UNet sees anything."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in (tiny_pipe.text_encoder, tiny_pipe.unet)]
+    try:
+        for bad, field in ((dict(num_ref_views=99), "num_ref_views"), (dict(window_views=2, window_context=2),
+                           "window_views"), (dict(known_views={0: np.zeros((8, 8, 3), np.uint8)}), "known_views"),
+                           (dict(num_inference_steps=0), "num_inference_steps"), (dict(height=18), "height")):
+            with pytest.raises(ValueError, match=field):
+                tiny_pipe("a room", walk(2), seed=0, **FAST | bad)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == []
