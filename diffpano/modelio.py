@@ -141,7 +141,8 @@ def text_encoder_dir(root: Path) -> Path:
 
 
 def pack_model(src: str, dst: str, text_encoder_package: str | None = None, fp16: tuple[str, ...] = ()) -> str:
-    """Copy a model directory for shipping: the text encoder as a package reference, some components in fp16."""
+    """Copy a model directory for shipping: the text encoder as a package reference, some components in fp16, no
+    local paths in the configs."""
     from safetensors.torch import load_file, save_file
 
     if text_encoder_package and text_encoder_package not in PACKAGES:
@@ -158,6 +159,10 @@ def pack_model(src: str, dst: str, text_encoder_package: str | None = None, fp16
     for name in fp16:
         for path in (target / name).glob("*.safetensors"):
             save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()}, path)
+    for path in target.glob("*/config.json"):  # the folder a component was loaded from is no part of a shipped model
+        config = json.loads(path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return str(target)
 
 

@@ -254,6 +254,23 @@ def test_pack_model_references_the_text_encoder_package_and_halves_weights(tmp_p
     torch.testing.assert_close(emb, ref)
 
 
+def test_packed_and_bundled_models_carry_no_local_paths(tmp_path):
+    """diffusers writes the folder a component was loaded from (_name_or_path) into its config; shipping drops it."""
+    import json
+
+    from diffpano.factory import build_tiny_pipeline
+    from diffpano.modelio import BUNDLED_MODEL, load_model, pack_model, save_model
+
+    save_model(build_tiny_pipeline(), str(tmp_path / "first"))
+    save_model(load_model(tmp_path / "first", "cpu"), str(tmp_path / "resaved"))
+    assert "_name_or_path" in json.loads((tmp_path / "resaved" / "unet" / "config.json").read_text())
+    pack_model(str(tmp_path / "resaved"), str(tmp_path / "packed"))
+    for root in (tmp_path / "packed", BUNDLED_MODEL):
+        configs = list(root.glob("*/config.json"))
+        assert len(configs) >= 2 and not [p for p in configs if "_name_or_path" in json.loads(p.read_text())]
+    assert load_model(tmp_path / "packed", "cpu").unet.config.sample_size == 16
+
+
 def test_run_paths_are_absolute_for_workers_in_other_folders():
     from trainer.run import run_paths
 
