@@ -7,7 +7,7 @@ import time
 
 import typer
 
-from diffpano.cli import Commands, compile_option, finite, parse_size, scheduler_option
+from diffpano.cli import Commands, compile_option, finite, finite_in, parse_size, scheduler_option
 from diffpano.defaults import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
@@ -165,8 +165,8 @@ def bulk(
     replicas: int = typer.Option(REPLICAS, "--replicas", min=1, help="Model replicas (Ray actors)."),
     batch_size: int = typer.Option(TOURS_PER_BATCH, "--batch-size", min=1,
                                    help="Tours per replica call and manifest part."),
-    gpus: float = typer.Option(0.0, "--gpus-per-replica", min=0.0, callback=finite),
-    cpus: float = typer.Option(1.0, "--cpus-per-replica", min=0.1, callback=finite),
+    gpus: float = typer.Option(0.0, "--gpus-per-replica", callback=finite_in(0.0)),
+    cpus: float = typer.Option(1.0, "--cpus-per-replica", callback=finite_in(0.1)),
     scheduler: str | None = scheduler_option("the model's own; a spec's `scheduler` wins"),
     compile: str | None = compile_option(),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip invalid specs instead of refusing."),
@@ -246,7 +246,7 @@ def evaluate(
     num_tours: int = typer.Option(8, "--num-tours", min=1, help="Test tours drawn from the dataset."),
     views: int = typer.Option(DEFAULT_VIEWS, "--views", min=1, max=MAX_VIEWS, help="Views per test tour."),
     steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, max=MAX_STEPS),
-    guidance: float = typer.Option(DEFAULT_GUIDANCE, "--guidance", min=0.0, callback=finite),
+    guidance: float = typer.Option(DEFAULT_GUIDANCE, "--guidance", callback=finite_in(0.0)),
     size: str | None = typer.Option(None, "--size", help="HxW to generate at (default: the model's size)."),
     scheduler: str | None = scheduler_option(),
     replicas: int = typer.Option(REPLICAS, "--replicas", min=1, help="Model replicas (Ray actors) generating tours."),

@@ -53,6 +53,20 @@ def finite(value: float | None) -> float | None:
     return value
 
 
+def finite_in(low: float | None = None, high: float | None = None):
+    """A callback for a float option: finite first (so NaN is not called out of range), then within [low, high]."""
+
+    def check(value: float | None) -> float | None:
+        finite(value)
+        if value is not None and ((low is not None and value < low) or (high is not None and value > high)):
+            bounds = f"in [{low}, {high}]" if low is not None and high is not None else (
+                f">= {low}" if low is not None else f"<= {high}")
+            raise typer.BadParameter(f"must be {bounds}, got {value}")
+        return value
+
+    return check
+
+
 def choice_option(flag: str, choices: tuple[str, ...], help_text: str):
     """An optional typer option whose value must be one of `choices` (the error lists them)."""
 

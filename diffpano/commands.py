@@ -9,33 +9,36 @@ from pathlib import Path
 
 import typer
 
-from diffpano.cli import Commands, compile_option, finite, parse_size, scheduler_option
+from diffpano.cli import Commands, compile_option, finite, finite_in, parse_size, scheduler_option
 from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_VIEWS, MAX_SEED, MAX_STEPS, MAX_VIEWS
 
 DEFAULT_OUT = "outputs/tours"
 
 
-def tour_poses(trajectory: str, views: int, spacing: float):
-    """Poses and optional per-view prompts of a named trajectory or a JSON file."""
+def tour_poses(trajectory: str, views: int | None, spacing: float):
+    """Poses and optional per-view prompts of a named trajectory or a JSON file (whose poses set the views)."""
     from diffpano.trajectories import load_trajectory, named_trajectory
 
     if trajectory in ("walk", "orbit"):
         params = {"spacing": spacing} if trajectory == "walk" else {}
-        return named_trajectory(trajectory, views, params), None
+        return named_trajectory(trajectory, views or DEFAULT_VIEWS, params), None
+    if not Path(trajectory).is_file():
+        raise ValueError(f"expected walk, orbit or a JSON file of poses; there is no file {trajectory!r}")
     return load_trajectory(trajectory, views)
 
 
 def generate(
     prompt: str = typer.Argument(..., help="Text for every view (or the default for views without their own)."),
     prompts_per_view: list[str] | None = typer.Option(None, "--prompts-per-view", help="One per view, repeated."),
-    views: int = typer.Option(DEFAULT_VIEWS, "--views", min=1, max=MAX_VIEWS, help="Number of views in the tour."),
+    views: int | None = typer.Option(None, "--views", min=1, max=MAX_VIEWS,
+                                     help=f"Views (default: {DEFAULT_VIEWS}, or a trajectory file's pose count)."),
     trajectory: str = typer.Option("walk", help="walk, orbit, or a JSON file of poses."),
     spacing: float = typer.Option(1.0, help="Metres between views of a walk.", callback=finite),
     out: str = typer.Option(DEFAULT_OUT, "--out", help="Output folder or s3:// prefix (docs/tours.md)."),
     seed: int | None = typer.Option(None, min=0, max=MAX_SEED,
                                     help="Seed that reproduces the tour with the same sampler (random when omitted)."),
     steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, max=MAX_STEPS, help="Sampler steps."),
-    guidance: float = typer.Option(DEFAULT_GUIDANCE, "--guidance", min=0.0, callback=finite,
+    guidance: float = typer.Option(DEFAULT_GUIDANCE, "--guidance", callback=finite_in(0.0),
                                    help="Classifier-free guidance scale."),
     size: str | None = typer.Option(None, "--size", help="HxW, W = 2H (default: the model's size)."),
     scheduler: str | None = scheduler_option(),
@@ -51,10 +54,11 @@ def generate(
     """Generate one multi-view tour and add it to the output (images + Parquet manifest)."""
     from diffpano.compiling import compile_pipeline, is_compiled
     from diffpano.manifest import Tour, commit_tours
-    from diffpano.modelio import check_model, resolve_model
+    from diffpano.modelio import check_model, pick_device, resolve_model
 
     height, width = parse_size(size)
     try:
+        pick_device(device)
         check_model(model, (height, width), own_scheduler=scheduler is None)
     except (ValueError, OSError) as err:
         raise typer.BadParameter(str(err)) from None
@@ -102,7 +106,7 @@ def video(
     tour: str | None = typer.Option(None, "--tour", help="Tour id (default: the latest tour)."),
     out: Path = typer.Option(Path("tour.gif"), "--out", help="Video file: .gif or .mp4."),
     frames_per_view: int = typer.Option(12, min=1, max=240, help="Frames rendered per view."),
-    fov: float = typer.Option(90.0, min=10.0, max=170.0, help="Horizontal field of view, degrees.", callback=finite),
+    fov: float = typer.Option(90.0, help="Horizontal field of view, degrees.", callback=finite_in(10.0, 170.0)),
     fps: int = typer.Option(12, min=1, max=120),
 ) -> None:
     """Render a perspective walk-through of a generated tour as a video."""

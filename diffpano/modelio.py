@@ -188,10 +188,18 @@ def model_digest(pipe: MultiViewPanoPipeline) -> str:
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """The requested device, else CUDA when available, else CPU."""
-    if device not in (None, "auto"):
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The requested device, else CUDA when available, else CPU; ValueError naming device for one this machine or
+    torch build cannot use."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device} was asked for, but this torch build or machine has no CUDA; "
+                         "use --device cpu")
+    return chosen
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from diffpano.defaults import DEFAULT_VIEWS
 from diffpano.geometry import make_pose, validate_poses, yaw_matrix
 
 WALK_PARAMS = {"spacing": 1.0, "turn_deg": 0.0, "heading_deg": 0.0}
@@ -60,14 +61,13 @@ def named_trajectory(kind: str, num_views: int, params: dict | None = None) -> t
 
 
 def load_trajectory(path: str | Path, num_views: int | None = None) -> tuple[torch.Tensor, list[str] | None]:
-    """Poses from JSON: a list of 16-number poses, {"poses": [...], "prompts": [...]}, or {"kind": ..., params}."""
+    """Poses from JSON: a list of 16-number poses, {"poses": [...], "prompts": [...]}, or {"kind": ..., params}
+    (num_views of them, by default DEFAULT_VIEWS)."""
     data = json.loads(Path(path).read_text())
     prompts = None
     if isinstance(data, dict) and "kind" in data:
         params = {k: v for k, v in data.items() if k != "kind"}
-        if num_views is None:
-            raise ValueError("num_views: a named trajectory file needs the number of views")
-        return named_trajectory(data["kind"], num_views, params), None
+        return named_trajectory(data["kind"], num_views or DEFAULT_VIEWS, params), None
     if isinstance(data, dict):
         prompts = data.get("prompts")
         data = data.get("poses")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import duckdb
 import numpy as np
@@ -70,6 +71,31 @@ def test_prompts_per_view_and_trajectory_file(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     df = check_tours(str(tmp_path / "o"), 1, 3).sort_values("view_index")
     assert df.prompt.tolist() == ["a red bedroom", "a red bedroom", "a blue kitchen"]
+
+
+def test_a_trajectory_file_sets_the_views_and_option_mistakes_are_named(tiny_model_dir, tmp_path):
+    """Without --views, a pose file's poses are the tour; a bad --trajectory, --guidance or --device is exit 2 with
+    the rule it breaks, no traceback, nothing written."""
+    import torch
+
+    from diffpano.trajectories import walk
+
+    traj = tmp_path / "five.json"
+    traj.write_text(json.dumps([p.reshape(16).tolist() for p in walk(5).numpy()]))
+    base = ["generate", "a room", "--steps", "1", "--size", "16x32", "--model", str(tiny_model_dir)]
+    result = runner.invoke(app, [*base, "--trajectory", str(traj), "--out", str(tmp_path / "five")])
+    assert result.exit_code == 0, result.output
+    check_tours(str(tmp_path / "five"), 1, 5)
+    bad = [(["--trajectory", "spiral"], "expected walk, orbit or a JSON file of poses; there is no file 'spiral'"),
+           (["--guidance", "nan"], "must be a finite number"), (["--guidance", "-1"], "must be >= 0.0"),
+           (["--device", "gpu"], "device: expected auto, cpu, cuda or cuda:N")]
+    if not torch.cuda.is_available():
+        bad.append((["--device", "cuda"], "device: cuda was asked for, but this torch build or machine has no CUDA"))
+    for extra, message in bad:
+        result = runner.invoke(app, [*base, *extra, "--out", str(tmp_path / "none")])
+        assert result.exit_code == 2 and message in plain(result.output), (extra, result.output)
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "none").exists()
 
 
 def test_video_of_a_tour(tiny_model_dir, tmp_path):
