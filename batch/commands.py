@@ -7,7 +7,7 @@ import time
 
 import typer
 
-from diffpano.cli import Commands, compile_option, finite, finite_in, parse_size, scheduler_option
+from diffpano.cli import Commands, command_name, compile_option, finite, finite_in, parse_size, scheduler_option
 from diffpano.defaults import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
@@ -202,7 +202,7 @@ def bulk(
     typer.echo(summary.line())
     if summary.failures_uri:
         typer.echo(f"failures and invalid specs: {summary.failures_uri}")
-    typer.echo(f"view it: diffpano serve --output-root {summary.out}, then /viewer?tour=<tour_id>")
+    typer.echo(f"view it: {command_name()} serve --output-root {summary.out}, then /viewer?tour=<tour_id>")
 
 
 def bulk_online(endpoint: str, specs: list, out: str) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
+import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import typer
 
@@ -99,6 +102,16 @@ def parse_size(size: str | None, flag: str = "--size") -> tuple[int | None, int 
     except ValueError:
         raise typer.BadParameter(f"{flag}: expected HxW such as 128x256, got {size!r}") from None
     return h, w
+
+
+def command_name() -> str:
+    """How the user can run this command again: `diffpano` when that is on the PATH, else the path they used
+    (e.g. .venv/bin/diffpano after `make run`, whose virtual environment is not activated)."""
+    used = Path(sys.argv[0])
+    found = shutil.which("diffpano")
+    if used.name != "diffpano" or (found and Path(found).resolve() == used.resolve()):
+        return "diffpano"
+    return str(used)
 
 
 def main() -> None:

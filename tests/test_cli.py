@@ -172,3 +172,22 @@ def test_generate_with_compile_writes_the_eager_tour_from_a_compiled_unet(tiny_m
         pixels[name] = np.stack([np.asarray(Image.open(io.BytesIO(storage.read_bytes(
             storage.join(str(tmp_path / name), u)))), dtype=np.int16) for u in df.image_uri])
     assert np.abs(pixels["compiled"] - pixels["eager"]).max() <= 2
+
+
+def test_hints_name_the_command_as_the_user_can_run_it(monkeypatch, tmp_path):
+    """After `make run` the virtual environment is not activated: hints say .venv/bin/diffpano, not diffpano."""
+    import sys
+
+    from diffpano.cli import command_name
+
+    exe = tmp_path / "bin" / "diffpano"
+    exe.parent.mkdir()
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    monkeypatch.setattr(sys, "argv", [str(exe), "bulk"])
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert command_name() == str(exe)
+    monkeypatch.setenv("PATH", str(exe.parent))
+    assert command_name() == "diffpano"
+    result = runner.invoke(app, ["generate", "x", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "is not a model directory" in plain(result.output)
