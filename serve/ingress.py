@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi import Path as FastAPIPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from pydantic import Field
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -45,7 +46,8 @@ from serve.schemas import (
 )
 
 ResourceId = Annotated[str, FastAPIPath(pattern=ID_PATTERN)]  # tour and job ids: 422 otherwise
-OPEN_PATHS = ("/healthz", "/viewer", "/docs", "/openapi.json", "/redoc", "/favicon.ico")
+DOCS_ASSETS = "/docs-assets"  # Swagger UI and ReDoc's scripts, from the fastapi-offline package (no CDN)
+OPEN_PATHS = ("/healthz", "/viewer", "/docs", "/openapi.json", "/redoc", "/favicon.ico", DOCS_ASSETS)
 
 
 class ServerSettings(Strict):
@@ -334,8 +336,9 @@ def guard(settings: ServerSettings, api_key: str | None):
 
 def build_api(svc: DiffPanoAPI) -> FastAPI:
     """The FastAPI app of one ingress replica: the routes, the 422 handler and the guard middleware."""
-    api = FastAPI(title="DiffPano", version="0.1.0",
-                  description="Text and camera poses in, consistent multi-view 360° panoramas out (docs/http-api.md).")
+    api = FastAPIOffline(title="DiffPano", version="0.1.0", static_url=DOCS_ASSETS,
+                         description="Text and camera poses in, consistent multi-view 360° panoramas out "
+                                     "(docs/http-api.md).")
     api.state.service = svc
     api.include_router(router)
     api.add_exception_handler(RequestValidationError, invalid_request)

@@ -263,21 +263,52 @@ return [equal / pairs, step];
 """
 
 
-def test_viewer_draws_a_stored_tour_smoothly_in_headless_chromium_without_console_errors(server, chromium):
+def headless_chrome(chromium):
+    """A headless Chromium driven by selenium, its console log kept."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    url, _ = server
-    tour = post(url, "/v1/tours", {"prompt": "a yellow living room", "num_views": 2, "num_inference_steps": STEPS,
-                                   "output": "store", "height": 64}).json()["tour_id"]
     options = webdriver.ChromeOptions()
     options.binary_location = chromium[0]
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(chromium[1]), options=options)
+    return webdriver.Chrome(service=Service(chromium[1]), options=options)
+
+
+def test_api_docs_render_from_the_servers_own_assets(server, chromium):
+    """/docs and /redoc load Swagger UI and ReDoc from the server (no CDN: this machine has no internet), so the
+    page lists the API's operations instead of staying blank."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = server
+    page = requests.get(f"{url}/docs", timeout=30).text
+    assert "/docs-assets/swagger-ui-bundle.js" in page and "cdn" not in page.lower()
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js"):
+        r = requests.get(f"{url}/docs-assets/{asset}", timeout=30)
+        assert r.status_code == 200 and len(r.content) > 100_000, asset
+    assert "/docs-assets/redoc.standalone.js" in requests.get(f"{url}/redoc", timeout=30).text
+    driver = headless_chrome(chromium)
+    try:
+        driver.get(f"{url}/docs")
+        WebDriverWait(driver, 60).until(lambda d: d.execute_script(
+            "return document.querySelectorAll('.opblock').length"))
+        paths = driver.execute_script(
+            "return [...document.querySelectorAll('.opblock-summary-path')].map(e => e.textContent)")
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        driver.quit()
+    assert "/v1/tours" in paths and errors == []
+
+
+def test_viewer_draws_a_stored_tour_smoothly_in_headless_chromium_without_console_errors(server, chromium):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = server
+    tour = post(url, "/v1/tours", {"prompt": "a yellow living room", "num_views": 2, "num_inference_steps": STEPS,
+                                   "output": "store", "height": 64}).json()["tour_id"]
+    driver = headless_chrome(chromium)
     try:
         driver.get(f"{url}/viewer")
         driver.execute_script("sessionStorage.setItem('diffpano-key', arguments[0])", KEY)
