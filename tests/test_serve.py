@@ -314,6 +314,10 @@ def test_viewer_draws_a_stored_tour_smoothly_in_headless_chromium_without_consol
         driver.execute_script("sessionStorage.setItem('diffpano-key', arguments[0])", KEY)
         driver.get(f"{url}/viewer?tour={tour}")
         WebDriverWait(driver, 60).until(lambda d: d.execute_script("return window.diffpanoViewer.state.views.length"))
+        opened = driver.execute_script("""const v = window.diffpanoViewer, o = document.getElementById('overview');
+            const start = v.state.fov; v.zoomTo(10); const narrowest = v.state.fov;
+            return [start, narrowest, v.minFov(), document.getElementById('tourid').value, o.hidden,
+                    o.naturalWidth, o.naturalHeight];""")
         stats = driver.execute_script(CANVAS_STATS)
         before = driver.execute_script("return document.getElementById('index').textContent")
         driver.find_element("id", "next").click()
@@ -323,6 +327,10 @@ def test_viewer_draws_a_stored_tour_smoothly_in_headless_chromium_without_consol
     finally:
         driver.quit()
     assert errors == []
+    start, narrowest, min_fov, box, hidden, ow, oh = opened
+    # 64x128 on a 960-column canvas: 4 pixels a texel allows no zoom below 120 degrees; the start is wide (>= 110)
+    assert start >= 110 and narrowest == min_fov == 120, opened
+    assert box == tour and not hidden and (ow, oh) == (128, 64)  # the id box filled, the whole panorama shown
     assert stats[1] > 5.0, stats  # not a blank or constant canvas
     assert before == "view 1 / 2" and after == "view 2 / 2"
     # 64x128 at fov 40 on 960 columns: a texel spans ~67 columns, so nearest sampling leaves ~98% equal neighbours.

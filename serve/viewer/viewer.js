@@ -1,7 +1,10 @@
 // DiffPano tour viewer: perspective views of equirectangular panoramas (docs/geometry.md conventions), no dependencies.
 "use strict";
 
-const state = { views: [], index: 0, yaw: 0, pitch: 0, fov: 90, pixels: [], sizes: [] };
+// Wide enough at the start to recognise the room; zoom stops where a panorama texel would cover more than
+// MAX_PIXELS_PER_TEXEL canvas pixels at the centre (small panoramas then stay wide).
+const FOV_START = 110, FOV_MAX = 120, FOV_FLOOR = 30, MAX_PIXELS_PER_TEXEL = 4;
+const state = { views: [], index: 0, yaw: 0, pitch: 0, fov: FOV_START, pixels: [], sizes: [] };
 const canvas = document.getElementById("view");
 const ctx = canvas.getContext("2d");
 const $ = (id) => document.getElementById(id);
@@ -32,10 +35,23 @@ async function decodeViews(views) {
   return out;
 }
 
+// The narrowest field of view (degrees) the current panorama's resolution supports on this canvas.
+function minFov() {
+  const src = state.pixels[state.index];
+  if (!src) return FOV_FLOOR;
+  const fMax = MAX_PIXELS_PER_TEXEL * src.width / (2 * Math.PI);  // canvas pixels per radian at the limit
+  const fov = (2 * Math.atan((canvas.width / 2) / fMax) * 180) / Math.PI;
+  return Math.max(FOV_FLOOR, Math.min(FOV_MAX, fov));
+}
+
+function zoomTo(fov) { state.fov = Math.max(minFov(), Math.min(FOV_MAX, fov)); }
+
 async function showTour(tour) {
   state.views = tour.views;
   state.pixels = await decodeViews(tour.views);
   state.index = 0;
+  $("tourid").value = tour.tour_id;
+  zoomTo(FOV_START);
   setStatus(`${tour.tour_id}: ${tour.views.length} views (${tour.model})`);
   draw();
 }
@@ -72,6 +88,8 @@ function draw() {
     }
   }
   ctx.putImageData(out, 0, 0);
+  $("overview").src = "data:image/png;base64," + state.views[state.index].image_png_base64;
+  $("overview").hidden = false;
   $("index").textContent = `view ${state.index + 1} / ${state.views.length}`;
   $("prompt").textContent = state.views[state.index].prompt;
 }
@@ -110,12 +128,12 @@ canvas.addEventListener("pointermove", (e) => {
   drag = { x: e.clientX, y: e.clientY };
   draw();
 });
-canvas.addEventListener("wheel", (e) => { e.preventDefault(); state.fov = Math.max(30, Math.min(120, state.fov + e.deltaY * 0.05)); draw(); });
+canvas.addEventListener("wheel", (e) => { e.preventDefault(); zoomTo(state.fov + e.deltaY * 0.05); draw(); });
 $("prev").onclick = () => { if (state.views.length) { state.index = (state.index + state.views.length - 1) % state.views.length; draw(); } };
 $("next").onclick = () => { if (state.views.length) { state.index = (state.index + 1) % state.views.length; draw(); } };
 $("generate").onclick = generate;
 $("load").onclick = () => load($("tourid").value);
-window.diffpanoViewer = { state, showTour, draw };
+window.diffpanoViewer = { state, showTour, draw, zoomTo, minFov };
 
 const params = new URLSearchParams(location.search);
 if (params.get("tour")) load(params.get("tour"));
