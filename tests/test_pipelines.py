@@ -320,3 +320,31 @@ def test_inputs_are_checked_before_any_model_work(tiny_pipe):
         for h in hooks:
             h.remove()
     assert calls == []
+
+
+def test_known_views_follow_the_schedulers_noising_and_leave_unrelated_views_alone(tiny_pipe):
+    """Oracles for image conditioning: at every step the UNet sees a known view as add_noise(clean, its own initial
+    noise, t) (not the clean image), and with EA off the other views are exactly what they are without it."""
+    from diffusers import DDIMScheduler
+
+    given = np.zeros((16, 32, 3), np.uint8)
+    given[:, :16] = (200, 30, 30)
+    args = dict(seed=6, use_epipolar=False, scheduler="ddim") | FAST
+    inputs = []
+    hook = tiny_pipe.unet.register_forward_pre_hook(lambda m, a, kw: inputs.append((a[0].clone(), a[1])),
+                                                    with_kwargs=True)
+    try:
+        out = tiny_pipe("a room", walk(3), known_views={1: given}, **args).images[0]
+    finally:
+        hook.remove()
+    plain = tiny_pipe("a room", walk(3), **args).images[0]
+    assert np.array_equal(out[[0, 2]], plain[[0, 2]]) and np.array_equal(out[1], given)
+    noise = torch.randn((3, 3, 16, 32), generator=torch.Generator().manual_seed(6))[1]
+    clean = torch.from_numpy(given).permute(2, 0, 1).float() / 127.5 - 1
+    sched = DDIMScheduler.from_config(tiny_pipe.scheduler.config)
+    sched.set_timesteps(FAST["num_inference_steps"])
+    assert [int(t) for _, t in inputs] == [int(t) for t in sched.timesteps]
+    for (sample, _), t in zip(inputs, sched.timesteps, strict=True):
+        expected = sched.add_noise(clean[None], noise[None], t[None])[0]
+        for half in sample.chunk(2):  # classifier-free guidance: the unconditional and conditional copies
+            torch.testing.assert_close(half[1], expected, rtol=1e-5, atol=1e-5)
