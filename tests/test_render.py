@@ -104,8 +104,12 @@ def test_cube_faces_stitch_back_to_the_panorama(clips):
     cube = renderer.render_cube(poses[0], 96)
     faces = torch.from_numpy(cube.rgb).permute(0, 3, 1, 2).float()
     stitched = cubemap_to_equirect(faces, H, W).permute(1, 2, 0).numpy()
-    err = np.abs(stitched - views[0].rgb.astype(np.float32)).mean()
-    assert err < 12.0, err
+    err = np.abs(stitched - views[0].rgb.astype(np.float32)).mean(-1)
+    face_of = cubemap_to_equirect(torch.arange(6.0).view(6, 1, 1, 1).expand(6, 1, 96, 96), H, W)[0].round().long()
+    per_face = [float(err[face_of.numpy() == k].mean()) for k in range(6)]
+    # Measured: 2.2 overall, at most 3.9 on a face. A mirrored front face, swapped left/right faces or an upside-down
+    # up face raise the overall mean to 5.6-9.5 and their own faces' to 14.7-33.
+    assert err.mean() < 4.0 and max(per_face) < 8.0, (err.mean(), per_face)
     depth = cubemap_to_equirect(torch.from_numpy(cube.depth)[:, None], H, W)[0].numpy()
     assert np.median(np.abs(depth - views[0].depth)) < 0.05
 
