@@ -33,8 +33,11 @@ def test_progress_advances_as_each_batch_is_committed_and_the_run_logs_no_error(
     counts = [c for c, _ in shown]
     assert counts[0] == 0 and 1 in counts and 2 in counts and counts[-1] == 3, counts
     assert counts == sorted(counts), counts
-    for count, committed in shown:  # the bar never runs ahead of the manifest, nor lags it by a batch
-        assert len(committed) >= count, (count, committed)
+    for count, committed in shown:  # the bar never runs ahead of the manifest ...
+        assert count <= len(committed) <= count + 1, (count, committed)
+    # ... nor lags it by a batch: read just after the bar printed, the manifest holds what the bar says (the next
+    # batch may commit in between now and then, but a bar one batch behind would read count + 1 every time)
+    assert sum(len(committed) == count for count, committed in shown) > len(shown) / 2, shown
     assert any(0 < count < 3 and len(committed) < 3 for count, committed in shown), shown  # moved before the end
     assert "tours/h" in output and "3 tours / 6 views written" in output, output[-2000:]
     error_lines = [line for line in output.splitlines() if re.search(r"\bERROR\b| E \d+ \d+\]", line)]
