@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	@# Open3D's wheel links libusb-1.0, which minimal Debian images lack
 	@ldconfig -p | grep -q libusb-1.0 || { apt-get install -y -q libusb-1.0-0 || { apt-get update -q && apt-get install -y -q libusb-1.0-0; }; } >/dev/null 2>&1 || echo "make install: libusb-1.0 is missing and could not be installed; Open3D (mesh datasets) needs it: apt-get install libusb-1.0-0"
+	@# headless Chromium and its driver for the viewer and API-docs tests (Debian's packages)
+	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || { echo "make install: installing chromium and chromium-driver (the browser tests)"; { apt-get install -y -q chromium chromium-driver || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }; } >/dev/null 2>&1 || echo "make install: chromium could not be installed; the browser tests need it: apt-get install chromium-driver"; }
 	touch $(STAMP)
 
 install: $(STAMP)
