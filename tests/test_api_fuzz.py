@@ -9,7 +9,7 @@ import json
 import pytest
 import requests
 import schemathesis
-from helpers import KEY, NON_FINITE, TOUR_FIELDS
+from helpers import KEY, NON_FINITE, TOUR_FIELDS, post
 from hypothesis import HealthCheck, Phase, given, settings
 from PIL import Image
 from schemathesis.generation import GenerationMode
@@ -137,5 +137,18 @@ def test_fuzzed_invalid_requests_never_get_a_5xx(server):
 
 def test_fuzzed_valid_requests_never_get_a_5xx_and_tours_are_2_to_1_pngs(server):
     seen = fuzz(server[0], GenerationMode.POSITIVE, examples=30)
-    assert 200 in seen["POST /v1/tours"] and 200 in seen["POST /v1/panoramas"], seen
-    assert len(seen) >= 9, sorted(seen)  # every operation ran
+    declared = requests.get(f"{server[0]}/openapi.json", timeout=30).json()["paths"]
+    assert set(seen) == {f"{m.upper()} {p}" for p, ops in declared.items() for m in ops}, sorted(seen)  # all ran
+    for op in ("POST /v1/tours", "POST /v1/panoramas"):  # valid requests mostly succeed (measured: 18 and 29 of 30)
+        assert seen[op].count(200) >= len(seen[op]) / 2, (op, seen[op])
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "a", "seed": "ECHO-7f3a"}, {"prompt": "a", "num_views": "ECHO-7f3a"},
+    {"prompt": "ECHO-7f3a" * 200}, {"prompt": "a", "scheduler": "ECHO-7f3a"},
+    {"prompt": "a", "trajectory": {"kind": "ECHO-7f3a"}}, {"prompts": ["ECHO-7f3a"], "num_views": 3},
+])
+def test_errors_name_the_field_but_never_echo_the_input(server, body):
+    r = post(server[0], "/v1/tours", body)
+    assert r.status_code == 422 and r.json()["detail"], r.text
+    assert "ECHO-7f3a" not in r.text, r.text
