@@ -135,6 +135,7 @@ class DiffPanoAPI:
         self.settings = ServerSettings.model_validate(settings)
         self.api_key = self.settings.api_key()
         self._info: dict | None = None
+        self._info_lock = asyncio.Lock()
         self.jobs = JobRunner(storage.absolute(self.settings.output_root), self.job_tour,
                               self.settings.job_concurrency)
         self._resumed = False
@@ -157,19 +158,38 @@ class DiffPanoAPI:
 
     async def job_tour(self, spec: BulkSpec, out: str) -> None:
         """One tour of an online job, stored under out; waits (not fails) while the model deployment is full."""
-        job = await self.job(spec, spec.prompt_list(), spec.pose_array(), spec.tour_id, out)
         while True:
             try:
+                job = await self.job(spec, spec.prompt_list(), spec.pose_array(), spec.tour_id, out)
                 await self.generator.generate.remote(job)
                 return
             except BackPressureError:
                 await asyncio.sleep(BACKOFF_S)
+            except HTTPException as err:  # the model's sizes could not be asked yet (full)
+                if err.status_code != 503:
+                    raise
+                await asyncio.sleep(BACKOFF_S)
 
     async def info(self) -> dict:
-        """The model's name and sizes (asked once)."""
-        if self._info is None:
-            self._info = await self.generator.info.remote()
+        """The model's name and sizes (asked once: requests arriving together wait for the first one's answer)."""
+        async with self._info_lock:
+            if self._info is None:
+                self._info = await self.ask(self.generator.info.remote())
         return self._info
+
+    async def ask(self, response):
+        """A model deployment's answer; overload and a lost replica become 503 with Retry-After (the client's input
+        was fine), a ValueError is the caller's to map."""
+        retry = {"Retry-After": str(self.settings.retry_after_s)}
+        try:
+            return await response
+        except BackPressureError:
+            raise HTTPException(503, detail="overloaded: too many requests queued; retry", headers=retry) from None
+        except (ValueError, asyncio.CancelledError):
+            raise
+        except Exception as err:  # a replica that died mid-request
+            raise HTTPException(503, detail=f"model replica unavailable ({type(err).__name__}); retry later",
+                                headers=retry) from None
 
     async def size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """Validated (height, width): W = 2H, multiples of the model's factor, H <= max_height."""
@@ -200,18 +220,10 @@ class DiffPanoAPI:
         """One tour from the model deployment; overload answers 503 with Retry-After."""
         root = storage.absolute(self.settings.output_root) if req.output == "store" else None
         job = await self.job(req, prompts, poses, f"tour-{uuid.uuid4().hex[:16]}", root)
-        retry = {"Retry-After": str(self.settings.retry_after_s)}
         try:
-            return await self.generator.generate.remote(job)
-        except BackPressureError:
-            raise HTTPException(503, detail="overloaded: too many requests queued; retry", headers=retry) from None
+            return await self.ask(self.generator.generate.remote(job))
         except ValueError as err:
             raise unprocessable("height", str(err)) from None
-        except asyncio.CancelledError:
-            raise
-        except Exception as err:  # a replica that died mid-request: the client's input was fine
-            raise HTTPException(503, detail=f"model replica unavailable ({type(err).__name__}); retry later",
-                                headers=retry) from None
 
 
 def service(request: Request) -> DiffPanoAPI:
@@ -286,7 +298,7 @@ async def healthz(svc: Service) -> JSONResponse:
 @router.get("/v1/stats")
 async def stats(svc: Service) -> dict:
     """Recent batch sizes (in views) of the model replica that answers."""
-    return await svc.generator.stats.remote()
+    return await svc.ask(svc.generator.stats.remote())
 
 
 @router.get("/viewer", response_class=HTMLResponse)

@@ -135,7 +135,8 @@ def test_a_burst_beyond_capacity_gets_quick_503s_and_the_server_recovers(server)
     assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
     rejected = [(t, ra) for c, t, ra in results if c == 503]
     assert all(ra for _, ra in rejected)
-    assert min(t for t, _ in rejected) < 5.0
+    # quick: the first refusal comes before any accepted tour is done (no waiting on the model for a 503)
+    assert min(t for t, _ in rejected) < min(t for c, t, _ in results if c == 200)
     r = post(url, "/v1/tours", {"prompt": "after", "num_views": 1, "num_inference_steps": STEPS})
     assert r.status_code == 200
 
