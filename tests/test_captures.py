@@ -118,7 +118,8 @@ def built(ray_local, captures, caption_models, tmp_path_factory):
 
 @pytest.mark.slow
 def test_capture_poses_match_the_walk(walk, built):
-    """>= 90% registered, rotation <= 1 degree, centres <= 5% of the path, gravity <= 2 degrees, scale within 5%."""
+    """>= 90% registered; every registered frame's rotation <= 1 degree, centre <= 5% of the path and gravity <= 2
+    degrees (a median would let 5 of 12 frames be wrong); scale within 5%."""
     true_poses, _ = walk
     _, code, text, _, df = built
     assert code == 0, text
@@ -127,13 +128,13 @@ def test_capture_poses_match_the_walk(walk, built):
     assert len(set(index)) >= 0.9 * WALK_FRAMES and len(index) == len(set(index)), index
     est = np.stack(rows.pose_c2w.map(lambda p: np.asarray(p, np.float64).reshape(4, 4)))
     true = true_poses[index]
-    assert np.median(rotation_errors(est[:, :3, :3], true[:, :3, :3])) <= 1.0
+    assert np.max(rotation_errors(est[:, :3, :3], true[:, :3, :3])) <= 1.0
     scale, rotation, shift = umeyama(est[:, :3, 3], true[:, :3, 3])
     centres = scale * est[:, :3, 3] @ rotation.T + shift
     length = np.linalg.norm(np.diff(true_poses[:, :3, 3], axis=0), axis=1).sum()
-    assert np.median(np.linalg.norm(centres - true[:, :3, 3], axis=1)) <= 0.05 * length
+    assert np.max(np.linalg.norm(centres - true[:, :3, 3], axis=1)) <= 0.05 * length
     # Gravity (+y of the world) seen from each camera: row 1 of the camera-to-world rotation.
-    assert np.median(angle_deg(est[:, 1, :3], true[:, 1, :3])) <= 2.0
+    assert np.max(angle_deg(est[:, 1, :3], true[:, 1, :3])) <= 2.0
     assert abs(scale - 1.0) <= 0.05, scale
     assert np.allclose(est[:, 1, 3], true[:, 1, 3], atol=0.05 * 1.5)  # the camera 1.5 m above the floor (y = 0)
 
@@ -174,16 +175,16 @@ def test_a_capture_that_reconstructs_as_two_models_becomes_separate_clips(built)
 
 
 def test_six_keyframes_reconstruct_upright_and_metric(tmp_path):
-    """The library path alone, fast: every keyframe registered, rotations within 1 degree, gravity within 2 degrees,
-    steps and camera height in metres within 5%."""
+    """The library path alone, fast: every keyframe registered, each one's rotation within 1 degree and gravity
+    within 2 degrees, steps and camera height in metres within 5%."""
     scene = generate_scene(3)
     renderer = SceneMeshRenderer(scene)
     true = clip_poses(scene, 6, SPACING, np.random.default_rng(3))
     models = reconstruct([renderer.render(p, 512, 1024).rgb for p in true], tmp_path, threads=2)
     assert len(models) == 1 and models[0].frames == list(range(6))
     est, _ = metric_poses(models[0].poses, models[0].points, camera_height=-true[0, 1, 3])
-    assert np.median(rotation_errors(est[:, :3, :3], true[:, :3, :3])) <= 1.0
-    assert np.median(angle_deg(est[:, 1, :3], true[:, 1, :3])) <= 2.0
+    assert np.max(rotation_errors(est[:, :3, :3], true[:, :3, :3])) <= 1.0
+    assert np.max(angle_deg(est[:, 1, :3], true[:, 1, :3])) <= 2.0
     steps = np.linalg.norm(np.diff(est[:, :3, 3], axis=0), axis=1) / np.linalg.norm(np.diff(true[:, :3, 3], axis=0),
                                                                                      axis=1)
     assert np.all(np.abs(steps - 1) <= 0.05) and np.allclose(est[:, 1, 3], true[:, 1, 3], atol=0.05), steps
