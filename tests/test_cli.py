@@ -193,3 +193,14 @@ def test_hints_name_the_command_as_the_user_can_run_it(monkeypatch, tmp_path):
     assert command_name() == "diffpano"
     result = runner.invoke(app, ["generate", "x", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "is not a model directory" in plain(result.output)
+
+
+def test_importing_the_library_logs_no_image_processor_fallback_warnings():
+    """diffusers' SD imports make transformers warn once per process about PIL image processors (10 lines in a
+    Ray Train run); the library filters that one warning."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import diffpano.lora, diffpano.modelio, diffpano.metrics.features"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "falling back" not in done.stderr, done.stderr[-2000:]
