@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 
 import typer
@@ -30,12 +31,19 @@ def serve_command(
     except (ValueError, OSError) as err:
         raise typer.BadParameter(str(err)) from None
     typer.echo(f"DiffPano API at {url}/v1/tours and {url}/v1/panoramas; viewer at {url}/viewer; docs at {url}/docs")
+    # SIGTERM is how services are stopped: shut down cleanly instead of Ray's fatal-signal stack dump
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         typer.echo("shutting down")
         serve.shutdown()
+
+
+def _interrupt(signum: int, frame) -> None:
+    """A SIGTERM handled as Ctrl-C."""
+    raise KeyboardInterrupt
 
 
 def register(commands: Commands) -> None:

@@ -435,3 +435,35 @@ def test_diffpano_bulk_submits_to_the_endpoint_and_follows_the_job(server):
     assert result.exit_code == 0, result.output
     assert "done: 3 tours done, 0 failed of 3" in result.output
     assert read_manifest(str(out / "jobs" / "cli")).to_pandas().tour_id.nunique() == 3
+
+
+@pytest.mark.slow
+@pytest.mark.serve
+def test_diffpano_serve_stops_cleanly_on_sigterm(tiny_model_dir, tmp_path):
+    """How services are stopped (systemd, Kubernetes, kill): a SIGTERM ends `diffpano serve` with "shutting down",
+    exit 0 and no fatal-signal stack dump."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "diffpano.cli", "serve", "--port", str(port), "--model", str(tiny_model_dir),
+           "--output-root", str(tmp_path / "out")]
+    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.monotonic() + 240
+    for line in proc.stdout:  # the server says where it listens once it is up
+        lines.append(line)
+        if "DiffPano API at" in line or time.monotonic() > deadline:
+            break
+    assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code == 200, "".join(lines[-20:])
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    output = "".join(lines) + rest
+    assert proc.returncode == 0 and "shutting down" in output, output[-3000:]
+    assert "SIGTERM received" not in output and "Traceback" not in output, output[-3000:]
