@@ -110,11 +110,8 @@ def resolve_generators(
 
 def step_kwargs(scheduler: SchedulerMixin, generator, eta: float) -> dict:
     """The optional arguments scheduler.step accepts (diffusers' prepare_extra_step_kwargs)."""
-    params = inspect.signature(scheduler.step).parameters
-    extra = {}
-    if "eta" in params:
-        extra["eta"] = eta
-    if "generator" in params:
+    extra = {"eta": eta} if takes_eta(scheduler) else {}
+    if "generator" in inspect.signature(scheduler.step).parameters:
         extra["generator"] = generator
     return extra
 
