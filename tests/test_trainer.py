@@ -319,3 +319,16 @@ def test_time_limit_stops_every_ray_worker_at_the_same_step(ray_local, train_dat
     assert 1 <= steps < 100000
     assert steps_logged(str(tmp_path / "timed" / "logs" / "stage1" / "metrics.csv"))[-1] == steps
     assert optimiser_steps(tmp_path / "timed" / "stage1") == steps  # the last step was checkpointed
+
+
+@pytest.mark.slow
+def test_a_ray_train_run_prints_each_step_line_once(train_dataset, tmp_path):
+    """Ray Train patches print() to log as well, which sent every worker line to the driver twice."""
+    args = ["-m", "diffpano.cli", "train", "stage1", "--config", CONFIG, "--name", "once", "--storage", str(tmp_path),
+            "--set", f"data.dataset={train_dataset}", "--set", "stage1.steps=2"]
+    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, env=env)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert [len(re.findall(rf"stage1 step {k}/2 loss", output)) for k in (1, 2)] == [1, 1], output[-3000:]

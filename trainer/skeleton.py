@@ -16,6 +16,7 @@ import json
 import os
 import random
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -341,8 +342,10 @@ class RunLog:
         shown = {k: v for k, v in metrics.items() if k != "time"}  # wall-clock time only goes to the CSV
         for key, value in shown.items():
             self.writer.add_scalar(f"stage{self.stage}/{key}", value, step)
-        print(f"stage{self.stage} step {step}/{total} " + " ".join(f"{k} {v:.4g}" for k, v in shown.items()),
-              flush=True)
+        # not print(): Ray Train patches it to log too, and the worker's line then reaches the driver twice
+        sys.stdout.write(f"stage{self.stage} step {step}/{total} "
+                         + " ".join(f"{k} {v:.4g}" for k, v in shown.items()) + "\n")
+        sys.stdout.flush()
 
     def sync(self) -> None:
         """Copy the logs to the run's storage."""
