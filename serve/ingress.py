@@ -185,9 +185,9 @@ class DiffPanoAPI:
             return await response
         except BackPressureError:
             raise HTTPException(503, detail="overloaded: too many requests queued; retry", headers=retry) from None
-        except (ValueError, asyncio.CancelledError):
+        except ValueError:
             raise
-        except Exception as err:  # a replica that died mid-request
+        except Exception as err:  # a replica that died mid-request (cancellation is no Exception: it passes)
             raise HTTPException(503, detail=f"model replica unavailable ({type(err).__name__}); retry later",
                                 headers=retry) from None
 
