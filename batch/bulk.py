@@ -1,29 +1,25 @@
 """Offline bulk jobs: tour specs (docs/bulk-specs.md) in, tours (docs/tours.md) out on a pool of Ray actors, once.
 
-The pool is plain Ray core actors rather than a Ray Data actor pool: Ray Data passes its actors' constructor
-arguments through the object store while asking for restarts, which Ray cannot honour (ray-project/ray#53727,
-logged as an ERROR on every job), and its output reached the driver only at the end, so progress could not move.
-Here each replica is built from plain arguments, restarts after a crash and re-runs the batch it held; a batch's
-manifest part is named after its tour ids, so a re-run batch overwrites rather than duplicates.
+Each replica (fanout.actors) restarts after a crash and re-runs the batch it held; a batch's manifest part is named
+after its tour ids, so a re-run batch overwrites rather than duplicates.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from batch.ray_init import ensure_ray
-from diffpano import storage
-from diffpano.compiling import check_mode, compile_pipeline
 from diffpano.defaults import REPLICAS, TOURS_PER_BATCH
-from diffpano.manifest import Tour, commit_tours
-from diffpano.modelio import check_model, resolve_model
+from diffpano.io import storage
+from diffpano.io.manifest import Tour, commit_tours
+from diffpano.pipelines.compiling import check_mode, compile_pipeline
+from diffpano.pipelines.loading import check_model, resolve_model
+from diffpano.pipelines.tours import error_text, make_tours, pending, record_failures
 from diffpano.specs import BulkSpec, SpecError
-from diffpano.tours import error_text, make_tours, pending, record_failures
+from fanout.actors import map_on_actors, start_actors
 
 
 class TourWriter:
@@ -90,8 +86,9 @@ def run_bulk(specs: list[BulkSpec], out: str, model: str | None = None, replicas
     """Generate every spec whose tour is not yet in the manifest under out; failures go to OUT/failures/.
 
     `options` go to every pipeline call (num_ref_views, num_samples, use_epipolar: what an ablation varies);
-    `compile` is the replicas' torch.compile mode (diffpano.compiling); `scheduler` the sampler that replaces the
-    model's own (specs naming theirs keep them). ValueError before any work when the model cannot sample.
+    `compile` is the replicas' torch.compile mode (diffpano.pipelines.compiling); `scheduler` the sampler that
+    replaces the model's own (specs naming theirs keep them). ValueError before any work when the model cannot
+    sample.
     """
     out = storage.absolute(out)
     todo = pending(out, specs)
@@ -99,14 +96,12 @@ def run_bulk(specs: list[BulkSpec], out: str, model: str | None = None, replicas
     started = time.perf_counter()
     if todo:
         check_model(model, own_scheduler=scheduler is None)
-        ensure_ray()
-        writer = ray_writer(num_gpus, cpus_per_replica)
         device, threads = "cuda" if num_gpus else "cpu", max(1, int(cpus_per_replica))
-        pool = [writer.remote(model, out, device, threads, options, compile, scheduler)
-                for _ in range(min(replicas, -(-len(todo) // batch_size)))]
+        pool = start_actors(TourWriter, min(replicas, -(-len(todo) // batch_size)), model, out, device, threads,
+                            options, compile, scheduler, num_cpus=cpus_per_replica, num_gpus=num_gpus)
         batches = [[s.model_dump_json() for s in todo[i:i + batch_size]] for i in range(0, len(todo), batch_size)]
         bar = tqdm(total=len(todo), unit="tour", disable=not progress, desc="tours", mininterval=0)  # each batch shows
-        for result in _run_on_pool(pool, batches):
+        for result in map_on_actors(pool, "write", batches):
             summary.model_seconds += result.model_seconds
             summary.tours_done += len(result.views)
             summary.views_done += sum(result.views.values())
@@ -119,27 +114,3 @@ def run_bulk(specs: list[BulkSpec], out: str, model: str | None = None, replicas
     summary.failures_uri = record_failures(out, f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}", records)
     summary.seconds = time.perf_counter() - started
     return summary
-
-
-def ray_writer(num_gpus: float, cpus: float):
-    """TourWriter as a Ray actor class: restarted after a crash, its batch re-run; this process's storage env."""
-    import ray
-
-    return ray.remote(TourWriter).options(num_cpus=cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=-1,
-                                          runtime_env={"env_vars": storage.worker_env()})
-
-
-def _run_on_pool(replicas: list, batches: list[list[str]], per_replica: int = 2) -> Iterator[BatchResult]:
-    """Each batch's result as soon as it is committed; a replica holds `per_replica` batches (one queued)."""
-    import ray
-
-    waiting, running = list(reversed(batches)), {}
-    for replica in replicas * per_replica:
-        if waiting:
-            running[replica.write.remote(waiting.pop())] = replica
-    while running:
-        [ref], _ = ray.wait(list(running), num_returns=1)
-        replica = running.pop(ref)
-        if waiting:
-            running[replica.write.remote(waiting.pop())] = replica
-        yield ray.get(ref)

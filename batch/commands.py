@@ -7,7 +7,19 @@ import time
 
 import typer
 
-from diffpano.cli import Commands, command_name, compile_option, finite, finite_in, parse_size, scheduler_option
+from diffpano.cli import (
+    Commands,
+    command_name,
+    compile_option,
+    finite_in,
+    parse_size,
+    scheduler_option,
+    spec_options,
+)
+from diffpano.data.captures.build import CaptureSpec
+from diffpano.data.meshes.build import MeshSpec
+from diffpano.data.procedural.build import ProceduralSpec
+from diffpano.data.sources import SourceSpec
 from diffpano.defaults import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
@@ -20,34 +32,59 @@ from diffpano.defaults import (
     TOURS_PER_BATCH,
 )
 
+OUT_HELP = "Dataset folder or s3:// prefix (docs/datasets.md)."
 
+
+@spec_options(ProceduralSpec)
 def dataset_build(
-    scenes: int = typer.Option(8, "--scenes", help="Number of procedural scenes."),
-    clips_per_scene: int = typer.Option(2, "--clips-per-scene", help="Walks (clips) per scene."),
-    frames: int = typer.Option(8, "--frames", help="Keyframes per clip."),
-    size: str = typer.Option("256x512", "--size", help="HxW of the panoramas, W = 2H."),
-    spacing: float = typer.Option(0.5, "--spacing", help="Metres between keyframes.", callback=finite),
-    seed: int = typer.Option(0, "--seed", help="Seed of the whole dataset (scenes, walks, captions)."),
-    out: str = typer.Option("outputs/dataset", "--out", help="Dataset folder or s3:// prefix (docs/datasets.md)."),
-    no_depth: bool = typer.Option(False, "--no-depth", help="Do not write depth panoramas."),
-    captioner: str | None = typer.Option(None, "--captioner", help="Local BLIP2 directory for face captions."),
-    summariser: str | None = typer.Option(None, "--summariser", help="Local LLM directory to merge captions."),
+    spec: ProceduralSpec,
+    out: str = typer.Option("outputs/dataset", "--out", help=OUT_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     processes: int | None = typer.Option(None, "--processes", min=1, max=1024,
                                          help="Render with N local processes instead of Ray tasks."),
 ) -> None:
     """Render a procedural panoramic video-text dataset on Ray; a re-run completes what is missing."""
-    from batch.dataset import build_dataset
-    from diffpano.data.build import BuildSpec
+    build_scenes(spec, [], out, quiet, processes)
 
-    height, width = parse_size(size)
-    spec = BuildSpec(scenes=scenes, clips_per_scene=clips_per_scene, frames=frames, height=height, width=width,
-                     spacing=spacing, seed=seed, depth=not no_depth, captioner=captioner, summariser=summariser)
+
+@spec_options(MeshSpec)
+def dataset_render(
+    spec: MeshSpec,
+    meshes: list[str] = typer.Argument(..., help="Mesh files or globs: .glb/.gltf, .obj (+ .mtl), .ply."),
+    out: str = typer.Option(..., "--out", help=OUT_HELP),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Render walks through textured indoor meshes into a panoramic video-text dataset, a Ray task per mesh; failed
+    meshes are listed in OUT/failures/, and a re-run completes what is missing."""
+    build_scenes(spec, meshes, out, quiet)
+
+
+@spec_options(CaptureSpec)
+def dataset_capture(
+    spec: CaptureSpec,
+    captures: list[str] = typer.Argument(..., help="Equirectangular videos or folders of panoramas, or globs."),
+    out: str = typer.Option(..., "--out", help=OUT_HELP),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Turn 360-degree captures into posed, captioned clips: keyframes by sharpness and motion, COLMAP rig SfM,
+    upright metric poses; a Ray task per capture, failed captures listed in OUT/failures/, a re-run completes what is
+    missing (docs/captures.md)."""
+    build_scenes(spec, captures, out, quiet)
+
+
+def build_scenes(spec: SourceSpec, patterns: list[str], out: str, quiet: bool, processes: int | None = None) -> None:
+    """Build the dataset of a source's spec over the files the patterns name, print its summary and where its
+    failures are; a ValueError is a bad parameter (exit code 2)."""
+    from batch.dataset import build_dataset
+
+    inputs = expand_inputs(patterns, spec.accepts, spec.input_name) if spec.input_name else []
     try:
-        summary = build_dataset(spec, out, progress=not quiet, processes=processes)
+        summary = build_dataset(spec, out, inputs, progress=not quiet, processes=processes)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     typer.echo(summary.line())
+    if summary.failures_uri:
+        typer.echo(f"failed scenes: {summary.failures_uri}")
 
 
 def expand_inputs(patterns: list[str], keep, field: str) -> list[str]:
@@ -62,96 +99,6 @@ def expand_inputs(patterns: list[str], keep, field: str) -> list[str]:
     return paths
 
 
-def run_scene_job(job, make_spec, paths: list[str], out: str, quiet: bool, noun: str) -> None:
-    """Validate the spec, run a per-scene dataset job, print its summary and where its failures are; a ValueError
-    is a bad parameter (exit code 2)."""
-    try:
-        summary = job(make_spec().validate(), paths, out, progress=not quiet)
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
-    typer.echo(summary.line())
-    if summary.failures_uri:
-        typer.echo(f"failed {noun}: {summary.failures_uri}")
-
-
-def dataset_render(
-    meshes: list[str] = typer.Argument(..., help="Mesh files or globs: .glb/.gltf, .obj (+ .mtl), .ply."),
-    out: str = typer.Option(..., "--out", help="Dataset folder or s3:// prefix (docs/datasets.md)."),
-    clips_per_scene: int = typer.Option(2, "--clips-per-scene", help="Walks (clips) per mesh."),
-    frames: int = typer.Option(8, "--frames", help="Keyframes per clip."),
-    size: str = typer.Option("256x512", "--size", help="HxW of the panoramas, W = 2H."),
-    spacing: float = typer.Option(0.5, "--spacing", help="Metres between keyframes.", callback=finite),
-    camera_height: float = typer.Option(1.5, "--camera-height", help="Eye height above the floor, metres.",
-                                        callback=finite),
-    clearance: float = typer.Option(0.3, "--clearance", help="Metres kept from walls and furniture.", callback=finite),
-    up: str = typer.Option("y", "--up", help="The meshes' up axis: y (glTF, HM3D, 3D-FRONT), z (Matterport3D, "
-                           "ScanNet, Replica) or -y (already this project's frame)."),
-    unit_scale: float = typer.Option(1.0, "--unit-scale", help="Metres per mesh unit (0.01 for centimetres).",
-                                     callback=finite),
-    seed: int = typer.Option(0, "--seed", help="Seed of the walks and captions."),
-    no_depth: bool = typer.Option(False, "--no-depth", help="Do not write depth panoramas."),
-    captioner: str | None = typer.Option(None, "--captioner", help="Local BLIP2 directory for face captions "
-                                         "(needed, with --summariser, for meshes without semantic labels)."),
-    summariser: str | None = typer.Option(None, "--summariser", help="Local LLM directory to merge captions."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-) -> None:
-    """Render walks through textured indoor meshes into a panoramic video-text dataset, a Ray task per mesh; failed
-    meshes are listed in OUT/failures/, and a re-run completes what is missing."""
-
-    from batch.dataset import render_meshes
-    from diffpano.data.mesh import MESH_SUFFIXES
-    from diffpano.data.mesh_build import MeshSpec
-
-    def scene_file(name: str) -> bool:  # a glob keeps meshes, not their textures, MTLs or semantic sidecars
-        base = os.path.basename(name).lower()
-        return base.endswith(MESH_SUFFIXES) and ".semantic." not in base and not base.endswith("_semantic.ply")
-
-    paths = expand_inputs(meshes, scene_file, "MESHES")
-    height, width = parse_size(size)
-    run_scene_job(render_meshes, lambda: MeshSpec(
-        clips_per_scene=clips_per_scene, frames=frames, height=height, width=width, spacing=spacing,
-        camera_height=camera_height, clearance=clearance, seed=seed, up=up, unit_scale=unit_scale,
-        depth=not no_depth, captioner=captioner, summariser=summariser), paths, out, quiet, "scenes")
-
-
-def dataset_capture(
-    captures: list[str] = typer.Argument(..., help="Equirectangular videos or folders of panoramas, or globs."),
-    out: str = typer.Option(..., "--out", help="Dataset folder or s3:// prefix (docs/datasets.md)."),
-    frames: int = typer.Option(8, "--frames", help="Keyframes per clip."),
-    size: str = typer.Option("256x512", "--size", help="HxW of the written panoramas, W = 2H."),
-    sfm_size: str = typer.Option("512x1024", "--sfm-size", help="HxW the panoramas are reconstructed at."),
-    keyframe_spacing: float = typer.Option(0.5, "--keyframe-spacing", help="Metres between keyframes.",
-                                           callback=finite),
-    camera_height: float = typer.Option(1.6, "--camera-height", help="Lens height above the floor, metres: sets "
-                                        "the metric scale.", callback=finite),
-    scale: float | None = typer.Option(None, "--scale", help="Metres per reconstruction unit, instead of "
-                                       "--camera-height.", callback=finite),
-    fps: float = typer.Option(2.0, "--fps", help="Video frames read per second.", callback=finite),
-    max_frames: int = typer.Option(600, "--max-frames", help="Most frames read from one capture (held in memory)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the reconstruction."),
-    captioner: str | None = typer.Option(None, "--captioner", help="Local BLIP2 directory for face captions."),
-    summariser: str | None = typer.Option(None, "--summariser", help="Local LLM directory to merge captions."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-) -> None:
-    """Turn 360-degree captures into posed, captioned clips: keyframes by sharpness and motion, COLMAP rig SfM,
-    upright metric poses; a Ray task per capture, failed captures listed in OUT/failures/, a re-run completes what is
-    missing (docs/captures.md)."""
-
-    from batch.dataset import capture_dataset
-    from diffpano.data.capture_build import CaptureSpec
-    from diffpano.data.capture_frames import is_capture
-
-    paths = expand_inputs(captures, is_capture, "CAPTURES")
-    height, width = parse_size(size)
-    sfm_height, sfm_width = parse_size(sfm_size, "--sfm-size")
-    if sfm_width != 2 * sfm_height:
-        raise typer.BadParameter(f"sfm_size: equirectangular panoramas need W = 2H, got {sfm_height}x{sfm_width}")
-    run_scene_job(capture_dataset, lambda: CaptureSpec(
-        frames=frames, height=height, width=width, sfm_height=sfm_height, keyframe_spacing=keyframe_spacing,
-        camera_height=camera_height, scale=scale, fps=fps, max_frames=max_frames, seed=seed, captioner=captioner,
-        summariser=summariser), paths, out, quiet, "captures")
-
-
 def bulk(
     specs: str | None = typer.Option(None, "--specs", help="Tour specs (docs/bulk-specs.md): JSONL or Parquet, "
                                      "local or s3://."),
@@ -159,7 +106,7 @@ def bulk(
     views: int = typer.Option(DEFAULT_VIEWS, "--views", min=1, max=MAX_SPEC_VIEWS, help="Views per synthetic tour."),
     steps: int | None = typer.Option(None, "--steps", min=1, max=MAX_SPEC_STEPS,
                                      help="Sampler steps of synthetic tours."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the synthetic specs."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the synthetic specs."),
     out: str = typer.Option("outputs/bulk", "--out", help="Output folder or s3:// prefix (docs/tours.md)."),
     model: str | None = typer.Option(None, "--model", help="Model directory or s3:// URI (default: bundled)."),
     replicas: int = typer.Option(REPLICAS, "--replicas", min=1, help="Model replicas (Ray actors)."),
@@ -221,7 +168,7 @@ def bulk_online(endpoint: str, specs: list, out: str) -> None:
 
 def eval_tools(inception, clip, faed, adherence, lpips_weights):
     """The metric networks from local files, or a clear error naming the option."""
-    from diffpano.evaluation import load_tools
+    from diffpano.metrics.evaluation import load_tools
 
     try:
         return load_tools(inception, clip, faed or "bundled", adherence or "bundled", lpips_weights)
@@ -250,7 +197,7 @@ def evaluate(
     size: str | None = typer.Option(None, "--size", help="HxW to generate at (default: the model's size)."),
     scheduler: str | None = scheduler_option(),
     replicas: int = typer.Option(REPLICAS, "--replicas", min=1, help="Model replicas (Ray actors) generating tours."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0),
     inception: str | None = EVAL_WEIGHTS["inception"],
     clip: str | None = EVAL_WEIGHTS["clip"],
     faed: str | None = EVAL_WEIGHTS["faed"],
@@ -298,7 +245,7 @@ def ablate(
     steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, max=MAX_STEPS),
     scheduler: str | None = scheduler_option(),
     replicas: int = typer.Option(REPLICAS, "--replicas", min=1),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0),
     inception: str | None = EVAL_WEIGHTS["inception"],
     clip: str | None = EVAL_WEIGHTS["clip"],
     faed: str | None = EVAL_WEIGHTS["faed"],
@@ -323,7 +270,7 @@ def ablate(
 
 def print_metrics(metrics: dict, out: str) -> None:
     """Summary lines of an evaluation."""
-    from diffpano.evaluation import SUMMARY_KEYS
+    from diffpano.metrics.evaluation import SUMMARY_KEYS
 
     for key in SUMMARY_KEYS:
         if isinstance(metrics.get(key), float):

@@ -1,14 +1,16 @@
-"""Evaluation on Ray: a dataset's test tours generated as a bulk job, then scored and reported (diffpano.evaluation)."""
+"""Evaluation on Ray: a dataset's test tours generated as a bulk job, then scored and reported
+(diffpano.metrics.evaluation)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from batch.bulk import run_bulk
-from diffpano import storage
 from diffpano.data.manifest import read_dataset
 from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_VIEWS, REPLICAS
-from diffpano.evaluation import (
+from diffpano.io import storage
+from diffpano.io.manifest import decode_rgb, read_tours, resolve_uri
+from diffpano.metrics.evaluation import (
     SUMMARY_KEYS,
     EvalTools,
     EvalTour,
@@ -16,7 +18,6 @@ from diffpano.evaluation import (
     select_eval_tours,
     write_eval_report,
 )
-from diffpano.manifest import decode_rgb, read_tours, resolve_uri
 from diffpano.specs import BulkSpec
 
 

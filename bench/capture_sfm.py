@@ -22,11 +22,11 @@ from PIL import Image  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from tiny_captioners import write_tiny_blip2, write_tiny_llm  # noqa: E402
 
-from diffpano.data.capture_build import CaptureSpec  # noqa: E402
-from diffpano.data.scene_mesh import SceneMeshRenderer  # noqa: E402
-from diffpano.data.scenes import generate_scene  # noqa: E402
-from diffpano.data.sfm import reconstruct  # noqa: E402
-from diffpano.data.walks import clip_poses  # noqa: E402
+from diffpano.data.captures.build import CaptureSpec  # noqa: E402
+from diffpano.data.captures.sfm import reconstruct  # noqa: E402
+from diffpano.data.procedural.scene_mesh import SceneMeshRenderer  # noqa: E402
+from diffpano.data.procedural.scenes import generate_scene  # noqa: E402
+from diffpano.data.procedural.walks import clip_poses  # noqa: E402
 
 
 def walk(seed: int, keyframes: int) -> list[np.ndarray]:
@@ -54,15 +54,15 @@ def job_rows(captures: list[Path], root: Path, blip2: str, llm: str) -> tuple[li
     """The whole capture job on local Ray (2 CPUs), over the first capture alone and over all of them."""
     import ray
 
-    from batch.dataset import capture_dataset
+    from batch.dataset import build_dataset
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    spec = CaptureSpec(keyframe_spacing=0.4, camera_height=1.5, captioner=blip2, summariser=llm).validate()
+    spec = CaptureSpec(spacing=0.4, camera_height=1.5, captioner=blip2, summariser=llm)
     rows, rates = [], []
     for subset in (captures[:1], captures):
         started = time.perf_counter()
-        summary = capture_dataset(spec, [str(c) for c in subset], str(Path(tempfile.mkdtemp(dir=root)) / "ds"),
-                                  progress=False)
+        summary = build_dataset(spec, str(Path(tempfile.mkdtemp(dir=root)) / "ds"), [str(c) for c in subset],
+                                progress=False)
         seconds = time.perf_counter() - started
         rates.append(summary.frames_written / seconds)
         rows.append([len(subset), summary.frames_written, f"{seconds:.1f}", f"{60 * len(subset) / seconds:.2f}",

@@ -20,11 +20,11 @@ from diffusers import UNet2DConditionModel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffpano import storage
-from diffpano.epipolar_ops.op import BACKEND_ENV
-from diffpano.manifest import read_manifest
-from diffpano.modelio import resolve_model
-from diffpano.trajectories import named_trajectory
+from diffpano.geometry.trajectories import named_trajectory
+from diffpano.io import storage
+from diffpano.io.manifest import read_manifest
+from diffpano.ops.op import BACKEND_ENV
+from diffpano.pipelines.loading import resolve_model
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core FLOP/s of an H100 SXM (NVIDIA's datasheet)
 UTILISATION = (0.15, 0.40)  # assumed share of peak a UNet sampler reaches (batch 1 low, batched views high)

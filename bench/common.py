@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from diffusers.utils import logging as diffusers_logging
 
-from diffpano.memory import cpu_peak_profiler
-from diffpano.modelio import default_dtype, pick_device
+from diffpano.ops.memory import cpu_peak_profiler
+from diffpano.pipelines.loading import default_dtype, pick_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MB = 2**20

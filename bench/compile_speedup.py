@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from common import format_table, median, write_json
 
-from diffpano.compiling import COMPILE_MODES, compile_pipeline, uncompile_module
-from diffpano.data.build import BuildSpec, render_clips
 from diffpano.data.manifest import commit_clips
-from diffpano.modelio import load_model
-from diffpano.trajectories import walk
+from diffpano.data.procedural.build import ProceduralSpec, render_clips
+from diffpano.geometry.trajectories import walk
+from diffpano.pipelines.compiling import COMPILE_MODES, compile_pipeline, uncompile_module
+from diffpano.pipelines.loading import load_model
 from trainer.config import load_config
 from trainer.run import train
 
@@ -78,7 +78,7 @@ def rates(metrics_csv: Path, per_step: int, skip: int) -> tuple[float, float]:
 def training(args: argparse.Namespace) -> dict:
     """Stage-1 panoramas/s and stage-2 views/s of the bundled architecture, eager and compiled."""
     work = Path(tempfile.mkdtemp(prefix="diffpano-bench-compile-"))
-    spec = BuildSpec(scenes=2, clips_per_scene=2, frames=6, height=128, width=256, seed=3)
+    spec = ProceduralSpec(scenes=2, clips_per_scene=2, frames=6, height=128, width=256, seed=3)
     for s in range(spec.scenes):
         commit_clips(str(work / "ds"), render_clips(spec, s, list(range(spec.clips_per_scene))))
     batch, tours_per_step, views = 4, 1, 4

@@ -26,10 +26,10 @@ from common import (
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from diffpano.epipolar import EpipolarAdapter, EpipolarContext, epipolar_kwargs
-from diffpano.factory import sd_unet_config, tiny_unet_config
-from diffpano.seamless import make_seamless
-from diffpano.trajectories import walk
+from diffpano.geometry.trajectories import walk
+from diffpano.models.epipolar import EpipolarAdapter, EpipolarContext, epipolar_kwargs
+from diffpano.models.seamless import make_seamless
+from diffpano.pipelines.factory import sd_unet_config, tiny_unet_config
 
 GOAL_RATIO = 1.25
 TIMESTEP = 500

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from common import format_table, goal_line, median, write_json
 
-from diffpano.memory import cpu_peak_profiler
-from diffpano.modelio import load_model
-from diffpano.trajectories import walk
+from diffpano.geometry.trajectories import walk
+from diffpano.ops.memory import cpu_peak_profiler
+from diffpano.pipelines.loading import load_model
 
 GOAL_TIME, GOAL_MEMORY = 1.10, 0.10
 MODEL = "diffpano/assets/model"

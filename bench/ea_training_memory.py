@@ -22,11 +22,11 @@ import torch
 from common import format_table, write_json
 from diffusers import UNet2DConditionModel
 
-from diffpano.epipolar import EpipolarAdapter
-from diffpano.epipolar_ops.reference import reference_forward
-from diffpano.factory import sd_unet_config
-from diffpano.memory import cpu_peak_profiler
-from diffpano.trajectories import walk
+from diffpano.geometry.trajectories import walk
+from diffpano.models.epipolar import EpipolarAdapter
+from diffpano.ops.memory import cpu_peak_profiler
+from diffpano.ops.reference import reference_forward
+from diffpano.pipelines.factory import sd_unet_config
 
 MB = 2**20
 VAE_FACTOR = 8

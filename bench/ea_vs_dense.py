@@ -29,8 +29,8 @@ from common import (
 )
 from torch import nn
 
-from diffpano.epipolar import EpipolarAdapter, EpipolarAttention
-from diffpano.trajectories import walk
+from diffpano.geometry.trajectories import walk
+from diffpano.models.epipolar import EpipolarAdapter, EpipolarAttention
 
 GOAL_SPEEDUP = 20.0
 GOAL_AT_N = 8

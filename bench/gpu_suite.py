@@ -179,7 +179,7 @@ class Results:
 
 
 class FallbackCounter(logging.Handler):
-    """Counts diffpano.compiling's warnings that a compile failed and the call ran eagerly."""
+    """Counts diffpano.pipelines.compiling's warnings that a compile failed and the call ran eagerly."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -194,7 +194,7 @@ class FallbackCounter(logging.Handler):
 def compile_fallbacks() -> Iterator[FallbackCounter]:
     """Collect the compile-fallback warnings logged inside the block."""
     counter = FallbackCounter()
-    logger = logging.getLogger("diffpano.compiling")
+    logger = logging.getLogger("diffpano.pipelines.compiling")
     logger.addHandler(counter)
     try:
         yield counter
@@ -218,12 +218,12 @@ def label(mode: str) -> str:
 def training_data(ctx: Context) -> str:
     """A procedural dataset of the plan's size under the scratch folder."""
     from batch.dataset import build_dataset
-    from diffpano.data.build import BuildSpec, render_clips
     from diffpano.data.manifest import commit_clips
+    from diffpano.data.procedural.build import ProceduralSpec, render_clips
 
     scenes, clips, frames, h, w = ctx.plan.dataset
     root = str(ctx.scratch / "train-dataset")
-    spec = BuildSpec(scenes=scenes, clips_per_scene=clips, frames=frames, height=h, width=w, seed=3, depth=False)
+    spec = ProceduralSpec(scenes=scenes, clips_per_scene=clips, frames=frames, height=h, width=w, seed=3, depth=False)
     started = time.perf_counter()
     if ctx.plan.render_processes > 1:
         build_dataset(spec, root, progress=False, processes=ctx.plan.render_processes)
@@ -315,8 +315,14 @@ def tour_model(ctx: Context, kind: str) -> tuple[Any, Any]:
     """(pipeline on the plan's device, its dtype) of `kind`: the model under test, or an SD-shaped random one."""
     import torch
 
-    from diffpano.factory import build_pipeline, sd_unet_config, sd_vae_config, tiny_unet_config, tiny_vae_config
-    from diffpano.modelio import load_model, place
+    from diffpano.pipelines.factory import (
+        build_pipeline,
+        sd_unet_config,
+        sd_vae_config,
+        tiny_unet_config,
+        tiny_vae_config,
+    )
+    from diffpano.pipelines.loading import load_model, place
 
     if kind == "bundled":
         pipe = load_model(ctx.model, ctx.plan.device)
@@ -335,7 +341,7 @@ def tour_case(ctx: Context, pipe: Any, kind: str, views: int) -> dict:
     """Warm-up, median seconds and peak memory of one tour of `views` views (memory: one more call)."""
     import torch
 
-    from diffpano.trajectories import walk
+    from diffpano.geometry.trajectories import walk
 
     size = ctx.plan.tour_sizes[kind] or tuple(pipe.default_size)
     poses = walk(views, spacing=1.0)
@@ -358,7 +364,7 @@ def section_tours(ctx: Context, kind: str) -> None:
     """Tour seconds and peak memory at each view count, eager and then with the UNet compiled."""
     import torch
 
-    from diffpano.compiling import compile_pipeline, is_compiled
+    from diffpano.pipelines.compiling import compile_pipeline, is_compiled
 
     if ctx.plan.device == "cpu":
         torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -630,8 +636,8 @@ def section_env(ctx: Context) -> dict:
 
 def tiny_model(path: Path) -> Path:
     """A tiny random pixel-space model saved as a model directory (the dry run's model under test)."""
-    from diffpano.factory import build_tiny_pipeline
-    from diffpano.modelio import save_model
+    from diffpano.pipelines.factory import build_tiny_pipeline
+    from diffpano.pipelines.loading import save_model
 
     pipe = build_tiny_pipeline(latent=False)
     pipe.model_name = "tiny-random"

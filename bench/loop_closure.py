@@ -17,10 +17,10 @@ import torch
 from common import format_table, goal_line, write_json
 
 from diffpano.defaults import WINDOW_VIEWS
+from diffpano.geometry.trajectories import orbit
 from diffpano.metrics.consistency import epipolar_error
 from diffpano.metrics.images import float_images
-from diffpano.modelio import load_model
-from diffpano.trajectories import orbit
+from diffpano.pipelines.loading import load_model
 
 GOAL = 1.15
 PROMPTS = ["a cozy living room with a grey sofa and a wooden floor", "a bright kitchen with white cabinets",

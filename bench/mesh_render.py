@@ -25,15 +25,15 @@ from mesh_rooms import write_glb  # noqa: E402
 
 from diffpano.data.captions import SceneGraphCaptioner, TemplateSummariser  # noqa: E402
 from diffpano.data.manifest import depth_png_bytes  # noqa: E402
-from diffpano.data.mesh import load_mesh  # noqa: E402
-from diffpano.data.mesh_captions import caption_mesh_frame  # noqa: E402
-from diffpano.data.raycast import MeshRenderer  # noqa: E402
-from diffpano.data.render import SceneRenderer, erp_directions  # noqa: E402
-from diffpano.data.scene_mesh import SceneMeshRenderer  # noqa: E402
-from diffpano.data.scenes import generate_scene  # noqa: E402
-from diffpano.data.walkable import floor_map, walk_poses  # noqa: E402
-from diffpano.data.walks import clip_poses  # noqa: E402
-from diffpano.manifest import png_bytes  # noqa: E402
+from diffpano.data.meshes.captions import caption_mesh_frame  # noqa: E402
+from diffpano.data.meshes.mesh import load_mesh  # noqa: E402
+from diffpano.data.meshes.raycast import MeshRenderer  # noqa: E402
+from diffpano.data.meshes.walkable import floor_map, walk_poses  # noqa: E402
+from diffpano.data.procedural.render import SceneRenderer, erp_directions  # noqa: E402
+from diffpano.data.procedural.scene_mesh import SceneMeshRenderer  # noqa: E402
+from diffpano.data.procedural.scenes import generate_scene  # noqa: E402
+from diffpano.data.procedural.walks import clip_poses  # noqa: E402
+from diffpano.io.manifest import png_bytes  # noqa: E402
 
 SIZES = ((256, 512), (512, 1024))
 

@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffpano.data.build import BuildSpec, render_clips
+from diffpano.data.procedural.build import ProceduralSpec, render_clips
 from diffpano.defaults import DEFAULT_GUIDANCE
+from diffpano.geometry.trajectories import walk
 from diffpano.metrics.adherence import load_classifier, parse_prompt, predict, prompts_grid
 from diffpano.metrics.consistency import epipolar_consistency
-from diffpano.modelio import resolve_model
-from diffpano.schedulers import SCHEDULER_NAMES
-from diffpano.trajectories import walk
+from diffpano.pipelines.loading import resolve_model
+from diffpano.pipelines.schedulers import SCHEDULER_NAMES
 
 DEFAULT_CONFIGS = ("ddim:30", "dpmpp-2m:15", "dpmpp-2m:20")
 ROOMS = 6
@@ -55,7 +55,7 @@ def chosen_prompts(count: int) -> list[tuple[int, str]]:
 
 def held_out_tours(count: int, views: int, height: int, width: int) -> list[tuple[list[str], np.ndarray]]:
     """(captions, poses (V, 4, 4)) of `count` walks through procedural scenes of seed 1 (two walks a scene)."""
-    spec = BuildSpec(scenes=math.ceil(count / 2), clips_per_scene=2, frames=views, height=height, width=width,
+    spec = ProceduralSpec(scenes=math.ceil(count / 2), clips_per_scene=2, frames=views, height=height, width=width,
                      seed=1, depth=False)
     clips = [c for s in range(spec.scenes) for c in render_clips(spec, s, [0, 1])][:count]
     return [(list(c.captions), c.poses.astype(np.float64)) for c in clips]

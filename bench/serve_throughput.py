@@ -24,8 +24,8 @@ import requests  # noqa: E402
 import torch  # noqa: E402
 from common import format_table, free_port, goal_line, write_json  # noqa: E402
 
-from diffpano.modelio import resolve_model  # noqa: E402
-from diffpano.trajectories import walk  # noqa: E402
+from diffpano.geometry.trajectories import walk  # noqa: E402
+from diffpano.pipelines.loading import resolve_model  # noqa: E402
 
 LEVELS = (1, 4, 8)
 

@@ -20,8 +20,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import torch  # noqa: E402
 from common import format_table, goal_line, write_json  # noqa: E402
 
-from diffpano.data.build import BuildSpec, render_clips  # noqa: E402
 from diffpano.data.manifest import commit_clips  # noqa: E402
+from diffpano.data.procedural.build import ProceduralSpec, render_clips  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.run import train  # noqa: E402
 
@@ -50,7 +50,7 @@ def main() -> None:
     h, w = (int(x) for x in args.size.split("x"))
     work = Path(tempfile.mkdtemp(prefix="diffpano-bench-train-"))
     dataset = str(work / "ds")
-    spec = BuildSpec(scenes=2, clips_per_scene=2, frames=6, height=h, width=w, seed=3)
+    spec = ProceduralSpec(scenes=2, clips_per_scene=2, frames=6, height=h, width=w, seed=3)
     for s in range(spec.scenes):
         commit_clips(dataset, render_clips(spec, s, list(range(spec.clips_per_scene))))
     views, tours = 4, 2  # stage 2: tours of 4 views per step in all

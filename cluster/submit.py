@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from diffpano import storage
+from diffpano.io import storage
 
 KINDS = ("train", "bulk")
 # Where each kind writes: on a cluster a relative path would land in the job's temporary working directory and vanish.

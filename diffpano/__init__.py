@@ -8,7 +8,7 @@ import logging
 logging.getLogger("transformers.utils.import_utils").addFilter(
     lambda record: "requires torchvision (not installed); falling back" not in record.getMessage())
 
-from diffpano.epipolar import EpipolarAdapter  # noqa: E402
+from diffpano.models.epipolar import EpipolarAdapter  # noqa: E402
 from diffpano.pipelines import MultiViewPanoPipeline, PanoPipeline, PanoramaOutput, TourOutput  # noqa: E402
 
 __all__ = ["EpipolarAdapter", "MultiViewPanoPipeline", "PanoPipeline", "PanoramaOutput", "TourOutput"]

@@ -3,17 +3,22 @@ entry-point group (pyproject.toml), so no layer names one above it; plus the opt
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 import shutil
 import sys
+import typing
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import typer
+from pydantic import BaseModel, ValidationError
 
-from diffpano.compiling import COMPILE_MODES
-from diffpano.schedulers import SCHEDULER_NAMES
+from diffpano.pipelines.compiling import COMPILE_MODES
+from diffpano.pipelines.schedulers import SCHEDULER_NAMES
+from diffpano.specs import error_line
 
 GROUP = "diffpano.commands"
 HELP = "DiffPano: text to consistent 360° panorama tours."
@@ -102,6 +107,72 @@ def parse_size(size: str | None, flag: str = "--size") -> tuple[int | None, int 
     except ValueError:
         raise typer.BadParameter(f"{flag}: expected HxW such as 128x256, got {size!r}") from None
     return h, w
+
+
+def spec_options(spec_cls: type[BaseModel]):
+    """Decorate a command taking `spec`: it gets one option per field of spec_cls (help from the field's
+    description; a height field and its width as one HxW size option), validated into spec_cls before the command
+    runs; a value that breaks a rule is a bad parameter naming the field. A height field marked
+    json_schema_extra={"size": True} (and its width, W = 2H when there is none) is one HxW option."""
+    fields = spec_cls.model_fields
+    sizes = {name.removesuffix("height"): name for name, info in fields.items()  # prefix -> height field
+             if (info.json_schema_extra or {}).get("size")}
+
+    def option(name: str, info) -> inspect.Parameter:
+        """The typer option of one field."""
+        kind = info.annotation
+        if typing.get_origin(kind) is typing.Literal:  # typer has no Literal: pydantic checks the choice
+            kind = str
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            flag = f"{flag}/--no-{name.replace('_', '-')}"
+        bounds = {k: getattr(m, a) for m in info.metadata for k, a in (("min", "ge"), ("max", "le")) if hasattr(m, a)}
+        help_text = info.description
+        if kind is not int:  # click's float ranges call NaN out of range; pydantic says it is not finite
+            help_text += "".join(f" {k.capitalize()} {v}." for k, v in bounds.items())
+            bounds = {}
+        elif bounds.get("max", 0) >= 2**31:  # a seed: no bound worth printing
+            bounds.pop("max")
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                                 default=typer.Option(info.default, flag, help=help_text, **bounds))
+
+    def size_option(prefix: str, height: str) -> inspect.Parameter:
+        """One HxW option for a height field (and its width, W = 2H by default)."""
+        h, what = fields[height].default, fields[height].description.split(" (")[0]
+        return inspect.Parameter(f"{prefix}size", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                                 default=typer.Option(f"{h}x{2 * h}", f"--{prefix.replace('_', '-')}size",
+                                                      help=f"{what}: HxW, W = 2H."))
+
+    def decorate(fn):
+        own = [p for p in inspect.signature(fn).parameters.values() if p.name != "spec"]
+        paired = set(sizes.values()) | {f"{k}width" for k in sizes}
+        arguments = [p for p in own if isinstance(p.default, typer.models.ArgumentInfo)]
+        params = arguments + [size_option(k, v) for k, v in sizes.items()]
+        params += [option(n, f) for n, f in fields.items() if n not in paired and n != "source"]
+        params += [p for p in own if p not in arguments]
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            values = {n: kwargs.pop(n) for n in list(kwargs) if n in fields}
+            for prefix, height in sizes.items():
+                flag = f"--{prefix.replace('_', '-')}size"
+                values[height], width = parse_size(kwargs.pop(f"{prefix}size"), flag)
+                if f"{prefix}width" in fields:
+                    values[f"{prefix}width"] = width
+                elif width != 2 * values[height]:
+                    raise typer.BadParameter(f"{prefix}size: equirectangular panoramas need W = 2H, got "
+                                             f"{values[height]}x{width}")
+            try:
+                spec = spec_cls(**values)
+            except ValidationError as err:
+                raise typer.BadParameter(error_line(err)) from None
+            return fn(spec=spec, **kwargs)
+
+        command.__signature__ = inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params])
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
 
 
 def command_name() -> str:

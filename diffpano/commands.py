@@ -17,7 +17,7 @@ DEFAULT_OUT = "outputs/tours"
 
 def tour_poses(trajectory: str, views: int | None, spacing: float):
     """Poses and optional per-view prompts of a named trajectory or a JSON file (whose poses set the views)."""
-    from diffpano.trajectories import load_trajectory, named_trajectory
+    from diffpano.geometry.trajectories import load_trajectory, named_trajectory
 
     if trajectory in ("walk", "orbit"):
         params = {"spacing": spacing} if trajectory == "walk" else {}
@@ -52,9 +52,9 @@ def generate(
     compile: str | None = compile_option(),
 ) -> None:
     """Generate one multi-view tour and add it to the output (images + Parquet manifest)."""
-    from diffpano.compiling import compile_pipeline, is_compiled
-    from diffpano.manifest import Tour, commit_tours
-    from diffpano.modelio import check_model, pick_device, resolve_model
+    from diffpano.io.manifest import Tour, commit_tours
+    from diffpano.pipelines.compiling import compile_pipeline, is_compiled
+    from diffpano.pipelines.loading import check_model, pick_device, resolve_model
 
     height, width = parse_size(size)
     try:
@@ -72,7 +72,7 @@ def generate(
     started = time.perf_counter()
     pipe = resolve_model(model, device, scheduler=scheduler)
     if lora:
-        from diffpano.lora import load_lora
+        from diffpano.models.lora import load_lora
 
         try:
             load_lora(pipe, lora)
@@ -110,8 +110,8 @@ def video(
     fps: int = typer.Option(12, min=1, max=120),
 ) -> None:
     """Render a perspective walk-through of a generated tour as a video."""
-    from diffpano.manifest import latest_tour_id, read_tours
-    from diffpano.video import walkthrough_frames, write_video
+    from diffpano.io.manifest import latest_tour_id, read_tours
+    from diffpano.io.video import walkthrough_frames, write_video
 
     tour_id = tour or latest_tour_id(output)
     if tour_id is None:
@@ -148,7 +148,7 @@ def pack_model(
     fp16: list[str] | None = typer.Option(None, "--fp16", help="Components stored in float16 (e.g. unet)."),
 ) -> None:
     """Copy a model for shipping: the text encoder as a package reference, some components in float16."""
-    from diffpano.modelio import pack_model as pack
+    from diffpano.pipelines.loading import pack_model as pack
 
     try:
         out = pack(src, str(dst), text_encoder_package, tuple(fp16 or ()))
@@ -164,7 +164,7 @@ def manifest_compact(
                                     "(required for s3://: S3 has no atomic swap); image URIs become absolute."),
 ) -> None:
     """Merge the manifest's parts into one; a concurrent reader never sees a duplicate or a missing row."""
-    from diffpano.compaction import compact
+    from diffpano.io.compaction import compact
 
     try:
         summary = compact(uri, into)

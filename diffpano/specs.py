@@ -14,11 +14,11 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
-from diffpano import storage
 from diffpano.defaults import DEFAULT_VIEWS, MAX_SEED, MAX_SPEC_STEPS, MAX_SPEC_VIEWS
-from diffpano.geometry import validate_poses
-from diffpano.schedulers import SCHEDULER_NAMES
-from diffpano.trajectories import named_trajectory, trajectory_params
+from diffpano.geometry.spherical import validate_poses
+from diffpano.geometry.trajectories import named_trajectory, trajectory_params
+from diffpano.io import storage
+from diffpano.pipelines.schedulers import SCHEDULER_NAMES
 
 MAX_PROMPT_CHARS = 1000
 MAX_GUIDANCE = 30.0
@@ -149,6 +149,18 @@ def read_spec_rows(uri: str) -> list[dict]:
     return rows
 
 
+def _first_error(err: ValidationError) -> tuple[str, str]:
+    """The field (dotted path, "spec" for the whole) and message of a validation error's first problem."""
+    first = err.errors()[0]
+    return ".".join(str(p) for p in first["loc"]) or "spec", first["msg"].removeprefix("Value error, ")
+
+
+def error_line(err: ValidationError) -> str:
+    """'field: message' of a validation error's first problem (a model-level message names its own field)."""
+    where, message = _first_error(err)
+    return message if where == "spec" else f"{where}: {message}"
+
+
 def validate_specs(rows: Sequence[Any]) -> tuple[list[BulkSpec], list[SpecError]]:
     """Specs that pass the rules, and an error per row that does not (duplicate ids included)."""
     good, errors, seen = [], [], set()
@@ -158,9 +170,7 @@ def validate_specs(rows: Sequence[Any]) -> tuple[list[BulkSpec], list[SpecError]
         try:
             spec = BulkSpec.model_validate(row)
         except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "spec"
-            errors.append(SpecError(n, where, first["msg"].removeprefix("Value error, ")))
+            errors.append(SpecError(n, *_first_error(err)))
             continue
         if spec.tour_id in seen:
             errors.append(SpecError(n, "tour_id", f"duplicate tour_id {spec.tour_id!r}"))
@@ -172,10 +182,10 @@ def validate_specs(rows: Sequence[Any]) -> tuple[list[BulkSpec], list[SpecError]
 
 def synthetic_specs(count: int, views: int = DEFAULT_VIEWS, seed: int = 0, steps: int | None = None) -> list[dict]:
     """Specs of walks through procedural scenes, from room to room, with each view's own caption."""
-    from diffpano.data.build import BuildSpec, render_clips
+    from diffpano.data.procedural.build import ProceduralSpec, render_clips
 
-    spec = BuildSpec(scenes=count, clips_per_scene=1, frames=views, height=16, width=32, seed=seed, depth=False,
-                     face_size=16)
+    spec = ProceduralSpec(scenes=count, clips_per_scene=1, frames=views, height=16, width=32, seed=seed, depth=False,
+                          face_size=16)
     out = []
     for i in range(count):
         clip = render_clips(spec, i, [0])[0]

@@ -23,16 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffpano.data.materials import WALL_COLOURS
+from diffpano.data.procedural.materials import WALL_COLOURS
 from diffpano.defaults import DEFAULT_GUIDANCE
-from diffpano.evaluation import select_eval_tours
+from diffpano.geometry.trajectories import walk
 from diffpano.metrics.adherence import adherence, load_classifier, predict, prompt_panoramas, prompts_grid
 from diffpano.metrics.consistency import epipolar_error
+from diffpano.metrics.evaluation import select_eval_tours
 from diffpano.metrics.images import float_images
 from diffpano.metrics.report import tour_grid
 from diffpano.metrics.seam import column_jumps
-from diffpano.modelio import resolve_model
-from diffpano.trajectories import walk
+from diffpano.pipelines.loading import resolve_model
 
 GOALS = {"tour_seconds": 30.0, "wall_accuracy": 0.80, "room_accuracy": 0.70, "seam_colour_ratio_median": 1.0,
          "epipolar_vs_unrelated": 0.6, "epipolar_vs_no_ea": 0.8}

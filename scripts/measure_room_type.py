@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from diffpano.data.captions import a, listing
-from diffpano.data.furniture import PLANS, SPECS
-from diffpano.data.scenes import ROOM_TYPES
+from diffpano.data.procedural.furniture import PLANS, SPECS
+from diffpano.data.procedural.scenes import ROOM_TYPES
 from diffpano.defaults import DEFAULT_GUIDANCE
 from diffpano.metrics.adherence import (
     BUNDLED,
@@ -35,7 +35,7 @@ from diffpano.metrics.adherence import (
     prompt_panoramas,
     prompts_grid,
 )
-from diffpano.modelio import resolve_model
+from diffpano.pipelines.loading import resolve_model
 
 
 def usual_furniture(room: str) -> str:

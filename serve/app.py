@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ray.serve import Application
 
-from diffpano import storage
+from diffpano.io import storage
 from serve.deployment import PanoGenerator
 from serve.ingress import DiffPanoAPI, ServerSettings
 

@@ -9,11 +9,11 @@ import time
 import numpy as np
 from ray import serve
 
-from diffpano.compiling import check_mode, compile_pipeline
 from diffpano.defaults import BATCH_WAIT_S, MAX_BATCH_VIEWS
-from diffpano.manifest import Tour, commit_tours, image_path, png_bytes
-from diffpano.modelio import resolve_model
-from diffpano.tours import make_tours
+from diffpano.io.manifest import Tour, commit_tours, image_path, png_bytes
+from diffpano.pipelines.compiling import check_mode, compile_pipeline
+from diffpano.pipelines.loading import resolve_model
+from diffpano.pipelines.tours import make_tours
 from serve.schemas import GenerationJob, GenerationResult
 
 HEALTH_PROBE_AFTER_S = 300.0  # without a batch for this long, check_health runs a one-step probe
@@ -66,7 +66,7 @@ class PanoGenerator:
 
     @serve.batch(max_batch_size=MAX_BATCH_VIEWS, batch_wait_timeout_s=BATCH_WAIT_S, batch_size_fn=_views)
     async def generate_batch(self, jobs: list[GenerationJob]) -> list[GenerationResult | Exception]:
-        """Tours of a batch (diffpano.tours groups them by shared settings); errors stay per tour."""
+        """Tours of a batch (diffpano.pipelines.tours groups them by shared settings); errors stay per tour."""
         self.batch_views.append(_views(jobs))
         self.batches += 1
         tours = await asyncio.to_thread(make_tours, self.pipe, jobs)

@@ -25,11 +25,11 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from diffpano import storage
-from diffpano.compiling import CompileMode
 from diffpano.defaults import BATCH_WAIT_S, MAX_BATCH_VIEWS, random_seed
-from diffpano.manifest import png_bytes, read_tours
-from diffpano.schedulers import SCHEDULER_NAMES
+from diffpano.io import storage
+from diffpano.io.manifest import png_bytes, read_tours
+from diffpano.pipelines.compiling import CompileMode
+from diffpano.pipelines.schedulers import SCHEDULER_NAMES
 from diffpano.specs import ID_PATTERN, BulkSpec, Sampling, Strict
 from serve.online import BACKOFF_S, JobRunner
 from serve.schemas import (
@@ -67,7 +67,7 @@ class ServerSettings(Strict):
     default_scheduler: Literal[SCHEDULER_NAMES] | None = None  # None: the model's own
     max_batch_views: int = Field(MAX_BATCH_VIEWS, ge=1)
     batch_wait_timeout_s: float = Field(BATCH_WAIT_S, ge=0.0)
-    compile: CompileMode = "off"  # torch.compile of the replicas' UNet (diffpano.compiling)
+    compile: CompileMode = "off"  # torch.compile of the replicas' UNet (diffpano.pipelines.compiling)
 
     def api_key(self) -> str | None:
         """The configured API key, if any."""

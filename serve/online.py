@@ -7,9 +7,9 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable
 
-from diffpano import storage
+from diffpano.io import storage
+from diffpano.pipelines.tours import error_text, pending, record_failures
 from diffpano.specs import BulkSpec, read_spec_rows, validate_specs
-from diffpano.tours import error_text, pending, record_failures
 from serve.schemas import JobRequest, JobStatus, State
 
 BACKOFF_S = 1.0

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from importlib import resources
 
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-
-def ensure_ray() -> None:
-    """Join the cluster in RAY_ADDRESS, or start a local one: the one place serve/ calls ray.init."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+from fanout.cluster import join_ray
 
 
 def default_config() -> str:
@@ -37,7 +30,7 @@ def start(path: str | None = None, host: str | None = None, port: int | None = N
     anything starts when an application's model cannot sample as configured."""
     from ray import serve
 
-    from diffpano.modelio import check_model
+    from diffpano.pipelines.loading import check_model
     from serve.app import build_app
 
     config = load_config(path, overrides)
@@ -45,7 +38,7 @@ def start(path: str | None = None, host: str | None = None, port: int | None = N
         check_model(app.args.get("model"), own_scheduler=app.args.get("default_scheduler") is None)
     http = config.http_options.model_dump(exclude_unset=True)
     http.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
-    ensure_ray()
+    join_ray(log_to_driver=True)
     serve.start(http_options=http)
     for app in config.applications:
         deployments = [d.model_dump(exclude_unset=True) for d in app.deployments]

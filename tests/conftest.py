@@ -94,7 +94,7 @@ def s3_endpoint(s3_server):
 
 def _tiny(latent: bool):
     """A tiny random model whose EA modules are switched on (non-zero output projections)."""
-    from diffpano.factory import build_tiny_pipeline
+    from diffpano.pipelines.factory import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(latent=latent, seed=0)
     torch.manual_seed(1)
@@ -119,7 +119,7 @@ def tiny_latent_pipe():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_pipe, tmp_path_factory):
     """The pixel-space tiny model saved as a model directory."""
-    from diffpano.modelio import save_model
+    from diffpano.pipelines.loading import save_model
 
     path = tmp_path_factory.mktemp("models") / "tiny"
     save_model(tiny_pipe, str(path))
@@ -129,11 +129,11 @@ def tiny_model_dir(tiny_pipe, tmp_path_factory):
 @pytest.fixture(scope="session")
 def train_dataset(tmp_path_factory) -> str:
     """Two scenes x two clips x four keyframes at 32x64 for training runs, committed without Ray."""
-    from diffpano.data.build import BuildSpec, render_clips
     from diffpano.data.manifest import commit_clips
+    from diffpano.data.procedural.build import ProceduralSpec, render_clips
 
     root = str(tmp_path_factory.mktemp("trainds") / "ds")
-    spec = BuildSpec(scenes=2, clips_per_scene=2, frames=4, height=32, width=64, seed=7)
+    spec = ProceduralSpec(scenes=2, clips_per_scene=2, frames=4, height=32, width=64, seed=7)
     for s in range(2):
         commit_clips(root, render_clips(spec, s, [0, 1]))
     return root

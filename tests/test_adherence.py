@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffpano.data.build import BuildSpec, render_clips
 from diffpano.data.captions import OPENERS, FaceFacts, FrameFacts, TemplateSummariser
-from diffpano.data.furniture import Item
-from diffpano.data.materials import FLOORS, WALL_COLOURS
-from diffpano.data.scenes import ROOM_TYPES
+from diffpano.data.procedural.build import ProceduralSpec, render_clips
+from diffpano.data.procedural.furniture import Item
+from diffpano.data.procedural.materials import FLOORS, WALL_COLOURS
+from diffpano.data.procedural.scenes import ROOM_TYPES
 from diffpano.metrics.adherence import (
     BUNDLED,
     AdherenceClassifier,
@@ -161,7 +161,8 @@ def test_shipped_classifier_reads_larger_panoramas(shipped):
 def test_adherence_own_captions_beat_shuffled(shipped):
     # Dataset keyframes and their own captions (measured room 0.80, wall 1.00) against the same keyframes with the
     # captions of other scenes (measured room 0.15, wall 0.00).
-    spec = BuildSpec(scenes=10, clips_per_scene=1, frames=4, height=64, width=128, depth=False, face_size=16, seed=31)
+    spec = ProceduralSpec(scenes=10, clips_per_scene=1, frames=4, height=64, width=128, depth=False, face_size=16,
+                          seed=31)
     clips = [clip for s in range(spec.scenes) for clip in render_clips(spec, s, [0])]
     images = np.concatenate([c.rgb for c in clips])
     prompts = [p for c in clips for p in c.captions]

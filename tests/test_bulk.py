@@ -19,9 +19,9 @@ from helpers import plain, wait_until
 from tiny_sd import with_scheduler_class
 from typer.testing import CliRunner
 
-from diffpano import storage
 from diffpano.cli import build_app
-from diffpano.manifest import decode_rgb, manifest_lock, read_manifest
+from diffpano.io import storage
+from diffpano.io.manifest import decode_rgb, manifest_lock, read_manifest
 from diffpano.specs import synthetic_specs
 
 app = build_app()

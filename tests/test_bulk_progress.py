@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from diffpano.manifest import read_manifest
+from diffpano.io.manifest import read_manifest
 
 pytestmark = pytest.mark.ray  # bulk jobs, dataset builds and training run on Ray here
 

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from diffpano.data.materials import WALL_COLOURS
+from diffpano.data.procedural.materials import WALL_COLOURS
 from diffpano.defaults import DEFAULT_GUIDANCE
+from diffpano.geometry.trajectories import walk
 from diffpano.metrics.adherence import adherence, load_classifier, prompt_panoramas, prompts_grid
 from diffpano.metrics.consistency import epipolar_error
 from diffpano.metrics.images import float_images
-from diffpano.modelio import BUNDLED_MODEL, resolve_model
-from diffpano.schedulers import make_scheduler
-from diffpano.trajectories import walk
+from diffpano.pipelines.loading import BUNDLED_MODEL, resolve_model
+from diffpano.pipelines.schedulers import make_scheduler
 
 STEPS = 15
 
@@ -96,9 +96,9 @@ def test_regression_guard_multi_view_consistency(pipe):
     are 0.6 and 0.8). Guards: the measured ratios plus 0.10, <= 0.55 and <= 0.61; the same ratios on three other
     held-out pairs of walks (seeds 1, 2, 3) spread 0.38-0.46 and 0.52-0.58. A model whose views ignore each other
     scores about 1 against unrelated views, and one whose EA modules do nothing exactly 1 against EA off."""
-    from diffpano.data.build import BuildSpec, render_clips
+    from diffpano.data.procedural.build import ProceduralSpec, render_clips
 
-    spec = BuildSpec(scenes=1, clips_per_scene=2, frames=4, height=128, width=256, seed=424242)
+    spec = ProceduralSpec(scenes=1, clips_per_scene=2, frames=4, height=128, width=256, seed=424242)
     clips = render_clips(spec, 0, [0, 1])
     tours, flat = [], []
     for k, clip in enumerate(clips):

@@ -14,9 +14,9 @@ from diffpano.data.captions import (
     TemplateSummariser,
     caption_frame,
 )
-from diffpano.data.scene_mesh import SceneMeshRenderer
-from diffpano.data.scenes import generate_scene
-from diffpano.data.walks import clip_poses
+from diffpano.data.procedural.scene_mesh import SceneMeshRenderer
+from diffpano.data.procedural.scenes import generate_scene
+from diffpano.data.procedural.walks import clip_poses
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_captions_mention_visible_furniture_of_the_room():
     scene = generate_scene(3)
     renderer = SceneMeshRenderer(scene)
     room = next(r for r in scene.rooms if r.kind == "kitchen")
-    from diffpano.data.render import camera_pose
+    from diffpano.data.procedural.render import camera_pose
 
     caption, _ = caption_frame(renderer, camera_pose(*room.hub, 0.0, scene.eye_height), SceneGraphCaptioner(),
                                TemplateSummariser(0))

@@ -13,15 +13,15 @@ from PIL import Image, ImageFilter
 from tiny_captioners import write_tiny_blip2, write_tiny_llm
 from typer.testing import CliRunner
 
-from diffpano import storage
 from diffpano.cli import build_app
-from diffpano.data.capture_align import angle_deg, metric_poses
-from diffpano.data.capture_frames import select_frames, video_frames
+from diffpano.data.captures.align import angle_deg, metric_poses
+from diffpano.data.captures.frames import select_frames, video_frames
+from diffpano.data.captures.sfm import reconstruct
 from diffpano.data.manifest import read_dataset
-from diffpano.data.scene_mesh import SceneMeshRenderer
-from diffpano.data.scenes import generate_scene
-from diffpano.data.sfm import reconstruct
-from diffpano.data.walks import clip_poses
+from diffpano.data.procedural.scene_mesh import SceneMeshRenderer
+from diffpano.data.procedural.scenes import generate_scene
+from diffpano.data.procedural.walks import clip_poses
+from diffpano.io import storage
 
 WALK_FRAMES, SPACING = 12, 0.5
 app = build_app()
@@ -109,7 +109,7 @@ def rotation_errors(est: np.ndarray, true: np.ndarray) -> np.ndarray:
 def built(ray_local, captures, caption_models, tmp_path_factory):
     """The CLI run over all captures (images alone, only --camera-height given), its output and the dataset."""
     out = tmp_path_factory.mktemp("capture-out") / "ds"
-    args = [str(captures / "*"), "--out", str(out), "--frames", "6", "--keyframe-spacing", "0.4", "--size",
+    args = [str(captures / "*"), "--out", str(out), "--frames", "6", "--spacing", "0.4", "--size",
             "128x256", "--sfm-size", "512x1024", "--camera-height", "1.5", "--captioner", caption_models[0],
             "--summariser", caption_models[1]]
     code, text = capture(*args)
@@ -238,8 +238,8 @@ def test_unlevelled_panoramas_are_refused(walk):
 
 
 @pytest.mark.parametrize(("extra", "field"), [
-    (["--camera-height", "nan"], "--camera-height"), (["--camera-height", "7"], "camera_height"),
-    (["--scale", "-1"], "scale"), (["--keyframe-spacing", "0"], "keyframe_spacing"), (["--fps", "0"], "fps"),
+    (["--camera-height", "nan"], "camera_height"), (["--camera-height", "7"], "camera_height"),
+    (["--scale", "-1"], "scale"), (["--spacing", "0"], "spacing"), (["--fps", "0"], "fps"),
     (["--size", "33x65"], "size"), (["--sfm-size", "512x512"], "sfm_size"), (["--frames", "1"], "frames"),
 ])
 def test_bad_capture_options_are_refused_naming_the_field(captures, caption_models, tmp_path, extra, field):

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image, ImageSequence
 from typer.testing import CliRunner
 
-from diffpano import storage
 from diffpano.cli import build_app
-from diffpano.manifest import TOUR_SCHEMA, read_manifest
+from diffpano.io import storage
+from diffpano.io.manifest import TOUR_SCHEMA, read_manifest
 
 app = build_app()
 
@@ -78,7 +78,7 @@ def test_a_trajectory_file_sets_the_views_and_option_mistakes_are_named(tiny_mod
     the rule it breaks, no traceback, nothing written."""
     import torch
 
-    from diffpano.trajectories import walk
+    from diffpano.geometry.trajectories import walk
 
     traj = tmp_path / "five.json"
     traj.write_text(json.dumps([p.reshape(16).tolist() for p in walk(5).numpy()]))
@@ -201,6 +201,7 @@ def test_importing_the_library_logs_no_image_processor_fallback_warnings():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", "import diffpano.lora, diffpano.modelio, diffpano.metrics.features"],
+    done = subprocess.run([sys.executable, "-c",
+                           "import diffpano.models.lora, diffpano.pipelines.loading, diffpano.metrics.features"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "falling back" not in done.stderr, done.stderr[-2000:]

@@ -17,7 +17,7 @@ from helpers import free_port, plain
 from typer.testing import CliRunner
 
 from diffpano.cli import build_app
-from diffpano.manifest import read_manifest
+from diffpano.io.manifest import read_manifest
 
 app = build_app()
 

@@ -15,10 +15,10 @@ import pytest
 from helpers import plain
 from typer.testing import CliRunner
 
-from diffpano import storage
 from diffpano.cli import build_app
-from diffpano.compaction import compact
-from diffpano.manifest import Tour, commit_tours, read_manifest
+from diffpano.io import storage
+from diffpano.io.compaction import compact
+from diffpano.io.manifest import Tour, commit_tours, read_manifest
 
 app = build_app()
 
@@ -198,7 +198,7 @@ def test_a_batch_retried_after_its_part_was_compacted_adds_no_duplicate(tmp_path
 def test_parts_written_before_the_scheduler_column_still_read_and_compact_with_it(tmp_path, into):
     """docs/tours.md: `scheduler` is null in older parts; reading and compacting keep the newer parts' values, whichever
     part comes first."""
-    from diffpano.manifest import TOUR_SCHEMA, parquet_bytes, tour_table
+    from diffpano.io.manifest import TOUR_SCHEMA, parquet_bytes, tour_table
 
     root = str(tmp_path / "out")
     commit_tours(root, [tour("new")])
@@ -223,7 +223,7 @@ def check_compacted_into_plays_back(root: str, into: str, tmp_path: Path) -> Non
     reader, `diffpano video` and the server's GET /v1/tours/{id}."""
     import base64
 
-    from diffpano.manifest import decode_rgb, read_tours
+    from diffpano.io.manifest import decode_rgb, read_tours
     from serve.ingress import read_stored_tour
 
     commit(root, "t-one", "t-two")

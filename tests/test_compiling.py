@@ -14,11 +14,11 @@ import torch._inductor.config as inductor_config
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from diffpano.compiling import check_mode, compile_module, compile_pipeline, is_compiled, uncompile_module
-from diffpano.epipolar import EpipolarAttention, epipolar_kwargs
-from diffpano.epipolar_ops.op import epipolar_attention
-from diffpano.factory import build_tiny_pipeline
-from diffpano.trajectories import walk
+from diffpano.geometry.trajectories import walk
+from diffpano.models.epipolar import EpipolarAttention, epipolar_kwargs
+from diffpano.ops.op import epipolar_attention
+from diffpano.pipelines.compiling import check_mode, compile_module, compile_pipeline, is_compiled, uncompile_module
+from diffpano.pipelines.factory import build_tiny_pipeline
 from trainer.config import load_config
 from trainer.run import train
 
@@ -126,7 +126,7 @@ class ReadBacks(TorchDispatchMode):
 
 # Reads that stay on the host with a GPU too: the sampler's indices and the batch's poses, checked before the copy;
 # the fused AdamW kernel reads its step counts where they live (on CUDA, on the device, inside the kernel).
-HOST_READS = {("skeleton.py", "_open"), ("geometry.py", "validate_poses"), ("adamw.py", "_fused_adamw")}
+HOST_READS = {("skeleton.py", "_open"), ("spherical.py", "validate_poses"), ("adamw.py", "_fused_adamw")}
 STEP_FRAMES = {("skeleton.py", "accumulate"), ("skeleton.py", "step")}
 
 

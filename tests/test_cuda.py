@@ -16,8 +16,8 @@ import pytest
 import torch
 from test_epipolar_ops import BF16_FWD_RTOL, BF16_GRAD_RTOL, random_block, relative
 
-from diffpano.epipolar_ops.reference import reference_forward
-from diffpano.trajectories import walk
+from diffpano.geometry.trajectories import walk
+from diffpano.ops.reference import reference_forward
 
 pytestmark = pytest.mark.cuda
 
@@ -72,7 +72,7 @@ def test_triton_kernels_stay_within_the_bf16_tolerance(no_tf32):
 
 
 def test_the_ea_backend_on_cuda_is_triton():
-    from diffpano.epipolar_ops.op import default_backend
+    from diffpano.ops.op import default_backend
 
     assert default_backend(torch.device("cuda"), head_dim=32) == "triton"
 
@@ -80,7 +80,7 @@ def test_the_ea_backend_on_cuda_is_triton():
 @pytest.fixture(scope="module")
 def bundled_cuda():
     """The bundled model on CUDA in its default dtype (bf16 where supported)."""
-    from diffpano.modelio import resolve_model
+    from diffpano.pipelines.loading import resolve_model
 
     pipe = resolve_model(None, "cuda")
     pipe.set_progress_bar_config(disable=True)
@@ -99,7 +99,7 @@ def test_bundled_model_generates_a_4_view_tour_on_cuda(bundled_cuda):
 
 def test_bundled_tour_on_cuda_in_fp32_matches_the_cpu(no_tf32):
     """The same seeds draw the same noise (CPU generators), so fp32 tours agree across devices up to rounding."""
-    from diffpano.modelio import resolve_model
+    from diffpano.pipelines.loading import resolve_model
 
     tours = {}
     for device in ("cpu", "cuda"):
@@ -117,11 +117,11 @@ def test_both_training_stages_take_compiled_steps_on_cuda(train_dataset, tmp_pat
     cfg = load_config("trainer/configs/tiny.yaml", [
         f"data.dataset={train_dataset}", "data.size=[32, 64]", "scaling.num_workers=0", "stage1.steps=1",
         "stage2.steps=1", "optim.compile=default", "run.sample_steps=1", "run.max_failures=0"])
-    with caplog.at_level(logging.WARNING, logger="diffpano.compiling"):
+    with caplog.at_level(logging.WARNING, logger="diffpano.pipelines.compiling"):
         results = train(cfg, [1, 2], "cuda", str(tmp_path), local_device="cuda")
     assert [(r.stage, r.steps) for r in results] == [(1, 1), (2, 1)]
     assert all(r.loss is not None and math.isfinite(r.loss) for r in results), results
-    assert not [r.getMessage() for r in caplog.records if r.name == "diffpano.compiling"]
+    assert not [r.getMessage() for r in caplog.records if r.name == "diffpano.pipelines.compiling"]
     for stage in (1, 2):
         rows = list(csv.DictReader((tmp_path / "cuda" / "logs" / f"stage{stage}" / "metrics.csv").open()))
         assert rows and all(math.isfinite(float(r["loss"])) for r in rows)

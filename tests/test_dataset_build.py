@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -14,13 +15,13 @@ import pytest
 from typer.testing import CliRunner
 
 from batch.dataset import build_dataset
-from diffpano import storage
 from diffpano.cli import build_app
-from diffpano.data.build import BuildSpec, clip_id, render_clips
 from diffpano.data.loaders import ClipDataset
 from diffpano.data.manifest import DATASET_SCHEMA, decode_depth, read_dataset
-from diffpano.geometry import validate_poses
-from diffpano.manifest import decode_rgb
+from diffpano.data.procedural.build import ProceduralSpec, clip_id, render_clips
+from diffpano.geometry.spherical import validate_poses
+from diffpano.io import storage
+from diffpano.io.manifest import decode_rgb
 
 app = build_app()
 
@@ -62,7 +63,8 @@ def test_build_writes_spec_manifest_images_and_depth(built):
     rows = duckdb.sql(f"select count(*), count(distinct clip_id || '/' || frame_index) from "
                       f"read_parquet('{out}/manifest/*.parquet')").fetchall()
     assert len(df) == table.num_rows == rows[0][0] == rows[0][1] == 12
-    assert set(df.clip_id) == {clip_id(BuildSpec(2, 2, 3, 32, 64), s, c) for s in range(2) for c in range(2)}
+    spec = ProceduralSpec(scenes=2, clips_per_scene=2, frames=3, height=32, width=64)
+    assert set(df.clip_id) == {clip_id(spec, s, c) for s in range(2) for c in range(2)}
     for row in df.itertuples():
         rgb = decode_rgb((out / row.rgb_uri).read_bytes())
         depth = decode_depth((out / row.depth_uri).read_bytes())
@@ -75,7 +77,7 @@ def test_build_writes_spec_manifest_images_and_depth(built):
 
 def test_build_is_deterministic_and_loads_for_training(built):
     out, _ = built
-    again = render_clips(BuildSpec(2, 2, 3, 32, 64), 1, [1])[0]
+    again = render_clips(ProceduralSpec(scenes=2, clips_per_scene=2, frames=3, height=32, width=64), 1, [1])[0]
     df = read_dataset(str(out)).to_pandas()
     rows = df[df.clip_id == again.clip_id].sort_values("frame_index")
     assert rows.caption.tolist() == again.captions
@@ -98,7 +100,7 @@ def test_rerun_adds_nothing_and_growing_adds_only_new_scenes(built, tmp_path):
 
 
 def test_crash_between_images_and_manifest_resumes_without_duplicates(ray_local, tmp_path):
-    spec = BuildSpec(scenes=2, clips_per_scene=1, frames=2, height=32, width=64)
+    spec = ProceduralSpec(scenes=2, clips_per_scene=1, frames=2, height=32, width=64)
     out = str(tmp_path / "ds")
     build_dataset(spec, out, progress=False)
     parts = storage.list_files(storage.join(out, "manifest"), ".parquet")
@@ -136,7 +138,7 @@ def test_changed_settings_on_an_existing_dataset_are_refused(built):
 
 
 def test_build_to_s3(ray_local, s3_endpoint):
-    spec = BuildSpec(scenes=1, clips_per_scene=2, frames=2, height=32, width=64, seed=5)
+    spec = ProceduralSpec(scenes=1, clips_per_scene=2, frames=2, height=32, width=64, seed=5)
     out = "s3://diffpano-test/datasets/proc"
     summary = build_dataset(spec, out, progress=False)
     assert summary.frames_written == 4
@@ -162,3 +164,44 @@ def test_local_processes_build_the_same_dataset_without_ray(built, tmp_path):
     assert list(ours.caption) == list(theirs.caption) and list(ours.rgb_uri) == list(theirs.rgb_uri)
     for uri in ours.rgb_uri:
         assert (out / uri).read_bytes() == (ray_built / uri).read_bytes()
+
+
+def test_a_procedural_scene_that_fails_is_recorded_and_the_others_complete(ray_local, tmp_path):
+    """The one scene-job loop records a failure for every source, procedural scenes included."""
+
+    class FlakyScenes(ProceduralSpec):  # defined here so that Ray ships it by value to the workers
+        """Procedural scenes of which scene 1 cannot be built (a captioner crash, say)."""
+
+        def build_scene(self, job, out, result):
+            if job.source == 1:
+                raise RuntimeError("scene 1 cannot be built")
+            super().build_scene(job, out, result)
+
+    out = str(tmp_path / "ds")
+    spec = FlakyScenes(scenes=3, clips_per_scene=1, frames=2, height=32, width=64)
+    summary = build_dataset(spec, out, progress=False)
+    assert (summary.clips_written, summary.frames_written) == (2, 4), summary.line()
+    assert "1 scene(s) failed" in summary.line()
+    [uri] = storage.list_files(storage.join(out, "failures"), ".jsonl")
+    assert uri.rsplit("/", 1)[1].startswith("build-")
+    [failure] = [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines()]
+    assert failure == {"scene": "proc0-000001", "source": 1, "error": "RuntimeError: scene 1 cannot be built"}
+    assert set(read_dataset(out, ["scene_id"]).column("scene_id").to_pylist()) == {"proc0-000000", "proc0-000002"}
+    again = build_dataset(spec, out, progress=False)  # only the failed scene is tried again
+    assert (again.clips_present, again.clips_written, len(again.failures)) == (2, 0, 1)
+
+
+def test_every_spec_field_is_an_option_of_its_command():
+    """The dataset commands' options are derived from the sources' specs: one name per field, sizes as HxW."""
+    import typer
+
+    from diffpano.data.captures.build import CaptureSpec
+    from diffpano.data.meshes.build import MeshSpec
+
+    group = typer.main.get_command(app).commands["dataset"]
+    for name, spec in (("build", ProceduralSpec), ("render", MeshSpec), ("capture", CaptureSpec)):
+        flags = {f for p in group.commands[name].params for f in (*p.opts, *p.secondary_opts)}
+        expected = {"--" + f.replace("_", "-") for f in spec.model_fields if f not in ("source", "width")}
+        expected = {f.replace("height", "size") if f in ("--height", "--sfm-height") else f for f in expected}
+        assert expected <= flags, (name, expected - flags)
+        assert "--keyframe-spacing" not in flags and "--spacing" in flags

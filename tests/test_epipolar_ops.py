@@ -14,16 +14,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from diffpano.epipolar import EpipolarAdapter
-from diffpano.epipolar_convert import is_full_rank, load_adapter
-from diffpano.epipolar_ops import cpu
-from diffpano.epipolar_ops.layout import corner_rows, sample_table
-from diffpano.epipolar_ops.op import BACKEND_ENV, default_backend
-from diffpano.epipolar_ops.reference import reference_forward
-from diffpano.epipolar_ops.triton_kernel import INTERPRET_ENV
-from diffpano.geometry import circular_grid_sample
-from diffpano.memory import cpu_peak_profiler
-from diffpano.trajectories import walk
+from diffpano.geometry.spherical import circular_grid_sample
+from diffpano.geometry.trajectories import walk
+from diffpano.models.epipolar import EpipolarAdapter
+from diffpano.models.epipolar_convert import is_full_rank, load_adapter
+from diffpano.ops import cpu
+from diffpano.ops.layout import corner_rows, sample_table
+from diffpano.ops.memory import cpu_peak_profiler
+from diffpano.ops.op import BACKEND_ENV, default_backend
+from diffpano.ops.reference import reference_forward
+from diffpano.ops.triton_kernel import INTERPRET_ENV
 
 BACKENDS = ["cpu", "chunked"]
 FP32_RTOL = 1e-5  # relative to the largest magnitude of the EA module's contribution (or of the gradient)

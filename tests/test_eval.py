@@ -10,10 +10,10 @@ from helpers import plain
 from typer.testing import CliRunner
 
 from diffpano.cli import build_app
-from diffpano.data.build import BuildSpec, render_clips
 from diffpano.data.manifest import commit_clips
-from diffpano.evaluation import select_eval_tours
-from diffpano.manifest import read_manifest, read_tours
+from diffpano.data.procedural.build import ProceduralSpec, render_clips
+from diffpano.io.manifest import read_manifest, read_tours
+from diffpano.metrics.evaluation import select_eval_tours
 
 app = build_app()
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.ray  # bulk jobs, dataset builds and training run on Ra
 def dataset(tmp_path_factory):
     """Three procedural clips of three keyframes at 32x64, committed without Ray."""
     root = str(tmp_path_factory.mktemp("evalds") / "ds")
-    spec = BuildSpec(scenes=3, clips_per_scene=1, frames=3, height=32, width=64, seed=3)
+    spec = ProceduralSpec(scenes=3, clips_per_scene=1, frames=3, height=32, width=64, seed=3)
     for s in range(3):
         commit_clips(root, render_clips(spec, s, [0]))
     return root
@@ -90,7 +90,7 @@ def test_ablation_of_the_ea_modules_writes_a_table_and_a_plot(ray_local, dataset
     assert [r["variant"] for r in rows] == ["with-EA", "without-EA"]
     # Each variant's tours are what the model makes with EA on and off (an oracle, not just "they differ"), and the
     # switch changes them.
-    from diffpano.modelio import load_model
+    from diffpano.pipelines.loading import load_model
 
     pipe = load_model(tiny_model_dir, "cpu")
     pipe.set_progress_bar_config(disable=True)
@@ -124,8 +124,8 @@ def test_bundled_faed_autoencoder_tells_panoramas_from_noise():
     import numpy as np
     import torch
 
-    from diffpano.evaluation import load_tools
     from diffpano.metrics.adherence import make_training_set
+    from diffpano.metrics.evaluation import load_tools
     from diffpano.metrics.faed import faed
 
     model = load_tools(adherence=None).faed

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from diffpano import geometry as g
+from diffpano.geometry import spherical as g
 
 
 def random_pose(gen: torch.Generator, scale: float = 2.0) -> torch.Tensor:

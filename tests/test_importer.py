@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from diffpano import storage
 from diffpano.cli import build_app
 from diffpano.data.importer import import_dataset
 from diffpano.data.manifest import DATASET_SCHEMA, decode_depth, read_dataset
-from diffpano.geometry import make_pose, yaw_matrix
-from diffpano.manifest import decode_rgb
+from diffpano.geometry.spherical import make_pose, yaw_matrix
+from diffpano.io import storage
+from diffpano.io.manifest import decode_rgb
 
 app = build_app()
 

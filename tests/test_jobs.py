@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 
-from diffpano import storage
-from diffpano.manifest import Tour, commit_tours, read_manifest
+from diffpano.io import storage
+from diffpano.io.manifest import Tour, commit_tours, read_manifest
 from diffpano.specs import BulkSpec
 from serve.online import JobRunner
 

@@ -1,4 +1,5 @@
-"""The layers hold by construction: diffpano imports no Ray, and no layer imports one beside or above it."""
+"""The layers hold by construction: diffpano imports no Ray, no layer imports one beside or above it, only fanout
+joins Ray, and inside the library models never reach up into pipelines or data."""
 
 from __future__ import annotations
 
@@ -11,8 +12,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # What each layer may import from the project (the library is below all of them; the CLI finds them by entry point).
-ALLOWED = {"diffpano": {"diffpano"}, "batch": {"diffpano", "batch"}, "trainer": {"diffpano", "trainer"},
-           "serve": {"diffpano", "serve"}, "cluster": {"diffpano", "cluster"}}
+ALLOWED = {"diffpano": {"diffpano"}, "fanout": {"diffpano", "fanout"}, "batch": {"diffpano", "fanout", "batch"},
+           "trainer": {"diffpano", "fanout", "trainer"}, "serve": {"diffpano", "fanout", "serve"},
+           "cluster": {"diffpano", "cluster"}}
+# Inside the library: what each subpackage must not import (diffusers' order: geometry and kernels under models,
+# models under pipelines; storage below all but geometry, datasets beside the models).
+LIBRARY_BELOW = {
+    "geometry": {"ops", "models", "pipelines", "io", "data", "metrics"},
+    "ops": {"models", "pipelines", "io", "data", "metrics"},
+    "models": {"pipelines", "data", "metrics"},
+    "io": {"ops", "models", "pipelines", "data", "metrics"},
+    "pipelines": {"data", "metrics"},
+    "data": {"ops", "models", "pipelines", "metrics"},
+}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -31,6 +43,20 @@ def test_each_layer_imports_only_itself_and_the_layers_below(layer):
     bad = [f"{path.relative_to(ROOT)}: {name}" for path in sorted((ROOT / layer).rglob("*.py"))
            for name in imported_modules(path)
            if name.split(".")[0] in set(ALLOWED) - ALLOWED[layer]]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("home", sorted(LIBRARY_BELOW))
+def test_each_library_subpackage_stays_below_the_ones_that_use_it(home):
+    bad = [f"{path.relative_to(ROOT)}: {name}" for path in sorted((ROOT / "diffpano" / home).rglob("*.py"))
+           for name in imported_modules(path)
+           if name.startswith("diffpano.") and name.split(".")[1] in LIBRARY_BELOW[home]]
+    assert not bad, bad
+
+
+def test_only_fanout_joins_ray():
+    bad = [str(path.relative_to(ROOT)) for layer in ALLOWED for path in sorted((ROOT / layer).rglob("*.py"))
+           if "ray.init(" in path.read_text() and path != ROOT / "fanout" / "cluster.py"]
     assert not bad, bad
 
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from diffpano.data.loaders import ClipDataset, PanoramaDataset, collate_clips, flip_pose, yaw_roll_pose
 from diffpano.data.manifest import Clip, commit_clips
-from diffpano.geometry import direction_grid, make_pose, validate_poses, yaw_matrix
+from diffpano.geometry.spherical import direction_grid, make_pose, validate_poses, yaw_matrix
 
 H, W = 16, 32
 

@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from tiny_sd import write_tiny_sd
 from torch import nn
 
-from diffpano.factory import build_pipeline, tiny_unet_config
-from diffpano.lora import DEFAULT_LORA_TARGETS, LORA_FILE, add_lora, load_lora, merge_lora
-from diffpano.seamless import make_seamless
+from diffpano.models.lora import DEFAULT_LORA_TARGETS, LORA_FILE, add_lora, load_lora, merge_lora
+from diffpano.models.seamless import make_seamless
+from diffpano.pipelines.factory import build_pipeline, tiny_unet_config
 
 
 def test_lora_trains_only_adapters_and_merges_into_a_plain_seamless_unet(tmp_path):
@@ -93,7 +93,7 @@ def _unet_out(unet: nn.Module) -> torch.Tensor:
 def test_stage1_lora_is_a_diffusers_file_that_diffusers_and_load_lora_apply(lora_run):
     from diffusers import StableDiffusionPipeline
 
-    from diffpano.modelio import load_model
+    from diffpano.pipelines.loading import load_model
 
     base, run = lora_run
     assert (run / "lora" / LORA_FILE).is_file()
@@ -124,8 +124,8 @@ def test_stage1_lora_is_a_diffusers_file_that_diffusers_and_load_lora_apply(lora
 
 
 def test_load_lora_from_s3_and_its_errors(lora_run, s3_endpoint, tmp_path):
-    from diffpano import storage
-    from diffpano.modelio import load_model
+    from diffpano.io import storage
+    from diffpano.pipelines.loading import load_model
 
     base, run = lora_run
     uri = "s3://diffpano-test/shared/lora"
@@ -154,9 +154,9 @@ def test_generate_applies_a_lora_file_to_a_base_model(lora_run, tmp_path):
     is refused naming --lora."""
     from typer.testing import CliRunner
 
-    from diffpano import storage
     from diffpano.cli import build_app
-    from diffpano.manifest import read_manifest
+    from diffpano.io import storage
+    from diffpano.io.manifest import read_manifest
 
     base, run = lora_run
     runner, app = CliRunner(), build_app()
@@ -180,7 +180,7 @@ def test_runs_with_the_old_query_key_targets_still_load(lora_run, train_dataset,
     loads with diffusers' load_lora_weights and with load_lora, which read the targets from the file."""
     from diffusers import StableDiffusionPipeline
 
-    from diffpano.modelio import load_model
+    from diffpano.pipelines.loading import load_model
 
     base, _ = lora_run
     run = lora_train(train_dataset, base, tmp_path, "old", "stage1.lora_targets=[to_q, to_k, to_v, to_out.0]")

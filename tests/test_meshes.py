@@ -23,15 +23,15 @@ from mesh_rooms import (
 )
 from typer.testing import CliRunner
 
-from diffpano import storage
 from diffpano.cli import build_app
 from diffpano.data.manifest import read_dataset
-from diffpano.data.mesh import load_mesh
-from diffpano.data.mesh_build import MeshSpec, prepare_scene, render_mesh_clips
-from diffpano.data.raycast import MeshRenderer
-from diffpano.data.render import erp_directions
-from diffpano.data.walkable import floor_map, walk_poses
-from diffpano.reprojection import colour_agreement, warp
+from diffpano.data.meshes.build import MeshSpec, prepare_scene, render_mesh_clips
+from diffpano.data.meshes.mesh import load_mesh
+from diffpano.data.meshes.raycast import MeshRenderer
+from diffpano.data.meshes.walkable import floor_map, walk_poses
+from diffpano.data.procedural.render import erp_directions
+from diffpano.geometry.reprojection import colour_agreement, warp
+from diffpano.io import storage
 
 H, W = 128, 256
 EYE, CLEARANCE = 1.5, 0.3
@@ -215,23 +215,25 @@ def test_dataset_render_lists_failing_scenes_completes_the_rest_and_reruns_add_n
 
 def test_a_scene_whose_worker_dies_is_a_failure_entry_and_the_others_complete(ray_local):
     """A task that kills its worker process on every retry becomes that scene's failure record."""
-    from batch.dataset import _run_on_ray, _scene_failed
+    from batch.dataset import _scene_failed
+    from diffpano.data.sources import SceneJob, SceneResult
+    from fanout.tasks import map_tasks
 
-    def scene_task(spec, scene, path, clips, out, threads):
+    def scene_task(spec, job, out):
         import os
 
-        if scene == "crashes":
+        if job.scene == "crashes":
             os._exit(1)
-        return {"scene": scene, "path": path, "clips": len(clips), "frames": 3 * len(clips)}
+        return SceneResult(job.scene, job.source, clips=len(job.clips), frames=3 * len(job.clips))
 
-    items = [(None, name, f"/meshes/{name}.glb", [0, 1], "out", 1) for name in ("crashes", "fine")]
-    results = {r["scene"]: r for r in _run_on_ray(scene_task, items, None, _scene_failed)}
-    assert results["fine"]["frames"] == 6 and "error" not in results["fine"]
-    assert results["crashes"]["clips"] == 0 and "Worker" in results["crashes"]["error"], results["crashes"]
+    items = [(None, SceneJob(name, f"/meshes/{name}.glb", (0, 1)), "out") for name in ("crashes", "fine")]
+    results = {r.scene: r for r in map_tasks(scene_task, items, on_error=_scene_failed)}
+    assert results["fine"].frames == 6 and results["fine"].error is None
+    assert results["crashes"].clips == 0 and "Worker" in results["crashes"].error, results["crashes"]
 
 
 @pytest.mark.parametrize(("extra", "field"), [
-    (["--up", "x"], "up"), (["--unit-scale", "nan"], "--unit-scale"), (["--camera-height", "9"], "camera_height"),
+    (["--up", "x"], "up"), (["--unit-scale", "nan"], "unit_scale"), (["--camera-height", "9"], "camera_height"),
     (["--clearance", "0"], "clearance"), (["--size", "33x65"], "size"), (["--spacing", "-1"], "spacing"),
 ])
 def test_bad_render_options_are_refused_naming_the_field(glb, tmp_path, extra, field):
@@ -268,7 +270,7 @@ def test_textures_that_cannot_be_decoded_are_refused_not_rendered_white(glb, tmp
 def test_hm3d_style_semantic_sidecars_label_the_textured_mesh(tmp_path):
     """X.glb with no category names + X.semantic.glb / X.semantic.txt: triangles take the sidecar's categories,
     and captions name the furniture."""
-    from diffpano.data.mesh_labels import attach_labels
+    from diffpano.data.meshes.labels import attach_labels
 
     path = write_glb(tmp_path / "TEEsavR23oF.basis.glb", named=False)
     assert not load_mesh(path, up="y").has_labels
@@ -285,23 +287,23 @@ def test_hm3d_style_semantic_sidecars_label_the_textured_mesh(tmp_path):
 
 def test_dataset_render_to_s3_writes_once(ray_local, s3_endpoint, glb):
     """Output to s3:// (the local endpoint): keyframes, depth and manifest, and a re-run adds nothing."""
-    from batch.dataset import render_meshes
+    from batch.dataset import build_dataset
     from diffpano.data.manifest import decode_depth
 
     spec = MeshSpec(clips_per_scene=1, frames=2, height=32, width=64, seed=2)
     out = "s3://diffpano-test/datasets/meshes"
-    assert render_meshes(spec, [str(glb)], out, progress=False).frames_written == 2
+    assert build_dataset(spec, out, [str(glb)], progress=False).frames_written == 2
     table = read_dataset(out).to_pandas()
     assert len(table) == 2 and set(table.scene_id) == {"rooms"}
     depth = decode_depth(storage.read_bytes(storage.join(out, table.depth_uri[0])))
     assert depth.shape == (32, 64) and 0.3 < depth[depth > 0].min() and depth.max() < 9.0
-    summary = render_meshes(spec, [str(glb)], out, progress=False)
+    summary = build_dataset(spec, out, [str(glb)], progress=False)
     assert summary.frames_written == 0 and summary.clips_present == 1 and not summary.failures
 
 
 def test_replica_style_semantic_plys_label_the_mesh(tmp_path):
     """mesh.ply + habitat/mesh_semantic.ply (quads with object_id) + habitat/info_semantic.json: labels transfer."""
-    from diffpano.data.mesh_labels import attach_labels
+    from diffpano.data.meshes.labels import attach_labels
 
     path = write_replica(tmp_path / "room_0")
     mesh = attach_labels(load_mesh(path, up="-y"), path, "-y", 1.0)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from diffpano.data.build import BuildSpec, render_clips
+from diffpano.data.procedural.build import ProceduralSpec, render_clips
 from diffpano.metrics.consistency import epipolar_consistency, normalised_reprojection, reprojection_scores
 from diffpano.metrics.seam import seam_scores
 
@@ -15,7 +15,7 @@ from diffpano.metrics.seam import seam_scores
 @pytest.fixture(scope="module")
 def clips():
     """Two procedural clips of four keyframes 0.5 m apart, 64x128, with depth."""
-    spec = BuildSpec(scenes=2, clips_per_scene=1, frames=4, height=64, width=128, seed=11)
+    spec = ProceduralSpec(scenes=2, clips_per_scene=1, frames=4, height=64, width=128, seed=11)
     return render_clips(spec, 0, [0]) + render_clips(spec, 1, [0])
 
 

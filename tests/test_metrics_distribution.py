@@ -11,15 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from diffpano.data.build import BuildSpec, render_clips
+from diffpano.data.procedural.build import ProceduralSpec, render_clips
+from diffpano.geometry.projection import equirect_to_perspective
 from diffpano.metrics import distribution, faed, features, paired, views
 from diffpano.metrics.features import MissingWeights, SmallFeatureNet, SmallTextImageScorer
-from diffpano.projection import equirect_to_perspective
 
 
 def _procedural(scene: int, frames: int = 8, height: int = 32) -> tuple[torch.Tensor, list[str]]:
     """Rendered procedural panoramas (frames, 3, H, 2H) uint8 of one scene, and their captions."""
-    spec = BuildSpec(scenes=scene + 1, clips_per_scene=1, frames=frames, height=height, width=2 * height, depth=False)
+    spec = ProceduralSpec(scenes=scene + 1, clips_per_scene=1, frames=frames, height=height, width=2 * height,
+                          depth=False)
     clip = render_clips(spec, scene, [0])[0]
     return torch.from_numpy(clip.rgb).permute(0, 3, 1, 2).contiguous(), list(clip.captions)
 
@@ -52,7 +53,7 @@ def test_views_have_the_documented_shapes_and_keep_the_dtype(scenes):
     assert horizontal.shape == (16, 3, 12, 12) and horizontal.dtype == torch.uint8
     as_float = views.horizontal_crops(p.float() / 255, n=4, size=12)
     assert as_float.dtype == torch.float32 and 0 <= float(as_float.min()) and float(as_float.max()) <= 1
-    with pytest.raises(ValueError, match="W = 2\\*H"):
+    with pytest.raises(ValueError, match="width = 2\\*height"):
         views.rolled(p[..., :40])
     with pytest.raises(ValueError, match="view family"):
         views.view_images(p, "seam")
@@ -301,7 +302,7 @@ def test_faed_features_are_latitude_weighted_and_seamless(scenes, trained_ae):
     assert f.shape == (12, 4 * 32 // 8) and f.dtype == torch.float64
     # A roll by the encoder's stride (8 px) rolls the latent by one column: the width-averaged features stay put.
     torch.testing.assert_close(faed.autoencoder_features(model, torch.roll(scenes["a"], 8, dims=-1)), f)
-    with pytest.raises(ValueError, match="multiple of 8"):
+    with pytest.raises(ValueError, match="multiples of 8"):
         faed.autoencoder_features(model, scenes["a"][..., :28, :56])
 
 

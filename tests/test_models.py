@@ -9,10 +9,10 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch.profiler import ProfilerActivity, profile
 
-from diffpano.epipolar import EpipolarAdapter, epipolar_kwargs
-from diffpano.factory import tiny_unet_config, tiny_vae_config
-from diffpano.seamless import is_seamless, make_seamless
-from diffpano.trajectories import walk
+from diffpano.geometry.trajectories import walk
+from diffpano.models.epipolar import EpipolarAdapter, epipolar_kwargs
+from diffpano.models.seamless import is_seamless, make_seamless
+from diffpano.pipelines.factory import tiny_unet_config, tiny_vae_config
 
 
 def tiny_unet(seed: int = 0) -> UNet2DConditionModel:

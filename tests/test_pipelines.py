@@ -12,8 +12,8 @@ import torch
 
 from diffpano import MultiViewPanoPipeline, PanoPipeline
 from diffpano.defaults import WINDOW_VIEWS
-from diffpano.modelio import load_model, save_model
-from diffpano.trajectories import orbit, walk
+from diffpano.geometry.trajectories import orbit, walk
+from diffpano.pipelines.loading import load_model, save_model
 
 SIZE = dict(height=16, width=32)
 FAST = dict(num_inference_steps=3, guidance_scale=3.0, **SIZE)
@@ -58,7 +58,7 @@ def test_epipolar_switch_changes_only_the_multi_view_coupling(tiny_pipe):
 
 
 def test_epipolar_off_equals_a_model_without_ea_modules(tiny_pipe):
-    from diffpano.factory import build_tiny_pipeline
+    from diffpano.pipelines.factory import build_tiny_pipeline
 
     bare = build_tiny_pipeline(latent=False, seed=0)  # the same weights; its EA modules are zero-initialised
     bare.set_progress_bar_config(disable=True)
@@ -256,9 +256,9 @@ def test_missing_model_directory_is_a_clear_error(tmp_path):
 def test_sd15_shaped_unet_runs_one_multiview_forward_pass():
     from diffusers import UNet2DConditionModel
 
-    from diffpano.epipolar import EpipolarAdapter, epipolar_kwargs
-    from diffpano.factory import sd_unet_config
-    from diffpano.seamless import make_seamless
+    from diffpano.models.epipolar import EpipolarAdapter, epipolar_kwargs
+    from diffpano.models.seamless import make_seamless
+    from diffpano.pipelines.factory import sd_unet_config
 
     unet = make_seamless(UNet2DConditionModel(**sd_unet_config("1.5")).eval())
     adapter = EpipolarAdapter.for_unet(unet)

@@ -1,4 +1,4 @@
-"""Tests of diffpano.projection: perspective crops and cube maps against analytic panoramas."""
+"""Tests of diffpano.geometry.projection: perspective crops and cube maps against analytic panoramas."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from diffpano.geometry import direction_grid
-from diffpano.projection import (
+from diffpano.geometry.projection import (
     CUBE_FACES,
     cube_face_rays,
     cubemap_to_equirect,
@@ -16,6 +15,7 @@ from diffpano.projection import (
     equirect_to_perspective,
     perspective_rays,
 )
+from diffpano.geometry.spherical import direction_grid
 
 
 def smooth(d: torch.Tensor) -> torch.Tensor:

@@ -9,14 +9,14 @@ import torch
 
 from diffpano.data.loaders import flip_pose, yaw_roll_pose
 from diffpano.data.manifest import decode_depth, depth_png_bytes
-from diffpano.data.mesh import load_mesh
-from diffpano.data.raycast import MeshRenderer
-from diffpano.data.render import CEILING, FLOOR, WALL, SceneRenderer, camera_pose
-from diffpano.data.scene_mesh import SceneMeshRenderer, export_glb
-from diffpano.data.scenes import generate_scene
-from diffpano.data.walks import clip_poses
-from diffpano.projection import cubemap_to_equirect
-from diffpano.reprojection import colour_agreement, warp
+from diffpano.data.meshes.mesh import load_mesh
+from diffpano.data.meshes.raycast import MeshRenderer
+from diffpano.data.procedural.render import CEILING, FLOOR, WALL, SceneRenderer, camera_pose
+from diffpano.data.procedural.scene_mesh import SceneMeshRenderer, export_glb
+from diffpano.data.procedural.scenes import generate_scene
+from diffpano.data.procedural.walks import clip_poses
+from diffpano.geometry.projection import cubemap_to_equirect
+from diffpano.geometry.reprojection import colour_agreement, warp
 
 H, W = 128, 256
 

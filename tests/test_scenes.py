@@ -7,9 +7,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from diffpano.data.materials import WALL_COLOURS
-from diffpano.data.scenes import ROOM_TYPES, WALL_THICKNESS, generate_scene
-from diffpano.data.walks import clip_poses, room_route
+from diffpano.data.procedural.materials import WALL_COLOURS
+from diffpano.data.procedural.scenes import ROOM_TYPES, WALL_THICKNESS, generate_scene
+from diffpano.data.procedural.walks import clip_poses, room_route
 
 SEEDS = range(60)
 

@@ -14,9 +14,10 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestral
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from tiny_sd import SD1_SCHEDULER, with_scheduler_class
 
-from diffpano.factory import build_pipeline, default_scheduler, tiny_unet_config
-from diffpano.modelio import check_model, load_model
-from diffpano.schedulers import (
+from diffpano.geometry.trajectories import walk
+from diffpano.pipelines.factory import build_pipeline, default_scheduler, tiny_unet_config
+from diffpano.pipelines.loading import check_model, load_model
+from diffpano.pipelines.schedulers import (
     SAMPLABLE_CLASSES,
     SCHEDULER_NAMES,
     check_samplable,
@@ -25,7 +26,6 @@ from diffpano.schedulers import (
     scheduler_name,
     unet_calls,
 )
-from diffpano.trajectories import walk
 
 FAST = dict(num_inference_steps=2, guidance_scale=3.0, height=16, width=32)
 

@@ -13,8 +13,8 @@ from tiny_sd import CHECKPOINT_SCHEDULERS, with_scheduler_class, write_tiny_sd
 from typer.testing import CliRunner
 
 from diffpano.cli import build_app
-from diffpano.manifest import read_manifest
-from diffpano.trajectories import walk
+from diffpano.geometry.trajectories import walk
+from diffpano.io.manifest import read_manifest
 
 # The sampler each class's directory records in the manifest when it samples with its own scheduler.
 OWN_LABEL = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "LMSDiscreteScheduler": "lms",
@@ -75,9 +75,9 @@ def test_sizes_and_seeds_are_checked_before_any_weights_load(sd_dirs, tmp_path):
 def test_a_size_the_model_was_not_trained_for_warns_once_naming_the_trained_size(tiny_pipe, caplog):
     tiny_pipe._sizes_warned.clear()
     fast = dict(num_inference_steps=1, guidance_scale=1.0, seed=0)
-    with caplog.at_level(logging.WARNING, logger="diffpano.pipelines"):
+    with caplog.at_level(logging.WARNING, logger="diffpano.pipelines.pano"):
         tiny_pipe("a room", walk(2), **fast)  # the trained size (16x32): no warning
         for _ in range(2):
             tiny_pipe("a room", walk(2), height=32, width=64, **fast)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "diffpano.pipelines"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "diffpano.pipelines.pano"]
     assert len(warnings) == 1 and "32x64 is not the size" in warnings[0] and "(16x32" in warnings[0]

@@ -13,7 +13,7 @@ import requests
 from helpers import KEY, post
 from PIL import Image
 
-from diffpano.manifest import read_manifest
+from diffpano.io.manifest import read_manifest
 
 STEPS = 2
 

@@ -9,7 +9,7 @@ import pytest
 import requests
 from helpers import free_port, wait_until
 
-from diffpano.manifest import read_manifest
+from diffpano.io.manifest import read_manifest
 
 OUTPUT_ROOT = "s3://diffpano-test/served"
 

@@ -1,13 +1,13 @@
-"""Tour specs into tours (diffpano.tours): the one path of the model deployment, bulk jobs and evaluation."""
+"""Tour specs into tours (diffpano.pipelines.tours): the one path of the model deployment, bulk jobs and evaluation."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
-from diffpano.manifest import Tour, commit_tours
+from diffpano.io.manifest import Tour, commit_tours
+from diffpano.pipelines.tours import make_tours, pending, record_failures, settings
 from diffpano.specs import BulkSpec, validate_specs
-from diffpano.tours import make_tours, pending, record_failures, settings
 
 
 def spec(tour_id: str, **fields) -> BulkSpec:

@@ -17,8 +17,8 @@ from helpers import plain
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from diffpano import storage
 from diffpano.cli import build_app
+from diffpano.io import storage
 from trainer.config import load_config
 
 app = build_app()
@@ -90,8 +90,8 @@ def test_stage2_keeps_stage1_weights_bit_identical(run):
 
 
 def test_exported_model_loads_with_from_pretrained_and_generates(run):
+    from diffpano.geometry.trajectories import walk
     from diffpano.pipelines import MultiViewPanoPipeline
-    from diffpano.trajectories import walk
 
     pipe = MultiViewPanoPipeline.from_pretrained(str(run[0] / "model"))
     pipe.set_progress_bar_config(disable=True)
@@ -150,8 +150,8 @@ def test_the_loss_falls_on_a_fixed_batch(train_dataset, stage):
     from diffusers import DDPMScheduler
 
     from diffpano.data.loaders import ClipDataset, PanoramaDataset, collate_clips
-    from diffpano.factory import build_tiny_pipeline
-    from diffpano.text import encode_prompts
+    from diffpano.models.text import encode_prompts
+    from diffpano.pipelines.factory import build_tiny_pipeline
     from trainer.loop import Denoiser, SignalToNoise, diffusion_loss, trainable_parameters
 
     cfg = load_config(CONFIG, [f"data.dataset={train_dataset}"])
@@ -237,8 +237,8 @@ def test_decoder_fine_tune_keeps_the_encoder_scale_and_unet_of_its_base(train_da
 
 
 def test_pack_model_references_the_text_encoder_package_and_halves_weights(tmp_path):
-    from diffpano.factory import build_pipeline, minilm_text_encoder, tiny_unet_config
-    from diffpano.modelio import load_model, pack_model, save_model
+    from diffpano.pipelines.factory import build_pipeline, minilm_text_encoder, tiny_unet_config
+    from diffpano.pipelines.loading import load_model, pack_model, save_model
 
     encoder, tokenizer = minilm_text_encoder()
     pipe = build_pipeline(tiny_unet_config(3, cross_attention_dim=384), encoder, tokenizer)
@@ -258,8 +258,8 @@ def test_packed_and_bundled_models_carry_no_local_paths(tmp_path):
     """diffusers writes the folder a component was loaded from (_name_or_path) into its config; shipping drops it."""
     import json
 
-    from diffpano.factory import build_tiny_pipeline
-    from diffpano.modelio import BUNDLED_MODEL, load_model, pack_model, save_model
+    from diffpano.pipelines.factory import build_tiny_pipeline
+    from diffpano.pipelines.loading import BUNDLED_MODEL, load_model, pack_model, save_model
 
     save_model(build_tiny_pipeline(), str(tmp_path / "first"))
     save_model(load_model(tmp_path / "first", "cpu"), str(tmp_path / "resaved"))
@@ -279,7 +279,7 @@ def test_run_paths_are_absolute_for_workers_in_other_folders():
 
 
 def test_one_stage_ablation_trains_the_unet_with_the_ea_modules():
-    from diffpano.factory import build_tiny_pipeline
+    from diffpano.pipelines.factory import build_tiny_pipeline
     from trainer.loop import trainable_parameters
 
     cfg = load_config(CONFIG, ["stage2.train_unet=true"])

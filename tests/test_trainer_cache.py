@@ -10,13 +10,13 @@ import pytest
 import ray
 import torch
 
-from diffpano import storage
-from diffpano.data.build import BuildSpec, render_clips
 from diffpano.data.loaders import resize_rgb
 from diffpano.data.manifest import commit_clips, read_dataset
-from diffpano.manifest import decode_rgb
-from diffpano.modelio import load_model, save_model
-from diffpano.text import encode_prompts
+from diffpano.data.procedural.build import ProceduralSpec, render_clips
+from diffpano.io import storage
+from diffpano.io.manifest import decode_rgb
+from diffpano.models.text import encode_prompts
+from diffpano.pipelines.loading import load_model, save_model
 from trainer.cache import (
     MARKER,
     build_latent_cache,
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.ray  # bulk jobs, dataset builds and training run on Ra
 def dataset(tmp_path_factory, s3_endpoint) -> str:
     """A 2-clip x 2-keyframe dataset of 16x32 panoramas (S3 is up first: every job then shares one worker env)."""
     root = str(tmp_path_factory.mktemp("cache-ds") / "ds")
-    spec = BuildSpec(scenes=1, clips_per_scene=2, frames=2, height=16, width=32)
+    spec = ProceduralSpec(scenes=1, clips_per_scene=2, frames=2, height=16, width=32)
     commit_clips(root, render_clips(spec, 0, [0, 1]))
     return root
 
@@ -93,7 +93,7 @@ def test_text_cache_equals_direct_encoding_and_is_reused(text_cache, dataset, ti
 
 
 def test_cache_uri_follows_the_text_encoder_not_the_save_location(dataset, tmp_path):
-    from diffpano.factory import build_tiny_pipeline
+    from diffpano.pipelines.factory import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(seed=3)
     first, same = str(tmp_path / "first"), str(tmp_path / "same")
@@ -121,7 +121,7 @@ def test_partial_or_outgrown_cache_is_rebuilt(text_cache, dataset, tiny_model_di
         load_text_cache(uri)
 
     # A new clip arrives too: the rebuilt cache must hold its captions.
-    spec = BuildSpec(scenes=1, clips_per_scene=3, frames=2, height=16, width=32)
+    spec = ProceduralSpec(scenes=1, clips_per_scene=3, frames=2, height=16, width=32)
     commit_clips(root, render_clips(spec, 0, [2]))
     assert build_text_cache(root, str(tiny_model_dir), progress=False) == uri
     assert not storage.exists(storage.join(uri, "part-00042.parquet"))

@@ -1,4 +1,4 @@
-"""Tests of diffpano.video: walk-through headings, cross-fades and GIF/MP4 writing."""
+"""Tests of diffpano.io.video: walk-through headings, cross-fades and GIF/MP4 writing."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image, ImageSequence
 
-from diffpano import video
-from diffpano.geometry import direction_grid, yaw_matrix
-from diffpano.video import view_heading_ranges, walkthrough_frames, write_video
+from diffpano.geometry.spherical import direction_grid, yaw_matrix
+from diffpano.io import video
+from diffpano.io.video import view_heading_ranges, walkthrough_frames, write_video
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 SIZE = (24, 32)

@@ -37,7 +37,7 @@ def write_tiny_sd(directory: Path, scheduler_class: str = "PNDMScheduler") -> Pa
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffpano.factory import tiny_unet_config, tiny_vae_config
+    from diffpano.pipelines.factory import tiny_unet_config, tiny_vae_config
 
     tokenizer, vocab = _clip_tokenizer(Path(f"{directory}-vocab"))
     end = vocab["<|endoftext|>"]

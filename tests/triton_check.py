@@ -9,9 +9,9 @@ import sys
 import torch
 from torch import nn
 
-from diffpano.epipolar import EpipolarAdapter
-from diffpano.epipolar_ops.reference import reference_forward
-from diffpano.trajectories import walk
+from diffpano.geometry.trajectories import walk
+from diffpano.models.epipolar import EpipolarAdapter
+from diffpano.ops.reference import reference_forward
 
 
 def errors(dtype: torch.dtype, k: int, s: int) -> dict:

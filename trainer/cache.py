@@ -1,5 +1,5 @@
-"""Frozen-encoder caches: text embeddings and VAE latents of a dataset, computed once on Ray Data (or in this process
-when asked for no actors), stored beside it.
+"""Frozen-encoder caches: text embeddings and VAE latents of a dataset, computed once by a pool of Ray actors (or in
+this process when asked for no actors), stored beside it.
 
 A cache is a folder `<dataset>/cache/<kind>-<digest>` of Parquet parts plus a `_COMPLETE.json` marker written
 last; without the marker (or with one for other inputs) it is not trusted and gets rebuilt from scratch. The
@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
@@ -23,12 +22,13 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from diffpano import storage
 from diffpano.data.loaders import resize_rgb
 from diffpano.data.manifest import read_dataset
-from diffpano.manifest import decode_rgb, resolve_uri
-from diffpano.modelio import load_model
-from diffpano.text import encode_prompts
+from diffpano.io import storage
+from diffpano.io.manifest import decode_rgb, resolve_uri
+from diffpano.models.text import encode_prompts
+from diffpano.pipelines.loading import load_model
+from fanout.actors import map_on_actors, start_actors
 
 CACHE_VERSION = 1  # bump when what a cache holds changes for the same encoder files (preprocessing, layout)
 MARKER = "_COMPLETE.json"
@@ -145,11 +145,11 @@ def _check_size(model_dir: str, size: tuple[int, int]) -> tuple[int, int]:
     return h, w
 
 
-# ---------------------------------------------------------------- Ray Data actors
+# ---------------------------------------------------------------- encoders
 
 
 class EmbedCaptions:
-    """Ray Data actor: float16 token embeddings of captions with the model directory's text encoder (loaded once)."""
+    """float16 token embeddings of captions with the model directory's text encoder (loaded once)."""
 
     def __init__(self, model_dir: str, device: str = "cpu") -> None:
         pipe = load_model(model_dir, device, torch.float32)
@@ -166,7 +166,7 @@ class EmbedCaptions:
 
 
 class EncodeLatents:
-    """Ray Data actor: float16 VAE latents (scaled latent-distribution means) of keyframes resized to `size`."""
+    """float16 VAE latents (scaled latent-distribution means) of keyframes resized to `size`."""
 
     def __init__(self, model_dir: str, size: tuple[int, int], device: str = "cpu") -> None:
         self.pipe = load_model(model_dir, device, torch.float32)
@@ -259,73 +259,56 @@ def _build(
     uri: str, *, kind: str, digest: str, source: str, items: list[dict], actor: type, actor_kwargs: dict,
     num_actors: int, batch_size: int, num_gpus: float, rows_per_file: int, progress: bool,
 ) -> None:
-    """Run `actor` over items on Ray Data into Parquet parts under uri, then write the marker; skip if complete."""
+    """Encode items with `actor` into Parquet parts under uri (on Ray actors, or here when num_actors is 0), then
+    write the marker; skip if complete."""
     marker = read_marker(uri)
     if marker and marker.get("digest") == digest and marker.get("source") == source:
         return
     _clear(uri)
     fs, path = storage.resolve(uri)
-    if items and num_actors == 0:
-        _write_in_process(uri, items, actor(**actor_kwargs), batch_size, rows_per_file, progress)
-    elif items:
-        _write_on_ray(uri, items, actor, actor_kwargs, num_actors, batch_size, num_gpus, rows_per_file, progress)
-    parts = [u.rsplit("/", 1)[-1] for u in storage.list_files(uri, ".parquet")]
-    count = sum(pq.read_metadata(f"{path}/{name}", filesystem=fs).num_rows for name in parts)
+    if not storage.is_remote(uri):
+        fs.create_dir(path)
+    per_part = min(rows_per_file, math.ceil(len(items) / max(1, num_actors))) if items else 1
+    parts = [(i, items[k : k + per_part]) for i, k in enumerate(range(0, len(items), per_part))]
+    args = (uri, actor, actor_kwargs, batch_size)
+    with tqdm(total=len(items), unit="row", desc=uri.rsplit("/", 1)[-1], disable=not progress) as bar:
+        if num_actors == 0:
+            writer = PartWriter(*args)
+            rows = (writer.write(part) for part in parts)
+        elif parts:
+            pool = start_actors(PartWriter, min(num_actors, len(parts)), *args, num_gpus=num_gpus)
+            rows = map_on_actors(pool, "write", parts)
+        else:
+            rows = iter(())
+        for count in rows:
+            bar.update(count)
+    names = [u.rsplit("/", 1)[-1] for u in storage.list_files(uri, ".parquet")]
+    count = sum(pq.read_metadata(f"{path}/{name}", filesystem=fs).num_rows for name in names)
     if count != len(items):
         raise RuntimeError(f"cache {uri}: wrote {count} rows for {len(items)} inputs; not marking it complete")
     created = datetime.now(timezone.utc).isoformat()
-    info = {"kind": kind, "digest": digest, "source": source, "count": count, "parts": parts, "created_at": created}
+    info = {"kind": kind, "digest": digest, "source": source, "count": count, "parts": names, "created_at": created}
     storage.write_bytes(storage.join(uri, MARKER), json.dumps(info, indent=1).encode())
 
 
-def _write_in_process(uri: str, items: list[dict], encode, batch_size: int, rows_per_file: int,
-                      progress: bool, threads: int = 8) -> None:
-    """Encode items batch by batch in this process (threads overlap image decoding) into Parquet parts."""
-    fs, path = storage.resolve(uri)
-    if not storage.is_remote(uri):
-        fs.create_dir(path)
-    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    batches = ({k: np.asarray([it[k] for it in chunk]) for k in chunk[0]} for chunk in chunks)
-    pending: list[pa.Table] = []
-    parts = 0
-    with ThreadPoolExecutor(threads) as pool:
-        tables = pool.map(encode, batches)
-        for i, table in enumerate(tqdm(tables, total=len(chunks), desc=uri.rsplit("/", 1)[-1], disable=not progress)):
-            pending.append(table)
-            if sum(t.num_rows for t in pending) >= rows_per_file or i == len(chunks) - 1:
-                pq.write_table(pa.concat_tables(pending), f"{path}/part-{parts:05d}.parquet", filesystem=fs)
-                pending, parts = [], parts + 1
+class PartWriter:
+    """Encodes one part's items, batch by batch (threads overlap image decoding), into `part-NNNNN.parquet`; a
+    re-run part (its actor restarted) overwrites its own file."""
 
+    def __init__(self, uri: str, encoder: type, encoder_kwargs: dict, batch_size: int, threads: int = 8) -> None:
+        self.uri, self.encode = uri, encoder(**encoder_kwargs)
+        self.batch_size, self.threads = batch_size, threads
 
-def _write_on_ray(uri: str, items: list[dict], actor: type, actor_kwargs: dict, num_actors: int, batch_size: int,
-                  num_gpus: float, rows_per_file: int, progress: bool) -> None:
-    """Run `actor` over items in a Ray Data actor pool into Parquet parts under uri."""
-    import ray
-    from ray.data.datasource import FilenameProvider
-
-    from trainer.ray_init import ensure_ray
-
-    class PartNames(FilenameProvider):
-        """Deterministic part names: one per write task."""
-
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            return f"part-{task_index:05d}.parquet"
-
-    fs, path = storage.resolve(uri)
-    ensure_ray()
-    env = {"env_vars": storage.worker_env()}
-    blocks = min(len(items), max(num_actors, math.ceil(len(items) / batch_size)))
-    with _data_context(progress):
-        ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-            actor, fn_constructor_kwargs=actor_kwargs, compute=ray.data.ActorPoolStrategy(size=num_actors),
-            batch_size=batch_size, batch_format="numpy", num_cpus=1, num_gpus=num_gpus, runtime_env=env,
-        )
-        # The folder was just removed, so "overwrite" deletes nothing; it only allows names without a uuid.
-        ds.write_parquet(
-            path, filesystem=fs, filename_provider=PartNames(), mode="overwrite",
-            try_create_dir=not storage.is_remote(uri),  # S3 has no folders; a marker object needs more rights
-            min_rows_per_file=rows_per_file, ray_remote_args={"runtime_env": env},
-        )
+    def write(self, part: tuple[int, list[dict]]) -> int:
+        """Encode and write part (index, items); the rows written."""
+        index, items = part
+        chunks = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        batches = ({k: np.asarray([it[k] for it in chunk]) for k in chunk[0]} for chunk in chunks)
+        with ThreadPoolExecutor(self.threads) as pool:
+            table = pa.concat_tables(pool.map(self.encode, batches))
+        fs, path = storage.resolve(self.uri)
+        pq.write_table(table, f"{path}/part-{index:05d}.parquet", filesystem=fs)
+        return table.num_rows
 
 
 def read_marker(uri: str) -> dict | None:
@@ -341,23 +324,6 @@ def _clear(uri: str) -> None:
         fs.delete_file(f"{path}/{MARKER}")
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_dir(path)
-
-
-@contextlib.contextmanager
-def _data_context(progress: bool) -> Iterator[None]:
-    """Ray Data settings for a cache job (progress bars on request, no execution banner), restored afterwards."""
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    settings = {"enable_progress_bars": progress, "print_on_execution_start": False}
-    saved = {k: getattr(ctx, k) for k in settings}
-    for k, v in settings.items():
-        setattr(ctx, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(ctx, k, v)
 
 
 # ---------------------------------------------------------------- loading

@@ -8,17 +8,21 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from diffpano.compiling import CompileMode
 from diffpano.defaults import MAX_REF_VIEWS, MAX_SAMPLES, MAX_STEPS, MAX_VIEWS
-from diffpano.lora import DEFAULT_LORA_TARGETS, check_lora_targets
+from diffpano.geometry.spherical import check_panorama_size
+from diffpano.models.lora import DEFAULT_LORA_TARGETS, check_lora_targets
+from diffpano.pipelines.compiling import CompileMode
+from diffpano.pipelines.factory import ARCHITECTURES
 from diffpano.specs import Strict  # config sections: unknown keys, NaN and Infinity are errors naming the key
+
+Arch = Literal[tuple(ARCHITECTURES)]
 
 
 class ModelConfig(Strict):
     """Where the model starts: a model directory (docs/model-layout.md), or a fresh architecture from scratch."""
 
     base: str | None = None  # model directory or s3:// URI; None builds `arch` from scratch
-    arch: Literal["tiny", "tiny-latent", "small-latent", "sd15", "sd21"] = "tiny"
+    arch: Arch = "tiny"
     text_encoder: Literal["tiny-bert", "minilm"] = "tiny-bert"  # for arch builds only
     num_ref_views: int = Field(2, ge=1, le=MAX_REF_VIEWS)
     num_samples: int = Field(8, ge=1, le=MAX_SAMPLES)
@@ -44,8 +48,10 @@ class DataConfig(Strict):
 
 def check_size(v: tuple[int, int] | None) -> tuple[int, int] | None:
     """A panorama size [H, 2H] with H >= 8 (None passes)."""
-    if v is not None and (v[0] < 8 or v[1] != 2 * v[0]):
-        raise ValueError(f"must be [H, 2H] with H >= 8, got {list(v)}")
+    if v is not None:
+        check_panorama_size(*v, field="size")
+        if v[0] < 8:
+            raise ValueError(f"size: the height must be at least 8, got {list(v)}")
     return v
 
 
@@ -75,7 +81,7 @@ class StageConfig(LoopConfig):
 
     lora_rank: int = Field(0, ge=0, le=1024)  # 0: train the whole UNet (stage 1) / keep it frozen (stage 2)
     lora_alpha: float | None = None
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # attention projections LoRA adapts (diffpano.lora)
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # attention projections LoRA adapts (diffpano.models.lora)
     views: int = Field(4, ge=2, le=MAX_VIEWS)  # stage 2: views per clip window
     train_unet: bool = False  # stage 2: train the whole UNet with the EA modules (one-stage training, an ablation)
     size: tuple[int, int] | None = None  # [H, W] of this stage; None: data.size
@@ -115,7 +121,7 @@ class OptimConfig(Strict):
     min_snr_gamma: float | None = Field(None, gt=0.0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     allow_tf32: bool = True
-    # torch.compile of the stage's model (diffpano.compiling; reduce-overhead: CUDA graphs, batches are static)
+    # torch.compile of the stage's model (diffpano.pipelines.compiling; reduce-overhead: CUDA graphs, static batches)
     compile: CompileMode = "off"
     channels_last: bool = False  # NHWC activations and conv weights (faster convolutions on CUDA tensor cores)
 

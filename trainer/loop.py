@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch import nn
 
-from diffpano import storage
 from diffpano.data.loaders import ClipDataset, PanoramaDataset
-from diffpano.epipolar import epipolar_kwargs
-from diffpano.lora import add_lora, merge_lora, save_lora
-from diffpano.modelio import save_model
+from diffpano.io import storage
+from diffpano.models.epipolar import epipolar_kwargs
+from diffpano.models.lora import add_lora, merge_lora, save_lora
+from diffpano.pipelines.loading import save_model
 from trainer import skeleton
 from trainer.cache import load_latent_cache, load_text_cache
 from trainer.config import TrainConfig
@@ -118,8 +118,8 @@ def diffusion_loss(model_out, x0, noise, t, snr: SignalToNoise, prediction_type:
 
 def sample_tour(pipe, cfg: TrainConfig, stage: int, captions: list[str], uri: str) -> None:
     """A small sample tour from the current weights, saved as one PNG strip."""
-    from diffpano.manifest import png_bytes
-    from diffpano.trajectories import walk
+    from diffpano.geometry.trajectories import walk
+    from diffpano.io.manifest import png_bytes
 
     views = len(captions)
     h, w = cfg.size(stage)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from diffpano import storage
 from diffpano.data.manifest import read_dataset
+from diffpano.io import storage
+from fanout.cluster import join_ray
 from trainer import session
 from trainer.cache import build_latent_cache, build_text_cache, has_vae
 from trainer.config import TrainConfig
@@ -46,35 +47,11 @@ def initial_model(cfg: TrainConfig, target: str) -> str:
         return cfg.model.base
     if storage.exists(storage.join(target, "model_index.json")):
         return target
-    from diffpano.factory import (
-        build_pipeline,
-        minilm_text_encoder,
-        sd_unet_config,
-        sd_vae_config,
-        small_unet_config,
-        small_vae_config,
-        tiny_unet_config,
-        tiny_vae_config,
-    )
-    from diffpano.modelio import save_model
+    from diffpano.pipelines.factory import fresh_pipeline
+    from diffpano.pipelines.loading import save_model
 
-    text_encoder, tokenizer = minilm_text_encoder() if cfg.model.text_encoder == "minilm" else (None, None)
-    dim = text_encoder.config.hidden_size if text_encoder is not None else 32
-    arch = cfg.model.arch
-    if arch.startswith("tiny"):
-        unet_cfg = tiny_unet_config(4 if arch == "tiny-latent" else 3, cross_attention_dim=dim)
-        vae_cfg = tiny_vae_config() if arch == "tiny-latent" else None
-    elif arch == "small-latent":
-        unet_cfg, vae_cfg = small_unet_config(4, cross_attention_dim=dim), small_vae_config()
-    else:
-        unet_cfg = sd_unet_config("1.5" if arch == "sd15" else "2.1") | {"cross_attention_dim": dim}
-        vae_cfg = sd_vae_config()
-    h = cfg.size(1)[0]
-    factor = 1 if vae_cfg is None else 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    unet_cfg["sample_size"] = h // factor
-    pipe = build_pipeline(unet_cfg, text_encoder, tokenizer, vae_cfg, seed=cfg.run.seed,
-                          epipolar={"num_ref_views": cfg.model.num_ref_views, "num_samples": cfg.model.num_samples})
-    pipe.model_name = f"{arch}-init"
+    pipe = fresh_pipeline(cfg.model.arch, cfg.size(1)[0], cfg.model.text_encoder, cfg.run.seed,
+                          num_ref_views=cfg.model.num_ref_views, num_samples=cfg.model.num_samples)
     save_model(pipe, target)
     return target
 
@@ -153,9 +130,7 @@ def train(cfg: TrainConfig, stages: list[int], name: str, storage_root: str,
         raise ValueError(f"vae.decoder_only: model.base has no VAE to fine-tune (pixel space): {cfg.model.base}")
     paths = run_paths(storage_root, name)
     if cfg.scaling.num_workers and local_device is None:
-        from trainer.ray_init import ensure_ray
-
-        ensure_ray(log_to_driver=True)  # the workers' progress lines
+        join_ray(log_to_driver=True)  # the workers' progress lines
     actors = 0 if local_device else cfg.data.cache_actors
     gpus = 1.0 if local_device and local_device.startswith("cuda") else 0.0
     results = []

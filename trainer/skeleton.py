@@ -32,10 +32,10 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from diffpano import storage
-from diffpano.compiling import compile_module, mark_step
 from diffpano.data.loaders import collate_clips
-from diffpano.modelio import load_model
+from diffpano.io import storage
+from diffpano.pipelines.compiling import compile_module, mark_step
+from diffpano.pipelines.loading import load_model
 from trainer import session
 from trainer.config import LoopConfig, TrainConfig
 

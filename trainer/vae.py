@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffpano.modelio import save_model
+from diffpano.pipelines.loading import save_model
 from trainer import skeleton
 from trainer.loop import make_dataset
 from trainer.skeleton import Loss, Stage, Worker

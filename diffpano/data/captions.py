@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 
-from diffpano.data.furniture import Item
-from diffpano.data.materials import FLOORS
-from diffpano.data.render import DOOR, FIRST_ITEM_LABEL, WINDOW, View
-from diffpano.projection import equirect_to_cubemap
+from diffpano.data.procedural.furniture import Item
+from diffpano.data.procedural.materials import FLOORS
+from diffpano.data.procedural.render import DOOR, FIRST_ITEM_LABEL, WINDOW, View
+from diffpano.geometry.projection import equirect_to_cubemap
 
 if TYPE_CHECKING:
-    from diffpano.data.scene_mesh import SceneMeshRenderer
+    from diffpano.data.procedural.scene_mesh import SceneMeshRenderer
 
 FACE_NAMES = ("front", "right", "back", "left", "up", "down")
 MIN_SHARE = 0.01  # a thing must cover 1% of a face to be mentioned

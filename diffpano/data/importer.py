@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from diffpano import storage
 from diffpano.data.manifest import DATASET_SCHEMA, depth_path, read_dataset, rgb_path
-from diffpano.geometry import check_panorama_size, validate_poses
-from diffpano.manifest import commit_part, png_bytes
+from diffpano.geometry.spherical import check_panorama_size, validate_poses
+from diffpano.io import storage
+from diffpano.io.manifest import commit_part, png_bytes
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I")  # Pillow's modes of a 16-bit grayscale PNG

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from diffpano.manifest import commit_part, png_bytes, read_parts
+from diffpano.io.manifest import commit_part, png_bytes, read_parts
 
 DATASET_SCHEMA = pa.schema(
     [

@@ -19,15 +19,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffpano.data.materials import WALL_COLOURS
-from diffpano.data.render import camera_pose
-from diffpano.data.scene_mesh import SceneMeshRenderer
-from diffpano.data.scenes import ROOM_TYPES, Room, Scene, generate_scene
-from diffpano.geometry import check_panorama_size
+from diffpano.data.procedural.materials import WALL_COLOURS
+from diffpano.data.procedural.render import camera_pose
+from diffpano.data.procedural.scene_mesh import SceneMeshRenderer
+from diffpano.data.procedural.scenes import ROOM_TYPES, Room, Scene, generate_scene
+from diffpano.geometry.spherical import check_panorama_size
+from diffpano.geometry.trajectories import walk
 from diffpano.metrics.images import channels_first, float_images
-from diffpano.modelio import pick_device
-from diffpano.seamless import make_seamless
-from diffpano.trajectories import walk
+from diffpano.models.seamless import make_seamless
+from diffpano.pipelines.loading import pick_device
 
 INPUT_SIZE = (64, 128)
 COLOURS = tuple(WALL_COLOURS)

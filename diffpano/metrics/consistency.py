@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from diffpano.geometry import circular_grid_sample, epipolar_samples, nearest_views
+from diffpano.geometry.reprojection import warp
+from diffpano.geometry.spherical import circular_grid_sample, epipolar_samples, nearest_views
 from diffpano.metrics.images import float_images, resize
-from diffpano.reprojection import warp
 
 EVAL_SIZE = (64, 128)
 NULL_EPS = 1e-4  # below this the images have no texture to match: no evidence of consistency

@@ -13,10 +13,11 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from diffpano import storage
+from diffpano.geometry.spherical import check_panorama_size
+from diffpano.io import storage
 from diffpano.metrics.distribution import RunningStats, frechet_distance
 from diffpano.metrics.images import float_images, scale_values
-from diffpano.seamless import make_seamless
+from diffpano.models.seamless import make_seamless
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -75,10 +76,9 @@ class PanoAutoencoder(nn.Module):
 
 def _check_size(x: torch.Tensor) -> None:
     """Raise ValueError unless x is (B, 3, H, 2H) with H a multiple of 8."""
-    if x.ndim != 4 or x.shape[1] != 3 or x.shape[-1] != 2 * x.shape[-2] or x.shape[-2] % DOWNSCALE:
-        raise ValueError(
-            f"panoramas: expected (B, 3, H, 2H) with H a multiple of {DOWNSCALE}, got {tuple(x.shape)}"
-        )
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"panoramas: expected (B, 3, H, 2H), got {tuple(x.shape)}")
+    check_panorama_size(x.shape[-2], x.shape[-1], DOWNSCALE, field="panoramas")
 
 
 def _item_image(item: object) -> torch.Tensor:

@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from diffpano import storage  # noqa: E402
+from diffpano.io import storage  # noqa: E402
 
 
 def _clean(value):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from diffpano.projection import equirect_to_perspective
+from diffpano.geometry.projection import equirect_to_perspective
+from diffpano.geometry.spherical import check_panorama_size
 
 CROP_FOV = 90.0
 CROP_SIZE = 299  # Inception's input size: crops made at this size are not resampled again by FID/IS
@@ -19,8 +20,7 @@ def check_panoramas(p: torch.Tensor, name: str = "panoramas") -> None:
         raise ValueError(f"{name}: expected a tensor of shape (B, 3, H, W), got {got}")
     if p.dtype != torch.uint8 and not p.is_floating_point():
         raise ValueError(f"{name}: expected uint8 or floating-point values, got {p.dtype}")
-    if p.shape[-1] != 2 * p.shape[-2] or p.shape[-2] <= 0:
-        raise ValueError(f"{name}: equirectangular panoramas need W = 2*H, got H={p.shape[-2]}, W={p.shape[-1]}")
+    check_panorama_size(p.shape[-2], p.shape[-1], field=name)
 
 
 def _restore(views: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Datasets from 360° captures: frames, structure from motion, alignment, builds."""

@@ -1,0 +1,1 @@
+"""Datasets from textured meshes: loading, labels, walkable floors, ray casting, captions, builds."""

@@ -1,0 +1,1 @@
+"""Procedural indoor scenes: floor plans, furniture, materials, walks, their renderers and builds."""

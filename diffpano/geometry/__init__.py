@@ -1,0 +1,1 @@
+"""Spherical geometry: equirectangular maps, poses, projections, reprojection, trajectories."""

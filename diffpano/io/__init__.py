@@ -1,0 +1,1 @@
+"""Storage, manifests and outputs: URIs (local, s3://), Parquet manifests, compaction, videos."""

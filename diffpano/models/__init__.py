@@ -1,0 +1,1 @@
+"""Model components: the EA adapter, LoRA, seamless padding, text encoders, builders and loading."""

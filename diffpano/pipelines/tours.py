@@ -1,0 +1,69 @@
+"""Tour specs into tours: the one path from specs to Tour records that the model deployment, offline and online bulk
+jobs and evaluation all take, with the bookkeeping they share (what is already done, what failed)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+
+from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, random_seed
+from diffpano.io import storage
+from diffpano.io.manifest import Tour, tour_ids
+from diffpano.specs import BulkSpec
+
+
+def settings(spec: BulkSpec) -> tuple:
+    """What tours generated in one pipeline call must share: views, size, steps, guidance, scheduler."""
+    steps = spec.num_inference_steps or DEFAULT_STEPS
+    guidance = DEFAULT_GUIDANCE if spec.guidance_scale is None else spec.guidance_scale
+    return spec.view_count(), spec.height, spec.width, steps, guidance, spec.scheduler
+
+
+def make_tours(pipe, specs: Sequence[BulkSpec], **options) -> dict[str, Tour | Exception]:
+    """Each spec's tour by tour_id, one pipeline call per group of shared settings; a failed group's error per tour.
+
+    `options` go to every pipeline call (num_ref_views, num_samples, use_epipolar, ...).
+    """
+    groups: dict[tuple, list[BulkSpec]] = {}
+    for spec in specs:
+        groups.setdefault(settings(spec), []).append(spec)
+    out: dict[str, Tour | Exception] = {}
+    for key, members in groups.items():
+        try:
+            out.update((t.tour_id, t) for t in _generate(pipe, members, key, options))
+        except Exception as err:  # noqa: BLE001 - the caller decides per tour (record it, answer 422 or 503)
+            out.update((s.tour_id, err) for s in members)
+    return out
+
+
+def _generate(pipe, specs: list[BulkSpec], key: tuple, options: dict) -> list[Tour]:
+    """One pipeline call for specs that share `key` (see settings)."""
+    _, height, width, steps, guidance, scheduler = key
+    seeds = [s.seed if s.seed is not None else random_seed() for s in specs]
+    out = pipe([s.prompt_list() for s in specs], np.stack([s.pose_array() for s in specs]), height=height,
+               width=width, num_inference_steps=steps, guidance_scale=guidance, seed=seeds, scheduler=scheduler,
+               **options)
+    return [Tour(s.tour_id, out.images[i], list(out.prompts[i]), out.poses[i], out.seeds[i], pipe.model_name, steps,
+                 guidance, out.scheduler) for i, s in enumerate(specs)]
+
+
+def pending(out: str, specs: Sequence[BulkSpec]) -> list[BulkSpec]:
+    """The specs whose tour the manifest under out does not hold yet (a re-run completes, never duplicates)."""
+    present = tour_ids(out)
+    return [s for s in specs if s.tour_id not in present]
+
+
+def record_failures(out: str, name: str, records: Sequence[dict]) -> str | None:
+    """Write failure records as OUT/failures/NAME.jsonl; returns its URI (None when there is nothing to record)."""
+    if not records:
+        return None
+    uri = storage.join(out, "failures", f"{name}.jsonl")
+    storage.write_bytes(uri, "\n".join(json.dumps(r) for r in records).encode() + b"\n")
+    return uri
+
+
+def error_text(err: Exception) -> str:
+    """How a failed tour's error is recorded."""
+    return f"{type(err).__name__}: {err}"
