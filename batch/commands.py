@@ -29,6 +29,7 @@ from diffpano.defaults import (
     MAX_STEPS,
     MAX_VIEWS,
     REPLICAS,
+    STALL_S,
     TOURS_PER_BATCH,
 )
 
@@ -119,8 +120,12 @@ def bulk(
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip invalid specs instead of refusing."),
     endpoint: str | None = typer.Option(None, "--endpoint", help="Run on a server (http://HOST:PORT) as a job; "
                                         "--out is then a prefix under the server's output root."),
+    stall_timeout: float = typer.Option(STALL_S, "--stall-timeout", callback=finite_in(1.0),
+                                        help="Seconds with no replica answering (the cluster has no room) before "
+                                        "the job stops, resumable (exit code 3)."),
 ) -> None:
-    """Generate many tours on a pool of Ray actors; a re-run completes what is missing, exactly once."""
+    """Generate many tours on a pool of Ray actors; a re-run completes what is missing, exactly once. Replicas lost
+    with their node hand their batches to the others."""
     from diffpano.specs import read_spec_rows, synthetic_specs, validate_specs
 
     if (specs is None) == (synthetic is None):
@@ -143,12 +148,15 @@ def bulk(
 
     try:
         summary = run_bulk(good, out, model, replicas, batch_size, gpus, cpus, invalid=invalid,
-                           compile=compile or "off", scheduler=scheduler)
+                           compile=compile or "off", scheduler=scheduler, stall_s=stall_timeout)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     typer.echo(summary.line())
     if summary.failures_uri:
         typer.echo(f"failures and invalid specs: {summary.failures_uri}")
+    if summary.stopped:
+        typer.echo(f"bulk stopped: {summary.stopped}; run the same command again to go on", err=True)
+        raise typer.Exit(3)
     typer.echo(f"view it: {command_name()} serve --output-root {summary.out}, then /viewer?tour=<tour_id>")
 
 

@@ -8,6 +8,7 @@ DEFAULT_VIEWS = 4  # views of a tour when a request names none
 MAX_SEED = 2**63 - 1  # seeds are integers in [0, MAX_SEED]
 MAX_BATCH_VIEWS = 8  # views of several tours one serve call batches together
 BATCH_WAIT_S = 0.1  # how long a serve replica waits to fill a batch
+STALL_S = 600.0  # seconds with no replica answering, work left, before an offline job stops (resumable)
 WINDOW_VIEWS = 16  # views of one tour denoised jointly; longer tours go in windows (EA cost is linear in views)
 TOURS_PER_BATCH = 4  # tours per bulk batch: one replica call and one manifest part
 REPLICAS = 1  # model replicas of a bulk job or an evaluation

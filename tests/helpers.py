@@ -53,3 +53,30 @@ def free_port() -> int:
     """An unused TCP port on 127.0.0.1, picked by the OS."""
     with socket.create_server(("127.0.0.1", 0)) as s:
         return s.getsockname()[1]
+
+
+def check_output(root: str, tours: int, views: int, with_ray: bool = True) -> None:
+    """docs/tours.md: one row per view, unique (tour_id, view_index), every image a complete 2:1 PNG; four readers
+    (Ray Data's among them when with_ray: it joins the test's Ray)."""
+    import duckdb
+    import pandas as pd
+    import pyarrow.dataset as pads
+
+    from diffpano.io import storage
+    from diffpano.io.manifest import decode_rgb, read_manifest
+
+    table = read_manifest(root).to_pandas()
+    assert len(table) == tours * views and table.tour_id.nunique() == tours
+    assert not table.duplicated(["tour_id", "view_index"]).any()
+    for uri in table.image_uri:
+        image = decode_rgb(storage.read_bytes(storage.join(root, uri)))
+        assert image.shape[1] == 2 * image.shape[0]
+    fs, path = storage.resolve(storage.join(root, "manifest"))
+    assert pads.dataset(path, filesystem=fs, format="parquet").count_rows() == len(table)
+    if not storage.is_remote(root):
+        assert duckdb.sql(f"select count(*) from read_parquet('{path}/*.parquet')").fetchall()[0][0] == len(table)
+        assert len(pd.read_parquet(path)) == len(table)
+    if with_ray:
+        import ray
+
+        assert ray.data.read_parquet(storage.join(root, "manifest")).count() == len(table)

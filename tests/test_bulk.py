@@ -13,15 +13,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as pads
 import pytest
-from helpers import plain, wait_until
+from helpers import check_output, plain, wait_until
 from tiny_sd import with_scheduler_class
 from typer.testing import CliRunner
 
 from diffpano.cli import build_app
 from diffpano.io import storage
-from diffpano.io.manifest import decode_rgb, manifest_lock, read_manifest
+from diffpano.io.manifest import manifest_lock, read_manifest
 from diffpano.specs import synthetic_specs
 
 app = build_app()
@@ -35,25 +34,6 @@ pytestmark = pytest.mark.ray  # bulk jobs, dataset builds and training run on Ra
 def bulk(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(app, ["bulk", *args])
     return result.exit_code, plain(result.output)
-
-
-def check_output(root: str, tours: int, views: int) -> None:
-    """docs/tours.md: one row per view, unique (tour_id, view_index), every image a complete 2:1 PNG; four readers."""
-    import duckdb
-    import ray
-
-    table = read_manifest(root).to_pandas()
-    assert len(table) == tours * views and table.tour_id.nunique() == tours
-    assert not table.duplicated(["tour_id", "view_index"]).any()
-    for uri in table.image_uri:
-        image = decode_rgb(storage.read_bytes(storage.join(root, uri)))
-        assert image.shape[1] == 2 * image.shape[0]
-    fs, path = storage.resolve(storage.join(root, "manifest"))
-    assert pads.dataset(path, filesystem=fs, format="parquet").count_rows() == len(table)
-    if not storage.is_remote(root):
-        assert duckdb.sql(f"select count(*) from read_parquet('{path}/*.parquet')").fetchall()[0][0] == len(table)
-        assert len(__import__("pandas").read_parquet(path)) == len(table)
-    assert ray.data.read_parquet(storage.join(root, "manifest")).count() == len(table)
 
 
 def test_bulk_job_to_a_local_folder_then_compaction_and_a_rerun_add_nothing(ray_local, tiny_model_dir, tmp_path):

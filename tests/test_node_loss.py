@@ -1,0 +1,75 @@
+"""Bulk jobs on a multi-node Ray cluster (Ray's multi-node harness on this machine) that loses a node mid-job."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from helpers import check_output, plain
+
+pytestmark = pytest.mark.ray  # its own cluster, torn down after
+
+TINY = ["--views", "2", "--steps", "10"]  # about 3 s a tour per replica on 2 cores: the job outlives the kill
+
+
+@pytest.fixture
+def cluster():
+    """A head with no CPUs and three worker nodes of one CPU each, in a temp dir of its own (so no later bare
+    ray.init() finds it), shut down afterwards."""
+    from ray.cluster_utils import Cluster
+
+    current = Path("/tmp/ray/ray_current_cluster")  # the harness points bare ray.init() calls at its cluster
+    before = current.read_text() if current.exists() else None
+    temp = tempfile.mkdtemp(prefix="raync", dir="/tmp")  # short: Ray's socket paths live under it
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp,
+                                                            "include_dashboard": False})
+    try:
+        workers = [cluster.add_node(num_cpus=1) for _ in range(3)]
+        cluster.wait_for_nodes()
+        yield cluster, workers
+    finally:
+        cluster.shutdown()
+        if before is None:
+            current.unlink(missing_ok=True)
+        else:
+            current.write_text(before)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def parts(out: Path) -> int:
+    """Manifest parts published so far."""
+    folder = out / "manifest"
+    return len(list(folder.glob("*.parquet"))) if folder.is_dir() else 0
+
+
+def test_a_bulk_job_finishes_exactly_once_when_a_node_dies(cluster, tiny_model_dir, tmp_path):
+    """One of three worker nodes is killed (raylet and workers, no goodbye) once two batches are published: the
+    batches its replica held move to the live replicas and the job ends with every tour exactly once."""
+    cluster, workers = cluster
+    out = tmp_path / "tours"
+    cmd = [sys.executable, "-m", "diffpano.cli", "bulk", "--synthetic", "60", *TINY, "--replicas", "3",
+           "--batch-size", "2", "--model", str(tiny_model_dir), "--out", str(out), "--stall-timeout", "120"]
+    env = os.environ | {"RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "disabled"}
+    with open(tmp_path / "log", "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while parts(out) < 2:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
+                time.sleep(0.2)
+            cluster.remove_node(workers[1], allow_graceful=False)
+            code = proc.wait(timeout=400)
+        finally:
+            proc.kill()
+    text = plain((tmp_path / "log").read_text(errors="replace"))
+    assert code == 0, text[-3000:]
+    assert "60 tours / 120 views written" in text and "0 failed" in text, text[-3000:]
+    assert "4 nodes, 3 CPUs" in text  # the cluster line: the job ran on the cluster it was given
+    assert "re-queued" in text  # the bar said that work moved
+    check_output(str(out), 60, 2, with_ray=False)  # every tour once, every image a whole PNG
