@@ -73,7 +73,7 @@ def map_on_actors(actors: list, method: str, batches: Iterable, *, per_actor: in
         ready, _ = ray.wait([*pool.running, *pool.pings], num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
         if not ready:
             raise StalledError(f"no actor answered for {stall_s:.0f}s with work left ({pool.state.line()}): the "
-                               "cluster has no room for any; the job can be resumed once it has")
+                               "cluster has no room for any")
         ref = ready[0]
         if ref in pool.pings:
             if pool.answered(ref):

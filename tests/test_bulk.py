@@ -295,3 +295,15 @@ def test_a_replica_that_dies_is_replaced_and_its_batch_retried(ray_local, tiny_m
     code, text = result[0]
     assert code == 0 and "12 tours / 24 views written" in text and "0 failed" in text, text
     check_output(str(out), 12, 2)
+
+
+def test_a_job_the_cluster_has_no_room_for_stops_with_exit_code_3_and_resumes(ray_local, tiny_model_dir, tmp_path):
+    """Replicas asking for more CPUs than the cluster has never start: the job stops after --stall-timeout with a
+    message instead of hanging, writes nothing, and the same command with room finishes the job."""
+    out = str(tmp_path / "stalled")
+    args = ["--synthetic", "2", *TINY, "--out", out, "--model", str(tiny_model_dir), "--batch-size", "2"]
+    code, text = bulk(*args, "--cpus-per-replica", "64", "--stall-timeout", "3")
+    assert code == 3 and "bulk stopped: no actor answered for 3s" in text and "run the same command again" in text
+    assert not (tmp_path / "stalled" / "manifest").exists()
+    code, text = bulk(*args)
+    assert code == 0 and "2 tours / 4 views written" in text, text
