@@ -152,7 +152,7 @@ def test_the_loss_falls_on_a_fixed_batch(train_dataset, stage):
     from diffpano.data.loaders import ClipDataset, PanoramaDataset, collate_clips
     from diffpano.models.text import encode_prompts
     from diffpano.pipelines.factory import build_tiny_pipeline
-    from trainer.loop import Denoiser, SignalToNoise, diffusion_loss, trainable_parameters
+    from trainer.diffusion import Denoiser, SignalToNoise, diffusion_loss, trainable_parameters
 
     cfg = load_config(CONFIG, [f"data.dataset={train_dataset}"])
     pipe = build_tiny_pipeline(seed=0)
@@ -280,7 +280,7 @@ def test_run_paths_are_absolute_for_workers_in_other_folders():
 
 def test_one_stage_ablation_trains_the_unet_with_the_ea_modules():
     from diffpano.pipelines.factory import build_tiny_pipeline
-    from trainer.loop import trainable_parameters
+    from trainer.diffusion import trainable_parameters
 
     cfg = load_config(CONFIG, ["stage2.train_unet=true"])
     pipe = build_tiny_pipeline(seed=0)

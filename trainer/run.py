@@ -11,7 +11,7 @@ from fanout.cluster import join_ray
 from trainer import session
 from trainer.cache import build_latent_cache, build_text_cache, has_vae
 from trainer.config import TrainConfig
-from trainer.loop import train_stage
+from trainer.diffusion import train_stage
 from trainer.vae import train_vae
 
 

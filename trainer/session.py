@@ -1,6 +1,6 @@
 """The training session a stage loop runs in: Ray Train's worker context, or one local worker in this process.
 
-The training loop (trainer.skeleton, running the stages of trainer.loop and trainer.vae) reaches Ray Train only
+The training loop (trainer.skeleton, running the stages of trainer.diffusion and trainer.vae) reaches Ray Train only
 through these functions. Inside `local(device)` it runs as the only worker of a session with no Ray at all (no
 checkpoint to resume, reports kept in memory), which is how a machine without Ray trains: one process, one device.
 """

@@ -104,13 +104,13 @@ def run(config: dict, stage_type: Callable[[Worker], Stage]) -> None:
         opt.ema.to(w.device)
     data = Batches(stage.dataset, stage.settings.batch_size, w.rank, w.world, w.cfg.run.seed,
                    w.cfg.data.loader_workers, stage.number, consumed, pin=w.device.type == "cuda")
-    step = train(w, stage, ddp, opt, data, step)
+    step = train_steps(w, stage, ddp, opt, data, step)
     if w.rank == 0:
         opt.use_ema_weights()
         stage.export(step)
 
 
-def train(w: Worker, stage: Stage, ddp: nn.Module, opt: Optimiser, data: Batches, step: int) -> int:
+def train_steps(w: Worker, stage: Stage, ddp: nn.Module, opt: Optimiser, data: Batches, step: int) -> int:
     """Optimiser steps until the stage's steps or its time limit; returns the steps done.
 
     Nothing in a step reads a value back from the device: losses and the gradient norm stay tensors until a step

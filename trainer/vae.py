@@ -11,7 +11,7 @@ from torch import nn
 
 from diffpano.pipelines.loading import save_model
 from trainer import skeleton
-from trainer.loop import make_dataset
+from trainer.diffusion import make_dataset
 from trainer.skeleton import Loss, Stage, Worker
 
 SCALE_SAMPLES = 64  # panoramas whose latents set the VAE's scaling_factor (unit variance for the UNet)
