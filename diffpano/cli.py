@@ -16,6 +16,7 @@ from pathlib import Path
 import typer
 from pydantic import BaseModel, ValidationError
 
+from diffpano.geometry.spherical import check_panorama_size
 from diffpano.pipelines.compiling import COMPILE_MODES
 from diffpano.pipelines.schedulers import SCHEDULER_NAMES
 from diffpano.specs import error_line
@@ -159,9 +160,11 @@ def spec_options(spec_cls: type[BaseModel]):
                 values[height], width = parse_size(kwargs.pop(f"{prefix}size"), flag)
                 if f"{prefix}width" in fields:
                     values[f"{prefix}width"] = width
-                elif width != 2 * values[height]:
-                    raise typer.BadParameter(f"{prefix}size: equirectangular panoramas need W = 2H, got "
-                                             f"{values[height]}x{width}")
+                    continue
+                try:  # a size without a width field of its own: W = 2H is checked here, by the library's check
+                    check_panorama_size(values[height], width, field=f"{prefix}size")
+                except ValueError as err:
+                    raise typer.BadParameter(str(err)) from None
             try:
                 spec = spec_cls(**values)
             except ValidationError as err:

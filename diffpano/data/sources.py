@@ -7,12 +7,14 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from diffpano.data.manifest import Clip, commit_clips, read_dataset
 from diffpano.defaults import MAX_SEED
 from diffpano.geometry.spherical import check_panorama_size
 from diffpano.io import storage
@@ -97,6 +99,31 @@ class SourceSpec(Strict):
     def build_scene(self, job: SceneJob, out: str, result: SceneResult) -> None:
         """Build and commit the job's clips, counting them into result; raise on failure."""
         raise NotImplementedError
+
+
+def clip_id(scene: str, clip: int) -> str:
+    """Id of a clip: the scene id and the clip number, like HM3D's '00819-6D36GQHuP8H_0'."""
+    return f"{scene}_{clip}"
+
+
+def clip_plan(out: str, scenes: dict[str, str | int], clips_per_scene: int) -> Plan:
+    """For sources of clips_per_scene walks a scene: the clips of each scene (id -> source) that out lacks."""
+    done = set(read_dataset(out, ["clip_id"]).column("clip_id").to_pylist())
+    jobs = [SceneJob(s, source, tuple(c for c in range(clips_per_scene) if clip_id(s, c) not in done))
+            for s, source in scenes.items()]
+    jobs = [j for j in jobs if j.clips]
+    return Plan(jobs, len(scenes), len(scenes) * clips_per_scene - sum(len(j.clips) for j in jobs))
+
+
+def commit_in_parts(out: str, job: SceneJob, frames: int, render: Callable[[list[int]], list[Clip]],
+                    result: SceneResult) -> None:
+    """Render the job's clips and commit them, a manifest part per PART_FRAMES keyframes, counting them in result."""
+    per_part = max(1, PART_FRAMES // frames)
+    for k in range(0, len(job.clips), per_part):
+        part = render(list(job.clips[k : k + per_part]))
+        commit_clips(out, part)
+        result.clips += len(part)
+        result.frames += len(part) * frames
 
 
 def run_scene(spec: SourceSpec, job: SceneJob, out: str) -> SceneResult:

@@ -17,7 +17,7 @@ from diffpano.data.captures.align import metric_poses
 from diffpano.data.captures.frames import Frames, capture_frames, is_capture, select_frames
 from diffpano.data.captures.sfm import Model, reconstruct
 from diffpano.data.manifest import Clip, commit_clips, read_dataset
-from diffpano.data.sources import Plan, SceneJob, SceneResult, SourceSpec
+from diffpano.data.sources import Plan, SceneJob, SceneResult, SourceSpec, clip_id
 from diffpano.defaults import MAX_SEED
 
 MIN_FRAMES = 3  # sharp, moving frames a capture needs before reconstruction is tried
@@ -106,7 +106,7 @@ def model_clips(spec: CaptureSpec, scene: str, model: Model, frames: Frames, fir
         if len(run) < 2:
             continue
         index = [model.frames[i] for i in run]
-        clips.append(Clip(scene_id=scene, clip_id=f"{scene}_{first + len(clips)}", captions=[],
+        clips.append(Clip(scene_id=scene, clip_id=clip_id(scene, first + len(clips)), captions=[],
                           poses=poses[run].astype(np.float32),
                           rgb=np.stack([resized(frames.images[i], spec.height) for i in index]),
                           sources=[frames.sources[i] for i in index]))

@@ -11,13 +11,13 @@ import numpy as np
 from pydantic import Field
 
 from diffpano.data.captions import CaptionModels
-from diffpano.data.manifest import Clip, commit_clips, read_dataset
+from diffpano.data.manifest import Clip
 from diffpano.data.meshes.captions import caption_mesh_frame
 from diffpano.data.meshes.labels import attach_labels
 from diffpano.data.meshes.mesh import MESH_SUFFIXES, UP_AXES, load_mesh
 from diffpano.data.meshes.raycast import MeshRenderer
 from diffpano.data.meshes.walkable import FloorMap, floor_map, walk_poses
-from diffpano.data.sources import PART_FRAMES, Plan, SceneJob, SceneResult, SourceSpec
+from diffpano.data.sources import Plan, SceneJob, SceneResult, SourceSpec, clip_id, clip_plan, commit_in_parts
 from diffpano.defaults import MAX_SEED
 
 UpAxis = Literal[tuple(UP_AXES)]
@@ -52,28 +52,19 @@ class MeshSpec(SourceSpec):
 
     def plan(self, out: str, inputs: dict[str, str]) -> Plan:
         """Clips of each mesh (scene id -> path) that out does not hold yet."""
-        done = set(read_dataset(out, ["clip_id"]).column("clip_id").to_pylist())
-        jobs = [SceneJob(s, path, tuple(c for c in range(self.clips_per_scene) if clip_id(s, c) not in done))
-                for s, path in inputs.items()]
-        jobs = [j for j in jobs if j.clips]
-        return Plan(jobs, len(inputs), len(inputs) * self.clips_per_scene - sum(len(j.clips) for j in jobs))
+        return clip_plan(out, inputs, self.clips_per_scene)
 
     def build_scene(self, job: SceneJob, out: str, result: SceneResult) -> None:
         """Render and commit the job's clips of one mesh, a manifest part per PART_FRAMES keyframes."""
-        per_part = max(1, PART_FRAMES // self.frames)
         renderer, floor = prepare_scene(self, str(job.source), threads=1)  # a scene per task: Embree on its CPU
-        for k in range(0, len(job.clips), per_part):
-            part = render_mesh_clips(self, job.scene, renderer, floor, list(job.clips[k : k + per_part]))
+
+        def render(clips: list[int]) -> list[Clip]:
+            part = render_mesh_clips(self, job.scene, renderer, floor, clips)
             for clip in part:
                 clip.sources = [str(job.source)] * len(clip.rgb)
-            commit_clips(out, part)
-            result.clips += len(part)
-            result.frames += len(part) * self.frames
+            return part
 
-
-def clip_id(scene: str, clip: int) -> str:
-    """Id of a clip: the scene id and the clip number, like HM3D's '00819-6D36GQHuP8H_0'."""
-    return f"{scene}_{clip}"
+        commit_in_parts(out, job, self.frames, render, result)
 
 
 def caption_models(spec: MeshSpec, labelled: bool) -> CaptionModels:

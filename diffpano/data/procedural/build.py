@@ -7,12 +7,13 @@ from typing import ClassVar
 import numpy as np
 from pydantic import Field
 
+from diffpano.data import sources
 from diffpano.data.captions import CaptionModels, caption_frame
-from diffpano.data.manifest import Clip, commit_clips, read_dataset
+from diffpano.data.manifest import Clip
 from diffpano.data.procedural.scene_mesh import SceneMeshRenderer
 from diffpano.data.procedural.scenes import generate_scene
 from diffpano.data.procedural.walks import clip_poses
-from diffpano.data.sources import PART_FRAMES, Plan, SceneJob, SceneResult, SourceSpec
+from diffpano.data.sources import Plan, SceneJob, SceneResult, SourceSpec, clip_plan, commit_in_parts
 
 
 class ProceduralSpec(SourceSpec):
@@ -29,23 +30,11 @@ class ProceduralSpec(SourceSpec):
 
     def plan(self, out: str, inputs: dict[str, str] | None = None) -> Plan:
         """Clips of the spec's scenes that out does not hold yet (procedural scenes take no inputs)."""
-        done = set(read_dataset(out, ["clip_id"]).column("clip_id").to_pylist())
-        jobs = []
-        for s in range(self.scenes):
-            missing = tuple(c for c in range(self.clips_per_scene) if clip_id(self, s, c) not in done)
-            if missing:
-                jobs.append(SceneJob(scene_id(self, s), s, missing))
-        todo = sum(len(j.clips) for j in jobs)
-        return Plan(jobs, self.scenes, self.scenes * self.clips_per_scene - todo)
+        return clip_plan(out, {scene_id(self, s): s for s in range(self.scenes)}, self.clips_per_scene)
 
     def build_scene(self, job: SceneJob, out: str, result: SceneResult) -> None:
         """Render the job's clips and commit them, a manifest part per PART_FRAMES keyframes."""
-        per_part = max(1, PART_FRAMES // self.frames)
-        for k in range(0, len(job.clips), per_part):
-            clips = render_clips(self, int(job.source), list(job.clips[k : k + per_part]))
-            commit_clips(out, clips)
-            result.clips += len(clips)
-            result.frames += len(clips) * self.frames
+        commit_in_parts(out, job, self.frames, lambda clips: render_clips(self, int(job.source), clips), result)
 
 
 def scene_id(spec: ProceduralSpec, index: int) -> str:
@@ -54,8 +43,8 @@ def scene_id(spec: ProceduralSpec, index: int) -> str:
 
 
 def clip_id(spec: ProceduralSpec, scene: int, clip: int) -> str:
-    """Id of a clip: scene id and clip number, like HM3D's '00819-6D36GQHuP8H_0'."""
-    return f"{scene_id(spec, scene)}_{clip}"
+    """Id of a clip of the spec's scene-th scene."""
+    return sources.clip_id(scene_id(spec, scene), clip)
 
 
 def scene_seed(spec: ProceduralSpec, index: int) -> int:
