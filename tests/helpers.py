@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import re
+import shutil
 import socket
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import requests
 
@@ -80,3 +85,38 @@ def check_output(root: str, tours: int, views: int, with_ray: bool = True) -> No
         import ray
 
         assert ray.data.read_parquet(storage.join(root, "manifest")).count() == len(table)
+
+
+RAY_CURRENT = Path("/tmp/ray/ray_current_cluster")  # where a bare ray.init() looks for "this machine's cluster"
+
+
+@contextmanager
+def multinode_cluster(workers: int, cpus: float = 1, head_cpus: float = 0) -> Iterator[tuple]:
+    """(cluster, worker nodes) of Ray's multi-node harness in a temp dir of its own, torn down after. The harness
+    writes RAY_CURRENT; it is put back at once, so no other process's bare ray.init() joins this cluster (its
+    users pass RAY_ADDRESS=cluster.address)."""
+    from ray.cluster_utils import Cluster
+
+    before = RAY_CURRENT.read_text() if RAY_CURRENT.exists() else None
+    temp = tempfile.mkdtemp(prefix="raync", dir="/tmp")  # short: Ray's socket paths live under it
+    cluster = None
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "temp_dir": temp,
+                                                                "include_dashboard": False})
+        _restore(before)
+        nodes = [cluster.add_node(num_cpus=cpus) for _ in range(workers)]
+        cluster.wait_for_nodes()
+        yield cluster, nodes
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+        _restore(before)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _restore(text: str | None) -> None:
+    """Put RAY_CURRENT back as it was."""
+    if text is None:
+        RAY_CURRENT.unlink(missing_ok=True)
+    else:
+        RAY_CURRENT.write_text(text)

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from helpers import check_output, plain
+from helpers import check_output, multinode_cluster, plain
 
 pytestmark = pytest.mark.ray  # its own cluster, torn down after
 
@@ -20,26 +18,9 @@ TINY = ["--views", "2", "--steps", "10"]  # about 3 s a tour per replica on 2 co
 
 @pytest.fixture
 def cluster():
-    """A head with no CPUs and three worker nodes of one CPU each, in a temp dir of its own (so no later bare
-    ray.init() finds it), shut down afterwards."""
-    from ray.cluster_utils import Cluster
-
-    current = Path("/tmp/ray/ray_current_cluster")  # the harness points bare ray.init() calls at its cluster
-    before = current.read_text() if current.exists() else None
-    temp = tempfile.mkdtemp(prefix="raync", dir="/tmp")  # short: Ray's socket paths live under it
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp,
-                                                            "include_dashboard": False})
-    try:
-        workers = [cluster.add_node(num_cpus=1) for _ in range(3)]
-        cluster.wait_for_nodes()
-        yield cluster, workers
-    finally:
-        cluster.shutdown()
-        if before is None:
-            current.unlink(missing_ok=True)
-        else:
-            current.write_text(before)
-        shutil.rmtree(temp, ignore_errors=True)
+    """A head with no CPUs and three worker nodes of one CPU each, torn down after."""
+    with multinode_cluster(3) as made:
+        yield made
 
 
 def parts(out: Path) -> int:
