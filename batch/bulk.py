@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from diffpano.defaults import REPLICAS, STALL_S, TOURS_PER_BATCH
+from diffpano.defaults import COMPACT_EVERY, REPLICAS, STALL_S, TOURS_PER_BATCH
 from diffpano.io import storage
-from diffpano.io.manifest import Tour, commit_tours
+from diffpano.io.compaction import compact_local
+from diffpano.io.manifest import Tour, commit_tours, tour_ids
+from diffpano.io.storage import StorageUnavailable
 from diffpano.pipelines.compiling import check_mode, compile_pipeline
 from diffpano.pipelines.loading import check_model, resolve_model
-from diffpano.pipelines.tours import error_text, make_tours, pending, record_failures
-from diffpano.specs import BulkSpec, SpecError
+from diffpano.pipelines.tours import error_text, make_tours, record_failures
+from diffpano.specs import BulkSpec, SpecError, SpecRows
 from fanout.actors import PoolState, StalledError, map_on_actors, start_actors
+from fanout.tasks import Background
+
+OUTAGE_PROBE_S = 5.0  # seconds without an answer from any replica before the driver looks at storage
 
 
 class TourWriter:
@@ -72,6 +78,7 @@ class BulkSummary:
     model_seconds: float = 0.0  # replica time spent generating (the rest of replica time is I/O and overhead)
     failures_uri: str | None = None
     stopped: str | None = None  # why the job stopped before its end (resumable), None when it finished
+    compactions: int = 0  # of the manifest, as the job ran
 
     def line(self) -> str:
         """One-line summary for the console."""
@@ -81,53 +88,119 @@ class BulkSummary:
                 f"skipped, {self.seconds:.1f}s ({rate * 3600:.0f} tours/h)")
 
 
-def run_bulk(specs: list[BulkSpec], out: str, model: str | None = None, replicas: int = REPLICAS,
+def run_bulk(specs: Sequence[BulkSpec] | SpecRows, out: str, model: str | None = None, replicas: int = REPLICAS,
              batch_size: int = TOURS_PER_BATCH, num_gpus: float = 0.0, cpus_per_replica: float = 1.0,
              progress: bool = True, invalid: list[SpecError] | None = None, options: dict | None = None,
-             compile: str = "off", scheduler: str | None = None, stall_s: float = STALL_S) -> BulkSummary:
+             compile: str = "off", scheduler: str | None = None, stall_s: float = STALL_S,
+             compact_every: int = COMPACT_EVERY) -> BulkSummary:
     """Generate every spec whose tour is not yet in the manifest under out; failures go to OUT/failures/.
 
     `options` go to every pipeline call (num_ref_views, num_samples, use_epipolar: what an ablation varies);
     `compile` is the replicas' torch.compile mode (diffpano.pipelines.compiling); `scheduler` the sampler that
     replaces the model's own (specs naming theirs keep them). ValueError before any work when the model cannot
-    sample. With no replica answering for stall_s (no room left on the cluster) the job stops, resumable, and says
-    why in the summary's `stopped`.
+    sample. SpecRows are streamed: the driver holds their ids, not the specs. The job stops, resumable, saying why
+    in the summary's `stopped`, when no replica answers for stall_s (no room left on the cluster) or storage stays
+    unavailable past storage.storage_wait_s(). A local output's manifest is compacted every compact_every parts
+    the job publishes (0: never), so parts stay few however long the job (an s3:// one keeps a part per batch).
     """
     out = storage.absolute(out)
-    todo = pending(out, specs)
-    summary = BulkSummary(out, len(specs), len(specs) - len(todo), invalid=list(invalid or []))
+    summary = BulkSummary(out, len(specs), 0, invalid=list(invalid or []))
     started = time.perf_counter()
-    if todo:
-        check_model(model, own_scheduler=scheduler is None)
-        device, threads = "cuda" if num_gpus else "cpu", max(1, int(cpus_per_replica))
-        pool = start_actors(TourWriter, min(replicas, -(-len(todo) // batch_size)), model, out, device, threads,
-                            options, compile, scheduler, num_cpus=cpus_per_replica, num_gpus=num_gpus)
-        batches = [[s.model_dump_json() for s in todo[i:i + batch_size]] for i in range(0, len(todo), batch_size)]
-        bar = tqdm(total=len(todo), unit="tour", disable=not progress, desc="tours", mininterval=0)  # each batch shows
-        state = PoolState(len(pool))
-
-        def show(new: PoolState | None = None) -> None:
-            nonlocal state
-            state = new or state
-            rate = summary.tours_done / (time.perf_counter() - started) * 3600
-            bar.set_postfix_str(f"{rate:.0f} tours/h, replicas {state.line()}")
-
-        try:
-            for result in map_on_actors(pool, "write", batches, stall_s=stall_s, on_give_up=_given_up, on_state=show):
-                summary.model_seconds += result.model_seconds
-                summary.tours_done += len(result.views)
-                summary.views_done += sum(result.views.values())
-                summary.failures += list(result.errors.items())
-                bar.update(len(result.views) + len(result.errors))
-                show()
-        except StalledError as err:
-            summary.stopped = str(err)
+    bar = tqdm(total=len(specs), unit="tour", disable=not progress, desc="tours", mininterval=0)  # each batch shows
+    stop_listening = storage.on_outage(lambda waited, err: bar.set_postfix_str(outage_line(waited)))
+    try:
+        present = tour_ids(out)  # the resume check: the manifest's tour_id column alone
+        todo = sum(tid not in present for tid in (specs.ids if isinstance(specs, SpecRows) else
+                                                  [s.tour_id for s in specs]))
+        summary.tours_skipped = len(specs) - todo
+        bar.update(summary.tours_skipped)
+        if todo:
+            check_model(model, own_scheduler=scheduler is None)
+            device, threads = "cuda" if num_gpus else "cpu", max(1, int(cpus_per_replica))
+            pool = start_actors(TourWriter, min(replicas, -(-todo // batch_size)), model, out, device, threads,
+                                options, compile, scheduler, num_cpus=cpus_per_replica, num_gpus=num_gpus)
+            rows = specs.json_rows() if isinstance(specs, SpecRows) else (
+                (s.tour_id, s.model_dump_json()) for s in specs)
+            batches = in_batches((row for tid, row in rows if tid not in present), batch_size)
+            _write_all(pool, batches, out, summary, bar, stall_s, started, compact_every)
+    except (StalledError, StorageUnavailable) as err:
+        summary.stopped = stop_reason(err)
+    finally:
+        stop_listening()
         bar.close()
-    records = [{"tour_id": t, "error": e} for t, e in summary.failures]
-    records += [{"line": e.line, "field": e.field, "error": e.message} for e in summary.invalid]
-    summary.failures_uri = record_failures(out, f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}", records)
+    _record(summary)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _write_all(pool: list, batches: Iterable[list[str]], out: str, summary: BulkSummary, bar: tqdm, stall_s: float,
+               started: float, compact_every: int) -> None:
+    """Run the batches on the pool, counting into summary and showing replicas (and storage outages) on the bar;
+    compact a local manifest every compact_every parts, in a task beside the loop."""
+    state, published = PoolState(len(pool)), 0
+    compactor = Background(compact_local) if compact_every > 0 and not storage.is_remote(out) else None
+
+    def show(new: PoolState | None = None) -> None:
+        nonlocal state
+        state = new or state
+        rate = summary.tours_done / (time.perf_counter() - started) * 3600
+        bar.set_postfix_str(f"{rate:.0f} tours/h, replicas {state.line()}")
+
+    def idle(seconds: float) -> bool:
+        """After a quiet spell, look at storage: while it is out, the replicas are waiting for it, not stalled."""
+        if seconds < OUTAGE_PROBE_S or storage.reachable(out):
+            return False
+        bar.set_postfix_str(outage_line(seconds))
+        return True
+
+    for result in map_on_actors(pool, "write", batches, stall_s=stall_s, on_give_up=_given_up, on_state=show,
+                                on_idle=idle):
+        summary.model_seconds += result.model_seconds
+        summary.tours_done += len(result.views)
+        summary.views_done += sum(result.views.values())
+        summary.failures += list(result.errors.items())
+        bar.update(len(result.views) + len(result.errors))
+        show()
+        published += bool(result.views)
+        if compactor and published >= compact_every and compactor.start(out, True):
+            summary.compactions += 1
+            published = 0
+    if compactor:
+        compactor.wait()
+
+
+def in_batches(rows: Iterable[str], size: int) -> Iterator[list[str]]:
+    """JSON specs `size` at a time (drawn as replicas free up, so a spec file is read as the job goes)."""
+    batch = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def outage_line(waited: float) -> str:
+    """What the bar says while storage is out."""
+    return f"storage unavailable, retrying ({waited:.0f}s)"
+
+
+def stop_reason(err: Exception) -> str:
+    """Why a job stopped, in one line (a replica's error without Ray's remote traceback)."""
+    cause = getattr(err, "cause", None) or err
+    return str(cause).splitlines()[0]
+
+
+def _record(summary: BulkSummary) -> None:
+    """Write the job's failures and invalid specs under OUT/failures/ (a storage outage here stops the job too)."""
+    records = [{"tour_id": t, "error": e} for t, e in summary.failures]
+    records += [{"line": e.line, "field": e.field, "error": e.message} for e in summary.invalid]
+    try:
+        summary.failures_uri = record_failures(summary.out, f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}",
+                                               records)
+    except StorageUnavailable as err:
+        summary.stopped = summary.stopped or f"{stop_reason(err)} (failures not recorded; a re-run retries them)"
 
 
 def _given_up(batch: list[str], err: Exception) -> BatchResult:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable, Iterator
 
 import typer
 
@@ -21,6 +22,7 @@ from diffpano.data.meshes.build import MeshSpec
 from diffpano.data.procedural.build import ProceduralSpec
 from diffpano.data.sources import SourceSpec
 from diffpano.defaults import (
+    COMPACT_EVERY,
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
     DEFAULT_VIEWS,
@@ -30,6 +32,7 @@ from diffpano.defaults import (
     MAX_VIEWS,
     REPLICAS,
     STALL_S,
+    STORAGE_WAIT_S,
     TOURS_PER_BATCH,
 )
 
@@ -123,41 +126,63 @@ def bulk(
     stall_timeout: float = typer.Option(STALL_S, "--stall-timeout", callback=finite_in(1.0),
                                         help="Seconds with no replica answering (the cluster has no room) before "
                                         "the job stops, resumable (exit code 3)."),
+    storage_wait: float = typer.Option(STORAGE_WAIT_S, "--storage-wait", callback=finite_in(0.0),
+                                       help="Seconds an s3:// read or write retries through a storage outage before "
+                                       "the job stops, resumable (exit code 3)."),
+    compact_every: int = typer.Option(COMPACT_EVERY, "--compact-every", min=0,
+                                      help="Compact a local output's manifest every N parts the job publishes "
+                                      "(0: never)."),
 ) -> None:
     """Generate many tours on a pool of Ray actors; a re-run completes what is missing, exactly once. Replicas lost
     with their node hand their batches to the others."""
-    from diffpano.specs import read_spec_rows, synthetic_specs, validate_specs
+    from diffpano.io.storage import StorageUnavailable, set_storage_wait
+    from diffpano.specs import SpecRows, iter_spec_rows, synthetic_specs
 
     if (specs is None) == (synthetic is None):
         raise typer.BadParameter("give exactly one of --specs FILE and --synthetic N")
+    set_storage_wait(storage_wait)
     try:
-        rows = read_spec_rows(specs) if specs else synthetic_specs(synthetic, views, seed, steps)
+        good = SpecRows(lambda: with_scheduler(iter_spec_rows(specs) if specs else
+                                               synthetic_specs(synthetic, views, seed, steps), scheduler))
+    except StorageUnavailable as err:
+        stopped(f"--specs: {err}")
     except (ValueError, OSError) as err:
         raise typer.BadParameter(f"--specs: {err}") from None
-    good, invalid = validate_specs(rows)
+    invalid = good.invalid
     if invalid and not skip_invalid:
         for e in invalid[:20]:
             typer.echo(f"invalid spec: {e}", err=True)
         raise typer.BadParameter(f"--specs: {len(invalid)} invalid spec(s) (first: {invalid[0]}); nothing was "
                                  "written (--skip-invalid runs the valid ones)")
-    if scheduler:
-        good = [s if s.scheduler else s.model_copy(update={"scheduler": scheduler}) for s in good]
     if endpoint:
-        return bulk_online(endpoint, good, out)
+        return bulk_online(endpoint, list(good), out)
     from batch.bulk import run_bulk
 
     try:
         summary = run_bulk(good, out, model, replicas, batch_size, gpus, cpus, invalid=invalid,
-                           compile=compile or "off", scheduler=scheduler, stall_s=stall_timeout)
+                           compile=compile or "off", scheduler=scheduler, stall_s=stall_timeout,
+                           compact_every=compact_every)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     typer.echo(summary.line())
     if summary.failures_uri:
         typer.echo(f"failures and invalid specs: {summary.failures_uri}")
     if summary.stopped:
-        typer.echo(f"bulk stopped: {summary.stopped}; run the same command again to go on", err=True)
-        raise typer.Exit(3)
+        stopped(summary.stopped)
     typer.echo(f"view it: {command_name()} serve --output-root {summary.out}, then /viewer?tour=<tour_id>")
+
+
+def with_scheduler(rows: Iterable, scheduler: str | None) -> Iterator:
+    """Rows with the sampler of --scheduler where they name none."""
+    for row in rows:
+        yield row | {"scheduler": scheduler} if scheduler and isinstance(row, dict) and not row.get("scheduler") \
+            else row
+
+
+def stopped(reason: str) -> None:
+    """End a bulk job that can go on later: say why, exit code 3."""
+    typer.echo(f"bulk stopped: {reason}; run the same command again to go on", err=True)
+    raise typer.Exit(3)
 
 
 def bulk_online(endpoint: str, specs: list, out: str) -> None:

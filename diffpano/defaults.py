@@ -9,8 +9,10 @@ MAX_SEED = 2**63 - 1  # seeds are integers in [0, MAX_SEED]
 MAX_BATCH_VIEWS = 8  # views of several tours one serve call batches together
 BATCH_WAIT_S = 0.1  # how long a serve replica waits to fill a batch
 STALL_S = 600.0  # seconds with no replica answering, work left, before an offline job stops (resumable)
+STORAGE_WAIT_S = 600.0  # seconds an s3:// read or write retries through an outage before the work stops (resumable)
 WINDOW_VIEWS = 16  # views of one tour denoised jointly; longer tours go in windows (EA cost is linear in views)
 TOURS_PER_BATCH = 4  # tours per bulk batch: one replica call and one manifest part
+COMPACT_EVERY = 256  # manifest parts a bulk job publishes between compactions of a local output's manifest
 REPLICAS = 1  # model replicas of a bulk job or an evaluation
 
 # Bounds. A tour made on your own machine (CLI, training, evaluation) may be long and finely sampled; one asked of a

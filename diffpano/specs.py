@@ -5,9 +5,8 @@ The same rules serve the HTTP API's bodies (docs/http-api.md) and the rows of bu
 
 from __future__ import annotations
 
-import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -132,21 +131,39 @@ class SpecError:
         return f"line {self.line}: {self.field}: {self.message}"
 
 
-def read_spec_rows(uri: str) -> list[dict]:
-    """Rows of a JSONL or Parquet spec file (local or s3://); ValueError names a line that is not JSON."""
-    import pyarrow.parquet as pq
+SPEC_CHUNK_BYTES = 4 << 20  # JSONL specs are read this much at a time (each read waits out a storage outage)
 
-    data = storage.read_bytes(uri)
+
+def iter_spec_rows(uri: str) -> Iterator[dict]:
+    """Rows of a JSONL or Parquet spec file (local or s3://), read a chunk at a time; ValueError names a line that
+    is not JSON."""
     if uri.endswith(".parquet"):
-        return pq.read_table(io.BytesIO(data)).to_pylist()
-    rows = []
-    for n, line in enumerate(data.decode().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"specs: line {n}: not valid JSON ({err.msg})") from None
-    return rows
+        for group in range(storage.parquet_row_groups(uri)):
+            yield from storage.read_row_group(uri, group).to_pylist()
+        return
+    n, tail, offset = 0, b"", 0
+    while chunk := storage.read_range(uri, offset, SPEC_CHUNK_BYTES):
+        offset += len(chunk)
+        *lines, tail = (tail + chunk).split(b"\n")
+        for line in lines:
+            n += 1
+            yield from _json_row(line, n)
+    yield from _json_row(tail, n + 1)
+
+
+def _json_row(line: bytes, n: int) -> list[dict]:
+    """The row of one JSONL line ([] for a blank one)."""
+    if not line.strip():
+        return []
+    try:
+        return [json.loads(line)]
+    except json.JSONDecodeError as err:
+        raise ValueError(f"specs: line {n}: not valid JSON ({err.msg})") from None
+
+
+def read_spec_rows(uri: str) -> list[dict]:
+    """All rows of a spec file (for small ones: an HTTP job's specs_uri)."""
+    return list(iter_spec_rows(uri))
 
 
 def _first_error(err: ValidationError) -> tuple[str, str]:
@@ -161,35 +178,65 @@ def error_line(err: ValidationError) -> str:
     return message if where == "spec" else f"{where}: {message}"
 
 
-def validate_specs(rows: Sequence[Any]) -> tuple[list[BulkSpec], list[SpecError]]:
-    """Specs that pass the rules, and an error per row that does not (duplicate ids included)."""
-    good, errors, seen = [], [], set()
+def check_rows(rows: Iterable[Any]) -> Iterator[BulkSpec | SpecError]:
+    """Each row as a spec that passes the rules or as the error that it does not (a repeated tour_id is one)."""
+    seen = set()
     for n, row in enumerate(rows, 1):
         if isinstance(row, dict):  # Parquet rows carry every column; absent fields are None there
             row = {k: v for k, v in row.items() if v is not None}
         try:
             spec = BulkSpec.model_validate(row)
         except ValidationError as err:
-            errors.append(SpecError(n, *_first_error(err)))
+            yield SpecError(n, *_first_error(err))
             continue
         if spec.tour_id in seen:
-            errors.append(SpecError(n, "tour_id", f"duplicate tour_id {spec.tour_id!r}"))
+            yield SpecError(n, "tour_id", f"duplicate tour_id {spec.tour_id!r}")
             continue
         seen.add(spec.tour_id)
-        good.append(spec)
-    return good, errors
+        yield spec
 
 
-def synthetic_specs(count: int, views: int = DEFAULT_VIEWS, seed: int = 0, steps: int | None = None) -> list[dict]:
-    """Specs of walks through procedural scenes, from room to room, with each view's own caption."""
+def validate_specs(rows: Iterable[Any]) -> tuple[list[BulkSpec], list[SpecError]]:
+    """Specs that pass the rules, and an error per row that does not (duplicate ids included)."""
+    checked = list(check_rows(rows))
+    return [s for s in checked if isinstance(s, BulkSpec)], [e for e in checked if isinstance(e, SpecError)]
+
+
+class SpecRows:
+    """The valid specs of a source of rows (a spec file, synthetic specs), read again each time they are iterated
+    rather than held: checked once up front, keeping only their tour ids and the errors."""
+
+    def __init__(self, rows: Callable[[], Iterable[Any]]) -> None:
+        self.rows, self.ids, self.invalid = rows, [], []
+        for checked in check_rows(rows()):
+            if isinstance(checked, SpecError):
+                self.invalid.append(checked)
+            else:
+                self.ids.append(checked.tour_id)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[BulkSpec]:
+        return (s for s in check_rows(self.rows()) if isinstance(s, BulkSpec))
+
+    def json_rows(self) -> Iterator[tuple[str, str]]:
+        """(tour_id, the row as JSON) of each valid row, without validating it again (whoever runs it does)."""
+        skip = {e.line for e in self.invalid}
+        for n, row in enumerate(self.rows(), 1):
+            if n not in skip:
+                row = {k: v for k, v in row.items() if v is not None}
+                yield row["tour_id"], json.dumps(row)
+
+
+def synthetic_specs(count: int, views: int = DEFAULT_VIEWS, seed: int = 0, steps: int | None = None) -> Iterator[dict]:
+    """Specs of walks through procedural scenes, from room to room, with each view's own caption, one at a time."""
     from diffpano.data.procedural.build import ProceduralSpec, render_clips
 
     spec = ProceduralSpec(scenes=count, clips_per_scene=1, frames=views, height=16, width=32, seed=seed, depth=False,
                           face_size=16)
-    out = []
     for i in range(count):
         clip = render_clips(spec, i, [0])[0]
-        out.append({"tour_id": f"synthetic-{seed}-{i:06d}", "prompts": list(clip.captions),
-                    "poses": [p.reshape(16).tolist() for p in clip.poses], "seed": seed * 1_000_003 + i}
-                   | ({"num_inference_steps": steps} if steps else {}))
-    return out
+        yield ({"tour_id": f"synthetic-{seed}-{i:06d}", "prompts": list(clip.captions),
+                "poses": [p.reshape(16).tolist() for p in clip.poses], "seed": seed * 1_000_003 + i}
+               | ({"num_inference_steps": steps} if steps else {}))

@@ -23,6 +23,7 @@ from diffpano.io.storage import worker_env
 from fanout.cluster import join_ray
 
 MAX_ATTEMPTS = 3  # tries of one batch on actors that died under it before it is given up
+TICK_S = 2.0  # how often map_on_actors asks on_idle while no actor answers
 
 
 class StalledError(RuntimeError):
@@ -60,24 +61,34 @@ def start_actors(cls: type, count: int, *args: Any, num_cpus: float = 1.0, num_g
 def map_on_actors(actors: list, method: str, batches: Iterable, *, per_actor: int = 2,
                   max_attempts: int = MAX_ATTEMPTS, stall_s: float = STALL_S,
                   on_give_up: Callable[[Any, Exception], Any] | None = None,
-                  on_state: Callable[[PoolState], None] | None = None) -> Iterator[Any]:
+                  on_state: Callable[[PoolState], None] | None = None,
+                  on_idle: Callable[[float], bool] | None = None) -> Iterator[Any]:
     """actor.method(batch) of every batch, results as they finish. A live actor holds per_actor batches (one running,
     the rest queued so it never waits on the driver), drawn from the iterable as actors free up. A batch whose actor
     died is re-queued; after max_attempts it yields on_give_up(batch, error) (or raises without it). An error the
-    method itself raises propagates. StalledError when no actor answers for stall_s while work remains."""
+    method itself raises propagates. StalledError when no actor answers for stall_s while work remains, unless
+    on_idle(seconds since the last answer), asked every TICK_S of silence, says the wait has a known cause (True)."""
     import ray
 
     pool = _Pool(actors, method, iter(batches), per_actor, PoolState(len(actors)), on_state)
-    deadline = time.monotonic() + stall_s
+    answered = time.monotonic()
+    deadline = answered + stall_s
     while pool.running or (pool.has_work() and pool.pings):
-        ready, _ = ray.wait([*pool.running, *pool.pings], num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        timeout = max(0.0, deadline - time.monotonic())
+        ready, _ = ray.wait([*pool.running, *pool.pings], num_returns=1,
+                            timeout=timeout if on_idle is None else min(timeout, TICK_S))
         if not ready:
-            raise StalledError(f"no actor answered for {stall_s:.0f}s with work left ({pool.state.line()}): the "
-                               "cluster has no room for any")
+            if on_idle is not None and on_idle(time.monotonic() - answered):
+                deadline = time.monotonic() + stall_s
+            if time.monotonic() >= deadline:
+                raise StalledError(f"no actor answered for {stall_s:.0f}s with work left ({pool.state.line()}): the "
+                                   "cluster has no room for any")
+            continue
         ref = ready[0]
         if ref in pool.pings:
             if pool.answered(ref):
-                deadline = time.monotonic() + stall_s
+                answered = time.monotonic()
+                deadline = answered + stall_s
             continue
         index, attempt, batch = pool.running.pop(ref)
         pool.held[index] -= 1
@@ -94,7 +105,8 @@ def map_on_actors(actors: list, method: str, batches: Iterable, *, per_actor: in
             pool.notify()
             yield on_give_up(batch, err)
             continue
-        deadline = time.monotonic() + stall_s
+        answered = time.monotonic()
+        deadline = answered + stall_s
         pool.feed(index)
         yield result
     if pool.has_work():  # every actor failed to start

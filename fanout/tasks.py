@@ -38,3 +38,38 @@ def map_tasks(fn: Callable, items: Iterable[tuple], *, max_in_flight: int | None
                 raise
             result = on_error(item, err)
         yield result
+
+
+class Background:
+    """One call of fn at a time as a Ray task beside the driver's loop, on the driver's node (where its local
+    output is): a compaction while a job runs, without holding up the job's dispatch."""
+
+    def __init__(self, fn: Callable) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        join_ray()
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.task = ray.remote(fn).options(num_cpus=0, max_retries=0, scheduling_strategy=here,
+                                           runtime_env={"env_vars": worker_env()})
+        self.ref = None
+
+    def start(self, *args: Any) -> bool:
+        """Start fn(*args) unless the last call is still running (False then); its error raises here."""
+        import ray
+
+        if self.ref is not None:
+            ready, _ = ray.wait([self.ref], timeout=0)
+            if not ready:
+                return False
+            ray.get(self.ref)
+        self.ref = self.task.remote(*args)
+        return True
+
+    def wait(self) -> None:
+        """Wait for the last call to end (its error raises here)."""
+        import ray
+
+        if self.ref is not None:
+            ray.get(self.ref)
+            self.ref = None

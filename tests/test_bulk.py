@@ -44,7 +44,7 @@ def test_bulk_job_to_a_local_folder_then_compaction_and_a_rerun_add_nothing(ray_
     check_output(out, 5, 2)
     # Each view keeps its own caption, pose and the tour's seed from the synthetic specs (walks through scenes).
     table = read_manifest(out).to_pandas().sort_values(["tour_id", "view_index"])
-    specs = synthetic_specs(5, views=2, seed=0, steps=2)
+    specs = list(synthetic_specs(5, views=2, seed=0, steps=2))
     expected = [(s["tour_id"], v, s["prompts"][v], s["seed"]) for s in specs for v in range(2)]
     assert list(zip(table.tour_id, table.view_index, table.prompt, table.seed, strict=True)) == expected
     np.testing.assert_allclose(np.stack(table.pose_c2w), [p for s in specs for p in s["poses"]], atol=1e-6)
@@ -307,3 +307,18 @@ def test_a_job_the_cluster_has_no_room_for_stops_with_exit_code_3_and_resumes(ra
     assert not (tmp_path / "stalled" / "manifest").exists()
     code, text = bulk(*args)
     assert code == 0 and "2 tours / 4 views written" in text, text
+
+
+def test_a_local_manifest_is_compacted_as_the_job_runs_and_stays_exactly_once(ray_local, tiny_model_dir, tmp_path):
+    """Seven one-tour parts with a compaction every two (a task beside the job's loop, one at a time): the manifest
+    ends with merged parts and few small ones, not seven, and readers see every tour once."""
+    out = tmp_path / "compacting"
+    code, text = bulk("--synthetic", "7", *TINY, "--out", str(out), "--model", str(tiny_model_dir),
+                      "--batch-size", "1", "--compact-every", "2")
+    assert code == 0 and "7 tours / 14 views written" in text, text
+    names = sorted(p.name for p in (out / "manifest").glob("*.parquet"))
+    compacted = [n for n in names if n.startswith("part-compacted-")]
+    assert compacted and len(names) < 7, names
+    check_output(str(out), 7, 2)
+    code, text = bulk("--synthetic", "7", *TINY, "--out", str(out), "--model", str(tiny_model_dir))
+    assert code == 0 and "7 already there" in text, text

@@ -12,6 +12,7 @@ output is compacted into a new output with `into` instead, which readers then us
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from diffpano.io import storage
 from diffpano.io.manifest import COMPACTED, manifest_lock, parquet_bytes, resolve_uri
 
 WORK = "_compact"  # per-compaction folders next to manifest/; never read by manifest readers
+COMPACTED_PREFIX = "part-compacted-"
 
 
 @dataclass
@@ -41,7 +43,7 @@ class CompactSummary:
 def compacted_name(parts: list[str]) -> str:
     """Deterministic name of the part that replaces these parts."""
     digest = hashlib.sha256("\0".join(sorted(Path(p).name for p in parts)).encode()).hexdigest()[:20]
-    return f"part-compacted-{digest}.parquet"
+    return f"{COMPACTED_PREFIX}{digest}.parquet"
 
 
 def read_parts_table(root: str, parts: list[str]) -> pa.Table:
@@ -66,24 +68,31 @@ def compact(root: str, into: str | None = None) -> CompactSummary:
     return compact_local(storage.absolute(root))
 
 
-def compact_local(root: str) -> CompactSummary:
-    """Write the compacted part into a fresh folder and exchange it with manifest/ in one atomic step."""
+def compact_local(root: str, small_only: bool = False) -> CompactSummary:
+    """Write the compacted part into a fresh folder and exchange it with manifest/ in one atomic step. small_only
+    merges only the parts batches wrote, keeping earlier compacted ones (hard-linked into the fresh folder): what a
+    running job does, so that each compaction costs the rows since the last one."""
     manifest = Path(root) / "manifest"
     if not manifest.is_dir():
         raise ValueError(f"URI: {root} has no manifest/ folder")
     with storage.local_lock(manifest_lock(root), exclusive=True):
         shutil.rmtree(Path(root) / WORK, ignore_errors=True)  # what a compaction that crashed left behind
-        parts = sorted(str(p) for p in manifest.glob("*.parquet"))
+        every = sorted(str(p) for p in manifest.glob("*.parquet"))
+        kept = [p for p in every if small_only and Path(p).name.startswith(COMPACTED_PREFIX)]
+        parts = [p for p in every if p not in kept]
         if len(parts) <= 1:
-            return CompactSummary(str(manifest), len(parts), len(parts), count_rows(parts))
+            return CompactSummary(str(manifest), len(every), len(every), count_rows(every))
         table = read_parts_table(root, parts)
+        rows = table.num_rows + count_rows(kept)
         fresh = Path(root) / WORK / uuid.uuid4().hex / "manifest"
         fresh.mkdir(parents=True)
         pq.write_table(table, fresh / compacted_name(parts))
+        for part in kept:
+            os.link(part, fresh / Path(part).name)
         mark_compacted(root, parts)  # before the swap: a crash leaves the parts in place, which is still right
-        storage.exchange_dirs(str(fresh), str(manifest))  # manifest/ now holds the one part; fresh/ the old ones
+        storage.exchange_dirs(str(fresh), str(manifest))  # manifest/ now holds the merged part; fresh/ the old ones
         shutil.rmtree(Path(root) / WORK, ignore_errors=True)
-    return CompactSummary(str(manifest), len(parts), 1, table.num_rows)
+    return CompactSummary(str(manifest), len(every), len(kept) + 1, rows)
 
 
 def mark_compacted(root: str, parts: list[str]) -> None:

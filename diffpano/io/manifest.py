@@ -135,6 +135,7 @@ def manifest_lock(root: str) -> str:
     return storage.join(storage.absolute(root), "_manifest.lock")
 
 
+@storage.waits_out_outages
 def read_parts(root: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
     """All manifest rows under root with this schema (an empty table when there are none)."""
     fs, path = storage.resolve(storage.join(root, "manifest"))

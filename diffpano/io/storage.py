@@ -5,15 +5,33 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
+import math
 import os
+import re
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-S3_RETRY_ATTEMPTS = 10
+from diffpano.defaults import STORAGE_WAIT_S
+
+S3_RETRY_ATTEMPTS = 3  # pyarrow's own quick retries of one request; outages are waited out by `waits_out_outages`
+WAIT_ENV = "DIFFPANO_STORAGE_WAIT_S"  # forwarded to Ray workers (worker_env), so replicas wait as long as their job
+# pyarrow's S3 errors are plain OSErrors; these AWS error names and curl failures mean "try again later".
+TRANSIENT = re.compile(r"NETWORK_CONNECTION|curlCode|SERVICE_UNAVAILABLE|SLOW_DOWN|INTERNAL_FAILURE|REQUEST_TIMEOUT"
+                       r"|THROTTLING|HTTP response code: 5\d\d"
+                       r"|Could not connect to the endpoint URL|ServiceUnavailable|SlowDown|InternalError")  # boto3's
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 FORWARDED_ENV = ("AWS_", "DIFFPANO_", "HF_")
@@ -22,6 +40,107 @@ FORWARDED_ENV = ("AWS_", "DIFFPANO_", "HF_")
 def worker_env() -> dict[str, str]:
     """Environment variables worker processes need (storage credentials and endpoints), taken from this process."""
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+
+
+class StorageUnavailable(OSError):
+    """Object storage did not answer for the configured wait: the work stops where it is, to be resumed."""
+
+
+_wait_override: ContextVar[float | None] = ContextVar("storage_wait_override", default=None)
+
+
+@contextmanager
+def wait_at_most(seconds: float) -> Iterator[None]:
+    """Wait out outages at most this long inside the block (and the threads asyncio.to_thread starts from it): an
+    HTTP request answers 503 rather than waiting as long as a job would."""
+    token = _wait_override.set(seconds)
+    try:
+        yield
+    finally:
+        _wait_override.reset(token)
+
+
+def storage_wait_s() -> float:
+    """How long an s3:// operation retries through an outage (wait_at_most's bound, else DIFFPANO_STORAGE_WAIT_S,
+    default STORAGE_WAIT_S)."""
+    override = _wait_override.get()
+    if override is not None:
+        return override
+    text = os.environ.get(WAIT_ENV)
+    if not text:
+        return STORAGE_WAIT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{WAIT_ENV}: expected a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+def set_storage_wait(seconds: float) -> None:
+    """Make this process (and the Ray workers it starts, through worker_env) wait out outages this long."""
+    os.environ[WAIT_ENV] = repr(float(seconds))
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a storage error is an outage (connection, throttling, 5xx) rather than a missing or refused object."""
+    return isinstance(err, OSError) and not isinstance(err, (FileNotFoundError, PermissionError, StorageUnavailable)) \
+        and bool(TRANSIENT.search(str(err)))
+
+
+_waiting = threading.local()  # set while an outer call retries: inner calls fail fast instead of multiplying waits
+OutageListener = Callable[[float, BaseException], None]
+_listeners: list[OutageListener] = []
+
+
+def on_outage(listener: OutageListener) -> Callable[[], None]:
+    """Call listener(seconds waited, error) before each retry of an outage in this process; returns its remover."""
+    _listeners.append(listener)
+    return lambda: _listeners.remove(listener)
+
+
+def waits_out_outages(fn: Callable[P, R]) -> Callable[P, R]:
+    """Retry fn through outages of the storage of its s3:// URIs (the first two arguments), backing off up to
+    storage_wait_s(); StorageUnavailable past it. Local paths are not retried (a local error is not an outage)."""
+
+    @functools.wraps(fn)
+    def retrying(*args: P.args, **kwargs: P.kwargs) -> R:
+        remote = any(isinstance(a, str) and is_remote(a) for a in args[:2])
+        if not remote or getattr(_waiting, "active", False):
+            return fn(*args, **kwargs)
+        limit, started, pause = storage_wait_s(), time.monotonic(), 0.5
+        _waiting.active = True
+        try:
+            while True:
+                try:
+                    return fn(*args, **kwargs)
+                except OSError as err:
+                    waited = time.monotonic() - started
+                    if not is_transient(err):
+                        raise
+                    if waited + pause > limit:
+                        raise StorageUnavailable(f"storage unavailable for {waited:.0f}s (the limit, {WAIT_ENV} or "
+                                                 f"--storage-wait, is {limit:g}s): {str(err).splitlines()[0][:300]}"
+                                                 ) from err
+                    for listener in list(_listeners):
+                        listener(waited, err)
+                    time.sleep(pause)
+                    pause = min(2 * pause, 10.0)
+        finally:
+            _waiting.active = False
+
+    return retrying
+
+
+def reachable(uri: str) -> bool:
+    """One quick look at uri: False only when its storage has an outage now (never retried, never raises one)."""
+    fs, path = resolve(uri)
+    try:
+        fs.get_file_info(path)
+    except OSError as err:
+        return not is_transient(err)
+    return True
 
 
 def is_remote(uri: str) -> bool:
@@ -70,12 +189,14 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([base, *[p.strip("/") for p in parts]])
 
 
+@waits_out_outages
 def exists(uri: str) -> bool:
     """True when a file or directory exists at uri."""
     fs, path = resolve(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+@waits_out_outages
 def read_bytes(uri: str) -> bytes:
     """The whole content of a file."""
     fs, path = resolve(uri)
@@ -83,6 +204,31 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+@waits_out_outages
+def read_range(uri: str, offset: int, size: int) -> bytes:
+    """Up to size bytes of a file from offset (b"" past its end)."""
+    fs, path = resolve(uri)
+    with fs.open_input_file(path) as f:
+        return f.read_at(size, offset) if offset < f.size() else b""
+
+
+@waits_out_outages
+def parquet_row_groups(uri: str) -> int:
+    """How many row groups a Parquet file has."""
+    fs, path = resolve(uri)
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).num_row_groups
+
+
+@waits_out_outages
+def read_row_group(uri: str, index: int) -> pa.Table:
+    """One row group of a Parquet file."""
+    fs, path = resolve(uri)
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).read_row_group(index)
+
+
+@waits_out_outages
 def write_bytes(uri: str, data: bytes, staging: str | None = None) -> None:
     """Write a file so that readers see it whole or not at all (local: temp file + rename; S3: one PUT).
 
@@ -106,6 +252,40 @@ def write_bytes(uri: str, data: bytes, staging: str | None = None) -> None:
         f.write(data)
 
 
+@waits_out_outages
+def create_once(uri: str, data: bytes) -> bool:
+    """Create a file unless one is there, atomically: of writers racing for one uri exactly one gets True."""
+    if is_remote(uri):
+        return _s3_create_once(uri, data)
+    path = Path(resolve(uri)[1])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return True
+
+
+def _s3_create_once(uri: str, data: bytes) -> bool:
+    """An S3 conditional PUT (If-None-Match: *); client failures surface as OSError, as pyarrow's do."""
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    try:
+        boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return False
+        raise OSError(f"{uri}: {err}") from err
+    except BotoCoreError as err:
+        raise OSError(f"{uri}: {err}") from err
+    return True
+
+
+@waits_out_outages
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """URIs of the files below uri (recursive) whose names end with suffix; [] when uri does not exist."""
     fs, path = resolve(uri)
@@ -120,6 +300,7 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     )
 
 
+@waits_out_outages
 def tree_fingerprint(uri: str) -> str:
     """Relative path, size and modification time of every file below uri, one per line: changes when any file does."""
     fs, path = resolve(uri)
@@ -130,6 +311,7 @@ def tree_fingerprint(uri: str) -> str:
     return "\n".join(lines)
 
 
+@waits_out_outages
 def copy_tree(src: str, dst: str) -> None:
     """Copy a directory tree between any two supported locations."""
     src_fs, src_path = resolve(src)
