@@ -9,7 +9,8 @@ import time
 import numpy as np
 from ray import serve
 
-from diffpano.defaults import BATCH_WAIT_S, MAX_BATCH_VIEWS
+from diffpano.defaults import BATCH_WAIT_S, MAX_BATCH_VIEWS, STORAGE_WAIT_S
+from diffpano.io import storage
 from diffpano.io.manifest import Tour, commit_tours, image_path, png_bytes
 from diffpano.pipelines.compiling import check_mode, compile_pipeline
 from diffpano.pipelines.loading import resolve_model
@@ -31,7 +32,8 @@ class PanoGenerator:
 
     def __init__(self, model: str | None = None, device: str | None = None, max_batch_views: int = MAX_BATCH_VIEWS,
                  batch_wait_timeout_s: float = BATCH_WAIT_S, compile: str = "off",
-                 scheduler: str | None = None) -> None:
+                 scheduler: str | None = None, storage_wait_s: float = STORAGE_WAIT_S) -> None:
+        storage.set_storage_wait(storage_wait_s)  # stored tours' writes wait out outages this long
         self.pipe = compile_pipeline(resolve_model(model, device, scheduler=scheduler), check_mode(compile))
         self.pipe.set_progress_bar_config(disable=True)
         self.max_batch_views = max_batch_views

@@ -10,6 +10,8 @@ import base64
 import hmac
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,17 +22,19 @@ from fastapi import Path as FastAPIPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
-from pydantic import Field
+from pydantic import Field, model_validator
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from diffpano.defaults import BATCH_WAIT_S, MAX_BATCH_VIEWS, random_seed
+from diffpano.defaults import BATCH_WAIT_S, MAX_BATCH_VIEWS, STORAGE_WAIT_S, random_seed
 from diffpano.io import storage
 from diffpano.io.manifest import png_bytes, read_tours
 from diffpano.pipelines.compiling import CompileMode
 from diffpano.pipelines.schedulers import SCHEDULER_NAMES
 from diffpano.specs import ID_PATTERN, BulkSpec, Sampling, Strict
+from serve.jobstore import JobStore
 from serve.online import BACKOFF_S, JobRunner
 from serve.schemas import (
     GenerationJob,
@@ -48,6 +52,8 @@ from serve.schemas import (
 ResourceId = Annotated[str, FastAPIPath(pattern=ID_PATTERN)]  # tour and job ids: 422 otherwise
 DOCS_ASSETS = "/docs-assets"  # Swagger UI and ReDoc's scripts, from the fastapi-offline package (no CDN)
 OPEN_PATHS = ("/healthz", "/viewer", "/docs", "/openapi.json", "/redoc", "/favicon.ico", DOCS_ASSETS)
+REPLICA_HEADER = "X-DiffPano-Replica"  # which ingress replica answered (docs/http-api.md)
+MAX_TOUR_LOSSES = 3  # model replicas an online job's tour may lose before it counts as failed
 
 
 class ServerSettings(Strict):
@@ -64,10 +70,20 @@ class ServerSettings(Strict):
     default_guidance: float | None = Field(None, ge=0.0)
     retry_after_s: int = Field(5, ge=1)
     job_concurrency: int = Field(4, ge=1)  # tours of one online job in flight: interactive requests share the queue
+    job_heartbeat_s: float = Field(1.0, gt=0)  # how often a job's owner records its progress (GET /v1/jobs lags this)
+    job_lease_s: float = Field(15.0, gt=0)  # a job whose record stays unchanged this long is taken over by a replica
+    storage_wait_s: float = Field(STORAGE_WAIT_S, ge=0)  # online jobs' reads and writes wait out outages this long
     default_scheduler: Literal[SCHEDULER_NAMES] | None = None  # None: the model's own
     max_batch_views: int = Field(MAX_BATCH_VIEWS, ge=1)
     batch_wait_timeout_s: float = Field(BATCH_WAIT_S, ge=0.0)
     compile: CompileMode = "off"  # torch.compile of the replicas' UNet (diffpano.pipelines.compiling)
+
+    @model_validator(mode="after")
+    def _lease_outlasts_beats(self) -> "ServerSettings":
+        """A lease spans several heartbeats, so one slow write does not hand a live job to another replica."""
+        if self.job_lease_s < 3 * self.job_heartbeat_s:
+            raise ValueError("job_lease_s: must be at least 3 x job_heartbeat_s")
+        return self
 
     def api_key(self) -> str | None:
         """The configured API key, if any."""
@@ -86,6 +102,16 @@ def storage_unavailable(err: OSError) -> HTTPException:
     return HTTPException(503, detail=f"output storage unavailable: {err}", headers={"Retry-After": "5"})
 
 
+@contextmanager
+def storage_errors() -> Iterator[None]:
+    """Storage failures inside the block answer 503 (storage_unavailable) at once: a request waits out no outage."""
+    try:
+        with storage.wait_at_most(0.0):
+            yield
+    except OSError as err:
+        raise storage_unavailable(err) from None
+
+
 def known_job(status: JobStatus | None, job_id: str) -> JobStatus:
     """The status, or 404 for an unknown job id."""
     if status is None:
@@ -98,12 +124,12 @@ def viewer_asset(name: str) -> str:
     return resources.files("serve").joinpath("viewer", name).read_text()
 
 
-def read_stored_tour(root: str, tour_id: str) -> TourResponse:
-    """The views of a stored tour with their images inline; 404 when the manifest has no such tour."""
+def read_stored_tour(root: str, tour_id: str) -> TourResponse | None:
+    """The views of a tour stored under root with their images inline; None when its manifest has no such tour."""
     try:
         [tour] = read_tours(root, [tour_id])
     except ValueError:
-        raise HTTPException(404, detail=f"tour_id: no stored tour {tour_id!r}") from None
+        return None
     h, w = tour.images.shape[1:3]
     views = [View(view_index=i, prompt=tour.prompts[i], pose_c2w=[float(x) for x in tour.poses[i].reshape(16)],
                   height=h, width=w, image_uri=tour.image_uris[i],
@@ -111,6 +137,14 @@ def read_stored_tour(root: str, tour_id: str) -> TourResponse:
              for i, image in enumerate(tour.images)]
     return TourResponse(tour_id=tour_id, model=tour.model, seed=tour.seed, scheduler=tour.scheduler, views=views,
                         manifest_uri=storage.join(root, "manifest"))
+
+
+def find_stored_tour(root: str, jobs: JobStore, tour_id: str) -> TourResponse:
+    """A tour stored under the output root itself or in the output of an online job naming it; 404 otherwise."""
+    for out in (root, *jobs.outputs_holding(tour_id)):
+        if (tour := read_stored_tour(out, tour_id)) is not None:
+            return tour
+    raise HTTPException(404, detail=f"tour_id: no stored tour {tour_id!r}")
 
 
 def tour_response(result: GenerationResult, prompts: list[str], poses: np.ndarray) -> TourResponse:
@@ -136,39 +170,37 @@ class DiffPanoAPI:
         self.api_key = self.settings.api_key()
         self._info: dict | None = None
         self._info_lock = asyncio.Lock()
-        self.jobs = JobRunner(storage.absolute(self.settings.output_root), self.job_tour,
-                              self.settings.job_concurrency)
-        self._resumed = False
-        self._resume_lock = asyncio.Lock()
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        s = self.settings
+        storage.set_storage_wait(s.storage_wait_s)
+        self.jobs = JobRunner(storage.absolute(s.output_root), self.job_tour, self.replica, s.job_concurrency,
+                              s.job_heartbeat_s, s.job_lease_s)
+        # Runs while the replica lives: resumes jobs a lost replica held (the constructor runs in the replica's loop).
+        self._watcher = asyncio.get_running_loop().create_task(self.jobs.watch())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """This replica's FastAPI app (Serve calls it after the constructor)."""
         return build_api(self)
 
-    async def runner(self) -> JobRunner:
-        """The job runner, after resuming the jobs an earlier replica left unfinished (once)."""
-        async with self._resume_lock:  # two first requests must not start the same job twice
-            if not self._resumed:
-                try:
-                    await self.jobs.resume()
-                except OSError as err:
-                    raise storage_unavailable(err) from None
-                self._resumed = True
-        return self.jobs
-
     async def job_tour(self, spec: BulkSpec, out: str) -> None:
-        """One tour of an online job, stored under out; waits (not fails) while the model deployment is full."""
+        """One tour of an online job, stored under out; waits (not fails) while the model deployment is full, and
+        tries again when the model replica generating it is lost (up to MAX_TOUR_LOSSES times)."""
+        losses = 0
         while True:
             try:
                 job = await self.job(spec, spec.prompt_list(), spec.pose_array(), spec.tour_id, out)
                 await self.generator.generate.remote(job)
                 return
             except BackPressureError:
-                await asyncio.sleep(BACKOFF_S)
-            except HTTPException as err:  # the model's sizes could not be asked yet (full)
+                pass
+            except HTTPException as err:  # the model's sizes could not be asked yet (full or being replaced)
                 if err.status_code != 503:
                     raise
-                await asyncio.sleep(BACKOFF_S)
+            except RayActorError:
+                losses += 1
+                if losses >= MAX_TOUR_LOSSES:
+                    raise
+            await asyncio.sleep(BACKOFF_S)
 
     async def info(self) -> dict:
         """The model's name and sizes (asked once: requests arriving together wait for the first one's answer)."""
@@ -255,34 +287,34 @@ async def panoramas(req: PanoramaRequest, svc: Service) -> Response:
 
 @router.get("/v1/tours/{tour_id}", response_model=TourResponse)
 async def stored_tour(tour_id: ResourceId, svc: Service) -> TourResponse:
-    """A tour stored under the server's output root, images inline (what the viewer loads by id)."""
-    return await asyncio.to_thread(read_stored_tour, storage.absolute(svc.settings.output_root), tour_id)
+    """A tour stored under the server's output root or by an online job, images inline (what the viewer loads)."""
+    with storage_errors():
+        return await asyncio.to_thread(find_stored_tour, svc.jobs.root, svc.jobs.store, tour_id)
 
 
 @router.post("/v1/jobs", status_code=202, response_model=JobStatus)
 async def submit_job(req: JobRequest, svc: Service) -> JobStatus:
     """Start a bulk job (docs/bulk-specs.md) whose tours are stored under output (a prefix of the server's root)."""
-    runner = await svc.runner()
     try:
-        specs = await asyncio.to_thread(runner.specs_of, req)
+        specs = await asyncio.to_thread(svc.jobs.specs_of, req)
     except (ValueError, OSError) as err:
         raise unprocessable("specs", str(err)) from None
-    try:
-        return await runner.start_job(specs, req.output)
-    except OSError as err:
-        raise storage_unavailable(err) from None
+    with storage_errors():
+        return await svc.jobs.start_job(specs, req.output)
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobStatus)
 async def job_status(job_id: ResourceId, svc: Service) -> JobStatus:
-    """A job's state and counts."""
-    return known_job((await svc.runner()).status(job_id), job_id)
+    """A job's state and counts, from its record: any replica answers for any job."""
+    with storage_errors():
+        return known_job(await svc.jobs.status(job_id), job_id)
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=JobStatus)
 async def cancel_job(job_id: ResourceId, svc: Service) -> JobStatus:
     """Cancel a job: tours in flight finish, no new ones start; only complete tours stay visible."""
-    return known_job(await (await svc.runner()).cancel(job_id), job_id)
+    with storage_errors():
+        return known_job(await svc.jobs.cancel(job_id), job_id)
 
 
 @router.get("/healthz")
@@ -346,6 +378,17 @@ def guard(settings: ServerSettings, api_key: str | None):
     return middleware
 
 
+def served_by(replica: str):
+    """Middleware naming the answering replica in every response (REPLICA_HEADER)."""
+
+    async def middleware(request: Request, call_next):
+        response = await call_next(request)
+        response.headers[REPLICA_HEADER] = replica
+        return response
+
+    return middleware
+
+
 def build_api(svc: DiffPanoAPI) -> FastAPI:
     """The FastAPI app of one ingress replica: the routes, the 422 handler and the guard middleware."""
     api = FastAPIOffline(title="DiffPano", version="0.1.0", static_url=DOCS_ASSETS,
@@ -355,4 +398,5 @@ def build_api(svc: DiffPanoAPI) -> FastAPI:
     api.include_router(router)
     api.add_exception_handler(RequestValidationError, invalid_request)
     api.middleware("http")(guard(svc.settings, svc.api_key))
+    api.middleware("http")(served_by(svc.replica))  # added last: outermost, so refusals carry it too
     return api

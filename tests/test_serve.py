@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
-from helpers import KEY, post
+from helpers import KEY, post, wait_until
 from PIL import Image
 
 from diffpano.io.manifest import read_manifest
@@ -275,6 +275,16 @@ def headless_chrome(chromium):
     return webdriver.Chrome(service=Service(chromium[1]), options=options)
 
 
+def open_tour(driver, url: str, tour_id: str) -> None:
+    """Open a tour in the viewer with the test key and wait until its views are loaded."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(f"{url}/viewer")
+    driver.execute_script("sessionStorage.setItem('diffpano-key', arguments[0])", KEY)
+    driver.get(f"{url}/viewer?tour={tour_id}")
+    WebDriverWait(driver, 60).until(lambda d: d.execute_script("return window.diffpanoViewer.state.views.length"))
+
+
 def test_api_docs_render_from_the_servers_own_assets(server, chromium):
     """/docs and /redoc load Swagger UI and ReDoc from the server (no CDN: this machine has no internet), so the
     page lists the API's operations instead of staying blank."""
@@ -301,17 +311,13 @@ def test_api_docs_render_from_the_servers_own_assets(server, chromium):
 
 
 def test_viewer_draws_a_stored_tour_smoothly_in_headless_chromium_without_console_errors(server, chromium):
-    from selenium.webdriver.support.ui import WebDriverWait
 
     url, _ = server
     tour = post(url, "/v1/tours", {"prompt": "a yellow living room", "num_views": 2, "num_inference_steps": STEPS,
                                    "output": "store", "height": 64}).json()["tour_id"]
     driver = headless_chrome(chromium)
     try:
-        driver.get(f"{url}/viewer")
-        driver.execute_script("sessionStorage.setItem('diffpano-key', arguments[0])", KEY)
-        driver.get(f"{url}/viewer?tour={tour}")
-        WebDriverWait(driver, 60).until(lambda d: d.execute_script("return window.diffpanoViewer.state.views.length"))
+        open_tour(driver, url, tour)
         opened = driver.execute_script("""const v = window.diffpanoViewer, o = document.getElementById('overview');
             const start = v.state.fov; v.zoomTo(10); const narrowest = v.state.fov;
             return [start, narrowest, v.minFov(), document.getElementById('tourid').value, o.hidden,
@@ -350,6 +356,7 @@ def test_packaged_serve_config_is_valid_and_uses_current_keys():
     assert ServerSettings.model_validate(app.args).compile == "off"  # the packaged default
     compiled = load_config(None, {"compile": "reduce-overhead"}).applications[0].args  # `diffpano serve --compile`
     assert ServerSettings.model_validate(compiled).compile == "reduce-overhead"
+    assert next(d for d in app.deployments if d.name == "DiffPanoAPI").num_replicas >= 2  # tests/test_serve_scaleout.py
     generator = next(d for d in app.deployments if d.name == "PanoGenerator")
     scaling = generator.autoscaling_config
     assert set(scaling) <= set(AutoscalingConfig.model_fields)  # no stale key silently ignored
@@ -406,6 +413,39 @@ def test_a_cancelled_job_leaves_only_complete_tours(server):
     table = read_manifest(str(out / "jobs" / "c")).to_pandas()
     assert (table.groupby("tour_id").size() == 3).all(), table.groupby("tour_id").size()  # whole tours only
     assert table.tour_id.nunique() == status["tours_done"]  # every finished tour, and nothing after the cancel
+
+
+def test_tours_an_online_job_wrote_load_by_id_and_open_in_the_viewer(server, chromium):
+    """A job's default output is OUTPUT_ROOT/jobs/<job_id>, not the root's manifest: both ingress replicas find its
+    tours there, and the viewer opens one by id."""
+
+    from serve.ingress import REPLICA_HEADER
+
+    url, out = server
+    specs = [{"tour_id": f"job-v-{i}", "prompt": "a blue attic", "num_views": 2, "num_inference_steps": STEPS,
+              "height": 64} for i in range(2)]
+    job = post(url, "/v1/jobs", {"specs": specs}).json()
+    assert wait_job(url, job["job_id"])["state"] == "done"
+    assert job["manifest_uri"] == f"{out}/jobs/{job['job_id']}/manifest"
+    answered: set[str] = set()
+
+    def loaded_by_both() -> bool:
+        r = requests.get(f"{url}/v1/tours/job-v-1", headers={"X-API-Key": KEY}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["manifest_uri"] == job["manifest_uri"] and len(r.json()["views"]) == 2
+        answered.add(r.headers[REPLICA_HEADER])
+        return len(answered) == 2
+
+    wait_until(loaded_by_both, "both ingress replicas to load the tour", 60)
+    driver = headless_chrome(chromium)
+    try:
+        open_tour(driver, url, "job-v-1")
+        shown = driver.execute_script("return [window.diffpanoViewer.state.views.length, "
+                                      "document.getElementById('tourid').value]")
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        driver.quit()
+    assert shown == [2, "job-v-1"] and errors == [], (shown, errors)
 
 
 @pytest.mark.parametrize(("body", "field"), [
