@@ -22,7 +22,7 @@ def train(
 ) -> None:
     """Train on Ray Train (stage 1: Pano-SD; stage 2: EA modules); the model lands in STORAGE/NAME/model."""
     from trainer.config import load_config
-    from trainer.run import run_paths
+    from trainer.run import StageStopped, run_paths
     from trainer.run import train as run_training
 
     chosen = STAGES.get(stages)
@@ -39,6 +39,9 @@ def train(
         results = run_training(cfg, chosen, name, storage_root, local)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+    except StageStopped as err:
+        typer.echo(f"train stopped: {err}; run the same command again to resume from the last checkpoint", err=True)
+        raise typer.Exit(3) from None
     for r in results:
         loss = "—" if r.loss is None else f"{r.loss:.4f}"
         label = "vae" if r.stage == 0 else f"stage{r.stage}"

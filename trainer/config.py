@@ -143,6 +143,8 @@ class RunSection(Strict):
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=-1)
+    # a stage with no room for all its workers (a node lost, a full cluster) waits this long, then stops, resumable
+    capacity_wait_s: float = Field(600.0, gt=0.0, allow_inf_nan=False)
     log_every: int = Field(1, ge=1)
     sample_every: int = Field(0, ge=0)  # 0: only at the end of a stage
     sample_steps: int = Field(10, ge=1, le=MAX_STEPS)

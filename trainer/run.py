@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -13,6 +15,8 @@ from trainer.cache import build_latent_cache, build_text_cache, has_vae
 from trainer.config import TrainConfig
 from trainer.diffusion import train_stage
 from trainer.vae import train_vae
+
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train's; the driver passes it to its controller
 
 
 @dataclass
@@ -65,11 +69,12 @@ def loop_config(cfg: TrainConfig, stage: int, paths: dict, init_model: str, cach
 
 def stage_trainer(cfg: TrainConfig, stage: int, paths: dict, init_model: str, caches: tuple):
     """The TorchTrainer of one stage; RunConfig(name=stageN) under the run root, so re-running resumes it."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker} | ({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})
+    start_timeout = float(os.environ.setdefault(START_TIMEOUT_ENV, str(min(60.0, cfg.run.capacity_wait_s))))
     storage_path, storage_filesystem = _ray_storage(paths["root"])
     return TorchTrainer(
         train_vae if stage == 0 else train_stage, train_loop_config=loop_config(cfg, stage, paths, init_model, caches),
@@ -78,11 +83,37 @@ def stage_trainer(cfg: TrainConfig, stage: int, paths: dict, init_model: str, ca
                                      accelerator_type=sc.accelerator_type),
         run_config=RunConfig(
             name=f"stage{stage}", storage_path=storage_path, storage_filesystem=storage_filesystem,
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            # each start of the worker group that finds no room for it is a controller failure, retried until
+            # capacity_wait_s has passed (Ray Train's default retries it for ever)
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures, controller_failure_limit=max(
+                1, math.ceil(cfg.run.capacity_wait_s / start_timeout))),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             worker_runtime_env={"env_vars": storage.worker_env()},
+            # Ray Train's own INFO lines (each retry decision with its traceback) stay in its log files: a lost node
+            # or a stop for want of room is said by the stage's own lines and the command's message
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
+
+
+class StageStopped(RuntimeError):
+    """A stage stopped before its end for want of room (resumable: the same command goes on from its checkpoint)."""
+
+
+def fit(trainer, cfg: TrainConfig, stage: int) -> dict:
+    """The stage's last metrics; StageStopped when its workers found no room for run.capacity_wait_s."""
+    from ray.train import ControllerError
+
+    try:
+        return trainer.fit().metrics or {}
+    except ControllerError as err:
+        if type(err.controller_failure).__name__ != "WorkerGroupStartupTimeoutError":
+            raise
+        sc = cfg.scaling
+        need = f"{sc.num_workers} workers of {sc.cpus_per_worker:g} CPU" + (
+            f" + {sc.gpus_per_worker:g} GPU" if sc.use_gpu else "")
+        raise StageStopped(f"{'vae' if stage == 0 else f'stage{stage}'}: the cluster had no room for {need} for "
+                           f"{cfg.run.capacity_wait_s:g}s (run.capacity_wait_s)") from None
 
 
 def _ray_storage(uri: str) -> tuple[str, object]:
@@ -145,7 +176,7 @@ def train(cfg: TrainConfig, stages: list[int], name: str, storage_root: str,
                 (train_vae if stage == 0 else train_stage)(loop_config(cfg, stage, paths, start, caches))
             metrics = local.reports[-1] if local.reports else {}
         else:
-            metrics = stage_trainer(cfg, stage, paths, start, caches).fit().metrics or {}
+            metrics = fit(stage_trainer(cfg, stage, paths, start, caches), cfg, stage)
         results.append(StageResult(stage, int(metrics.get("step", 0)), metrics.get("loss"),
                                    time.perf_counter() - started, export_of(paths, stage)))
     if stages == [1]:
