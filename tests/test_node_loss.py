@@ -30,8 +30,8 @@ def parts(out: Path) -> int:
 
 
 def test_a_bulk_job_finishes_exactly_once_when_a_node_dies(cluster, tiny_model_dir, tmp_path):
-    """One of three worker nodes is killed (raylet and workers, no goodbye) once two batches are published: the
-    batches its replica held move to the live replicas and the job ends with every tour exactly once."""
+    """One of three worker nodes is killed (raylet and workers, no goodbye) once its replica is live and two batches
+    are published: the batches its replica held move to the live replicas and the job ends with every tour once."""
     cluster, workers = cluster
     out = tmp_path / "tours"
     cmd = [sys.executable, "-m", "diffpano.cli", "bulk", "--synthetic", "60", *TINY, "--replicas", "3",
@@ -41,7 +41,8 @@ def test_a_bulk_job_finishes_exactly_once_when_a_node_dies(cluster, tiny_model_d
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 300
-            while parts(out) < 2:
+            # every replica live (each then holds two batches while work remains), two batches published
+            while parts(out) < 2 or "3/3 live" not in (tmp_path / "log").read_text(errors="replace"):
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
                 time.sleep(0.2)
             cluster.remove_node(workers[1], allow_graceful=False)
