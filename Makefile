@@ -6,8 +6,10 @@ export RAY_AUTH_MODE ?= disabled
 .PHONY: install run test test-unit test-slow test-cuda gpu-suite gpu-suite-dry bench model model-gpu image cluster-config lint clean
 
 $(STAMP): pyproject.toml constraints.txt
+	@echo "make install: creating $(VENV) and installing torch (CPU build), then the project (about 2.5 minutes, once)"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	@echo "make install: torch installed; installing the project and its test tools"
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	@# Open3D's wheel links libusb-1.0, which minimal Debian images lack
 	@ldconfig -p | grep -q libusb-1.0 || { apt-get install -y -q libusb-1.0-0 || { apt-get update -q && apt-get install -y -q libusb-1.0-0; }; } >/dev/null 2>&1 || echo "make install: libusb-1.0 is missing and could not be installed; Open3D (mesh datasets) needs it: apt-get install libusb-1.0-0"
@@ -18,7 +20,8 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/diffpano bulk --synthetic 8 --views 4 --steps 20 --cpus-per-replica 2 --out outputs/tours
+	@# --batch-size 1: each tour is committed (and the bar moves) as soon as it is made
+	$(VENV)/bin/diffpano bulk --synthetic 8 --views 4 --steps 20 --cpus-per-replica 2 --batch-size 1 --out outputs/tours
 	$(VENV)/bin/diffpano video outputs/tours --out outputs/tour.gif
 
 test: $(STAMP)

@@ -6,6 +6,7 @@ DEFAULT_STEPS = 20  # sampler steps of a tour (DPM-Solver++ 2M, the bundled mode
 DEFAULT_GUIDANCE = 7.5  # Stable Diffusion's; also the bundled model's best measured (MODEL.md)
 DEFAULT_VIEWS = 4  # views of a tour when a request names none
 MAX_SEED = 2**63 - 1  # seeds are integers in [0, MAX_SEED]
+MAX_PROMPT_CHARS = 1000  # a prompt or a caption
 MAX_BATCH_VIEWS = 8  # views of several tours one serve call batches together
 BATCH_WAIT_S = 0.1  # how long a serve replica waits to fill a batch
 STALL_S = 600.0  # seconds with no replica answering, work left, before an offline job stops (resumable)

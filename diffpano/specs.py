@@ -13,13 +13,12 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
-from diffpano.defaults import DEFAULT_VIEWS, MAX_SEED, MAX_SPEC_STEPS, MAX_SPEC_VIEWS
+from diffpano.defaults import DEFAULT_VIEWS, MAX_PROMPT_CHARS, MAX_SEED, MAX_SPEC_STEPS, MAX_SPEC_VIEWS
 from diffpano.geometry.spherical import validate_poses
 from diffpano.geometry.trajectories import named_trajectory, trajectory_params
 from diffpano.io import storage
 from diffpano.pipelines.schedulers import SCHEDULER_NAMES
 
-MAX_PROMPT_CHARS = 1000
 MAX_GUIDANCE = 30.0
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"  # tour and job ids
 

@@ -8,6 +8,7 @@ from tiny_captioners import write_tiny_blip2, write_tiny_llm
 
 from diffpano.data.captions import (
     FACE_NAMES,
+    SUMMARY_INSTRUCTION,
     Blip2Captioner,
     LLMSummariser,
     SceneGraphCaptioner,
@@ -73,7 +74,11 @@ def test_llm_summariser_loads_a_local_directory(tmp_path):
     """The model path of the paper's summariser: a (tiny, random) causal LM and tokenizer from a local folder."""
     summariser = LLMSummariser(write_tiny_llm(tmp_path), max_new_tokens=5)
     assert "1. a room with blue walls" in summariser.prompt(["a room with blue walls"] * 6)
-    assert isinstance(summariser.summarise(["a room with blue walls"] * 6), str)
+    summary = summariser.summarise(["a room with blue walls"] * 6)
+    # only the generated tokens, never the prompt echoed back: at most max_new_tokens (re-tokenized with a margin)
+    assert SUMMARY_INSTRUCTION not in summary and "1. a room" not in summary, summary
+    assert len(summariser.tokenizer(summary, add_special_tokens=False).input_ids) <= 10, summary
+    assert summariser.summarise(["a room with blue walls"] * 6) == summary  # greedy: the same text again
 
 
 def test_blip2_captioner_loads_a_local_directory(tmp_path):
@@ -81,4 +86,6 @@ def test_blip2_captioner_loads_a_local_directory(tmp_path):
     captioner = Blip2Captioner(write_tiny_blip2(tmp_path), max_new_tokens=4)
     faces = np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
     captions = captioner.caption_faces(faces)
-    assert len(captions) == 6 and all(isinstance(c, str) for c in captions)
+    assert len(captions) == 6 and captioner.caption_faces(faces) == captions  # one per face, deterministic
+    tokenizer = captioner.processor.tokenizer
+    assert all(len(tokenizer(c, add_special_tokens=False).input_ids) <= 8 for c in captions), captions

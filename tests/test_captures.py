@@ -150,7 +150,7 @@ def test_capture_job_drops_blur_and_repeats_fails_bad_captures_alone_and_reruns_
     assert "4 scene(s) failed" in text, text
     assert set(df.scene_id) == {"walk", "two_houses"} and not df.duplicated(["clip_id", "frame_index"]).any()
     assert not df.source_uri.str.contains("frame_5b|frame_8b").any()
-    assert all(isinstance(c, str) for c in df.caption) and set(df.height) == {128} and df.depth_uri.isna().all()
+    assert all(c.strip() for c in df.caption) and set(df.height) == {128} and df.depth_uri.isna().all()
     assert df.groupby("clip_id").size().max() <= 6
     failures = [json.loads(line) for uri in storage.list_files(storage.join(str(out), "failures"), ".jsonl")
                 for line in storage.read_bytes(uri).decode().splitlines()]
@@ -249,7 +249,32 @@ def test_bad_capture_options_are_refused_naming_the_field(captures, caption_mode
     assert not (tmp_path / "ds").exists()
 
 
-def test_captures_without_captioning_models_are_refused(captures, tmp_path):
+def test_captures_without_captioning_models_are_refused_pointing_at_caption(captures, tmp_path):
     code, text = capture(str(captures / "walk"), "--out", str(tmp_path / "ds"))
-    assert code == 2 and "--captioner" in text and "--summariser" in text, text
+    assert code == 2 and "--captioner" in text and "--summariser" in text and "--caption TEXT" in text, text
     assert not (tmp_path / "ds").exists()
+
+
+def test_a_fixed_caption_and_a_captioner_together_are_refused(captures, caption_models, tmp_path):
+    code, text = capture(str(captures / "walk"), "--out", str(tmp_path / "ds"), "--caption", "a hallway",
+                         "--captioner", caption_models[0], "--summariser", caption_models[1])
+    assert code == 2 and "caption: give --caption TEXT or --captioner and --summariser, not both" in text, text
+    assert not (tmp_path / "ds").exists()
+
+
+def test_a_caption_the_stack_left_empty_is_refused_naming_the_keyframe():
+    from diffpano.data.captures.build import non_empty
+
+    assert non_empty([" a hall ", "a room"], "walk-0000") == ["a hall", "a room"]
+    with pytest.raises(ValueError, match="keyframe 1 of walk-0000 an empty caption.*--caption TEXT"):
+        non_empty(["a hall", "  ", "a room"], "walk-0000")
+
+
+@pytest.mark.slow
+def test_a_capture_captioned_with_one_text_needs_no_captioning_models(ray_local, captures, tmp_path):
+    code, text = capture(str(captures / "walk"), "--out", str(tmp_path / "ds"), "--frames", "6", "--spacing", "0.4",
+                         "--size", "128x256", "--sfm-size", "512x1024", "--camera-height", "1.5",
+                         "--caption", "a narrow hallway with white walls")
+    assert code == 0, text
+    captions = read_dataset(str(tmp_path / "ds")).to_pandas().caption
+    assert len(captions) >= 6 and set(captions) == {"a narrow hallway with white walls"}

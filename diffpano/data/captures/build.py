@@ -18,7 +18,7 @@ from diffpano.data.captures.frames import Frames, capture_frames, is_capture, se
 from diffpano.data.captures.sfm import Model, reconstruct
 from diffpano.data.manifest import Clip, commit_clips, read_dataset
 from diffpano.data.sources import Plan, SceneJob, SceneResult, SourceSpec, clip_id
-from diffpano.defaults import MAX_SEED
+from diffpano.defaults import MAX_PROMPT_CHARS, MAX_SEED
 
 MIN_FRAMES = 3  # sharp, moving frames a capture needs before reconstruction is tried
 SPACING_TOLERANCE = 0.95  # a step of 0.499 m still counts as 0.5 m: SfM scale is good to a fraction of a percent
@@ -44,13 +44,20 @@ class CaptureSpec(SourceSpec):
     max_frames: int = Field(600, ge=MIN_FRAMES, le=100000, description="Most frames read from one capture (held "
                             "in memory, 1.5 MB each at 512x1024).")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the reconstruction and captions.")
+    caption: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S",
+                                description="Caption every keyframe with this text instead of the captioner -> "
+                                "summariser stack.")
     source: Literal["capture"] = "capture"
 
     @model_validator(mode="after")
     def _captioned(self) -> CaptureSpec:
-        if not (self.captioner and self.summariser):
-            raise ValueError("captions: captures are captioned by the captioner -> summariser stack; pass "
-                             "--captioner BLIP2_DIR and --summariser LLM_DIR (docs/captures.md)")
+        stack = self.captioner or self.summariser
+        if self.caption is not None and stack:
+            raise ValueError("caption: give --caption TEXT or --captioner and --summariser, not both")
+        if self.caption is None and not (self.captioner and self.summariser):
+            raise ValueError("captions: captures carry no labels to caption from; pass --captioner BLIP2_DIR and "
+                             "--summariser LLM_DIR, or --caption TEXT for one caption on every keyframe "
+                             "(docs/captures.md)")
         return self
 
     @staticmethod
@@ -128,7 +135,22 @@ def capture_clips(spec: CaptureSpec, scene: str, frames: Frames, threads: int = 
 
 
 def caption_clips(spec: CaptureSpec, clips: list[Clip]) -> None:
-    """Fill each clip's captions with the captioner -> summariser stack."""
+    """Fill each clip's captions with --caption or the captioner -> summariser stack; ValueError (the capture's
+    failure) for a caption the stack left empty, which would train on no text."""
+    if spec.caption is not None:
+        for clip in clips:
+            clip.captions = [spec.caption.strip()] * len(clip.rgb)
+        return
     captioner, summariser = CaptionModels(spec.captioner, spec.summariser).pair(spec.seed)
     for clip in clips:
-        clip.captions = [caption_panorama(rgb, captioner, summariser, spec.face_size)[0] for rgb in clip.rgb]
+        clip.captions = non_empty([caption_panorama(rgb, captioner, summariser, spec.face_size)[0]
+                                   for rgb in clip.rgb], clip.clip_id)
+
+
+def non_empty(captions: list[str], clip: str) -> list[str]:
+    """The captions stripped; ValueError naming the first keyframe whose caption is empty."""
+    captions = [c.strip() for c in captions]
+    if empty := [i for i, c in enumerate(captions) if not c]:
+        raise ValueError(f"captions: the captioner stack gave keyframe {empty[0]} of {clip} an empty caption; use "
+                         "larger captioning models, or --caption TEXT")
+    return captions
