@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 
-from pydantic import ValidationError
-
 from diffpano.io import storage
 from diffpano.specs import BulkSpec
 from serve.schemas import JobStatus
@@ -20,7 +18,6 @@ from serve.schemas import JobStatus
 JOBS = "_jobs"
 FINISHED = ("done", "failed", "cancelled")
 LEASE = "lease-"
-READS = 3  # tries of a status record that reads torn
 
 
 class JobRecord(JobStatus):
@@ -65,16 +62,11 @@ class JobStore:
         return [uri.rsplit("/", 2)[-2] for uri in storage.list_files(storage.join(self.root, JOBS), "job.json")]
 
     def read(self, job_id: str) -> JobRecord | None:
-        """The job's status record, None before its first one (OSError when it keeps reading torn)."""
-        uri = self._uri(job_id, "status.json")
-        for _ in range(READS):
-            try:
-                return JobRecord.model_validate_json(storage.read_bytes(uri))
-            except FileNotFoundError:
-                return None
-            except ValidationError:
-                continue  # S3: pyarrow sizes the object, then GETs it; an owner's rewrite in between cuts it short
-        raise OSError(f"{uri}: read torn {READS} times in a row")
+        """The job's status record, None before its first one (read whole: its owner rewrites it every heartbeat)."""
+        try:
+            return JobRecord.model_validate_json(storage.read_whole(self._uri(job_id, "status.json")))
+        except FileNotFoundError:
+            return None
 
     def write(self, record: JobRecord) -> None:
         """Replace the job's status record (the owner's call)."""

@@ -218,7 +218,7 @@ def test_racing_claims_on_s3_give_an_epoch_to_one_replica(s3_endpoint):
 
 def test_a_status_record_rewritten_on_s3_while_it_is_read_never_reads_torn(s3_endpoint):
     """pyarrow reads an S3 object in two requests (its size, then its bytes): a heartbeat rewriting the record between
-    them cuts the read short. Such reads are read again; 200 reads during constant rewrites all parse."""
+    them cuts the read short. Records are read in one GET: 200 reads during constant rewrites all parse."""
     import threading
 
     store = JobStore("s3://diffpano-test/torn")

@@ -269,20 +269,58 @@ def create_once(uri: str, data: bytes) -> bool:
 
 
 def _s3_create_once(uri: str, data: bytes) -> bool:
-    """An S3 conditional PUT (If-None-Match: *); client failures surface as OSError, as pyarrow's do."""
+    """An S3 conditional PUT (If-None-Match: *)."""
+    from botocore.exceptions import ClientError
+
+    bucket, key = _bucket_key(uri)
+    try:
+        with _boto_errors(uri):
+            _s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except OSError as err:
+        if isinstance(err.__cause__, ClientError) and err.__cause__.response.get("Error", {}).get("Code") in (
+                "PreconditionFailed", "ConditionalRequestConflict"):
+            return False
+        raise
+    return True
+
+
+@waits_out_outages
+def read_whole(uri: str) -> bytes:
+    """A file's bytes as one version of it: on S3 one GET (read_bytes, through pyarrow, asks the size first and then
+    the bytes, so an object rewritten in between reads torn). For small files that are rewritten: job records."""
+    if not is_remote(uri):
+        return read_bytes(uri)
+    bucket, key = _bucket_key(uri)
+    with _boto_errors(uri):
+        return _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    """(bucket, key) of an s3:// URI."""
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return bucket, key
+
+
+def _s3_client():
+    """A boto3 S3 client configured by the same AWS variables (boto3 reads them itself)."""
     import boto3
+
+    return boto3.client("s3")
+
+
+@contextmanager
+def _boto_errors(uri: str) -> Iterator[None]:
+    """boto3's failures as the OSErrors pyarrow raises: FileNotFoundError for a missing key, OSError otherwise."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    bucket, _, key = uri[len("s3://"):].partition("/")
     try:
-        boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        yield
     except ClientError as err:
-        if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
-            return False
+        if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            raise FileNotFoundError(f"{uri}: no such object") from err
         raise OSError(f"{uri}: {err}") from err
     except BotoCoreError as err:
         raise OSError(f"{uri}: {err}") from err
-    return True
 
 
 @waits_out_outages
