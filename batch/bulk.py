@@ -2,7 +2,9 @@
 
 A batch belongs to the job, not to a replica (fanout.actors): any live replica takes the next one, and the batches
 of a replica that died (its node lost) go back to the queue. A batch's manifest part is named after its tour ids, so
-a batch that runs twice overwrites rather than duplicates.
+a batch that runs twice overwrites rather than duplicates. Parts stay few however long the job: a local manifest is
+compacted as the job runs; on S3 batches stage their parts and a publisher beside the loop merges them into manifest/
+(diffpano.io.compaction).
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from diffpano.defaults import COMPACT_EVERY, REPLICAS, STALL_S, TOURS_PER_BATCH
+from diffpano.defaults import COMPACT_EVERY, PUBLISH_S, REPLICAS, STALL_S, TOURS_PER_BATCH
 from diffpano.io import storage
-from diffpano.io.compaction import compact_local
+from diffpano.io.compaction import Publisher, compact_local, publish_pending
 from diffpano.io.manifest import Tour, commit_tours, tour_ids
 from diffpano.io.storage import StorageUnavailable
 from diffpano.pipelines.compiling import check_mode, compile_pipeline
@@ -24,7 +26,7 @@ from diffpano.pipelines.loading import check_model, resolve_model
 from diffpano.pipelines.tours import error_text, make_tours, record_failures
 from diffpano.specs import BulkSpec, SpecError, SpecRows
 from fanout.actors import PoolState, StalledError, map_on_actors, start_actors
-from fanout.tasks import Background
+from fanout.tasks import Background, actor_beside, task_beside
 
 OUTAGE_PROBE_S = 5.0  # seconds without an answer from any replica before the driver looks at storage
 
@@ -33,24 +35,25 @@ class TourWriter:
     """One model replica (a Ray actor): generates a batch of specs and commits them as one manifest part."""
 
     def __init__(self, model: str | None, out: str, device: str | None = None, threads: int | None = None,
-                 options: dict | None = None, compile: str = "off", scheduler: str | None = None) -> None:
+                 options: dict | None = None, compile: str = "off", scheduler: str | None = None,
+                 pending: bool = False) -> None:
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         self.pipe = compile_pipeline(resolve_model(model, device, scheduler=scheduler), check_mode(compile))
         self.pipe.set_progress_bar_config(disable=True)
-        self.out, self.options = out, dict(options or {})
+        self.out, self.options, self.pending = out, dict(options or {}), pending
 
     def write(self, batch: list[str]) -> BatchResult:
-        """Generate the batch's tours (JSON specs), commit the successful ones as one part."""
+        """Generate the batch's tours (JSON specs), commit the successful ones as one part (staged when pending)."""
         started = time.perf_counter()
         results = make_tours(self.pipe, [BulkSpec.model_validate_json(s) for s in batch], **self.options)
         tours = [t for t in results.values() if isinstance(t, Tour)]
         errors = {tid: error_text(e) for tid, e in results.items() if isinstance(e, Exception)}
         model_s = time.perf_counter() - started
         if tours:
-            commit_tours(self.out, tours)
+            commit_tours(self.out, tours, self.pending)
         return BatchResult(views={t.tour_id: len(t.images) for t in tours}, errors=errors, model_seconds=model_s)
 
 
@@ -78,7 +81,7 @@ class BulkSummary:
     model_seconds: float = 0.0  # replica time spent generating (the rest of replica time is I/O and overhead)
     failures_uri: str | None = None
     stopped: str | None = None  # why the job stopped before its end (resumable), None when it finished
-    compactions: int = 0  # of the manifest, as the job ran
+    compactions: int = 0  # merges of manifest parts as the job ran (local compactions, S3 publications)
 
     def line(self) -> str:
         """One-line summary for the console."""
@@ -100,8 +103,9 @@ def run_bulk(specs: Sequence[BulkSpec] | SpecRows, out: str, model: str | None =
     replaces the model's own (specs naming theirs keep them). ValueError before any work when the model cannot
     sample. SpecRows are streamed: the driver holds their ids, not the specs. The job stops, resumable, saying why
     in the summary's `stopped`, when no replica answers for stall_s (no room left on the cluster) or storage stays
-    unavailable past storage.storage_wait_s(). A local output's manifest is compacted every compact_every parts
-    the job publishes (0: never), so parts stay few however long the job (an s3:// one keeps a part per batch).
+    unavailable past storage.storage_wait_s(). Every compact_every parts the job writes (0: never) they are merged,
+    so that parts stay few however long the job: a local manifest is compacted; on S3 the parts are staged and
+    published merged, also after PUBLISH_S, and at the end (parts a stopped job staged: when it starts again).
     """
     out = storage.absolute(out)
     summary = BulkSummary(out, len(specs), 0, invalid=list(invalid or []))
@@ -110,6 +114,7 @@ def run_bulk(specs: Sequence[BulkSpec] | SpecRows, out: str, model: str | None =
     stop_listening = storage.on_outage(lambda waited, err: bar.set_postfix_str(outage_line(waited)))
     try:
         present = tour_ids(out)  # the resume check: the manifest's tour_id column alone
+        publish_pending(out, present)  # what a stopped job staged counts as there once published
         todo = sum(tid not in present for tid in (specs.ids if isinstance(specs, SpecRows) else
                                                   [s.tour_id for s in specs]))
         summary.tours_skipped = len(specs) - todo
@@ -117,12 +122,14 @@ def run_bulk(specs: Sequence[BulkSpec] | SpecRows, out: str, model: str | None =
         if todo:
             check_model(model, own_scheduler=scheduler is None)
             device, threads = "cuda" if num_gpus else "cpu", max(1, int(cpus_per_replica))
+            stage = compact_every > 0 and storage.is_remote(out)
             pool = start_actors(TourWriter, min(replicas, -(-todo // batch_size)), model, out, device, threads,
-                                options, compile, scheduler, num_cpus=cpus_per_replica, num_gpus=num_gpus)
+                                options, compile, scheduler, stage, num_cpus=cpus_per_replica, num_gpus=num_gpus)
             rows = specs.json_rows() if isinstance(specs, SpecRows) else (
                 (s.tour_id, s.model_dump_json()) for s in specs)
             batches = in_batches((row for tid, row in rows if tid not in present), batch_size)
-            _write_all(pool, batches, out, summary, bar, stall_s, started, compact_every)
+            merges = Merges(out, compact_every, stage) if compact_every > 0 else None
+            _write_all(pool, batches, summary, bar, stall_s, started, merges)
     except (StalledError, StorageUnavailable) as err:
         summary.stopped = stop_reason(err)
     finally:
@@ -133,12 +140,11 @@ def run_bulk(specs: Sequence[BulkSpec] | SpecRows, out: str, model: str | None =
     return summary
 
 
-def _write_all(pool: list, batches: Iterable[list[str]], out: str, summary: BulkSummary, bar: tqdm, stall_s: float,
-               started: float, compact_every: int) -> None:
-    """Run the batches on the pool, counting into summary and showing replicas (and storage outages) on the bar;
-    compact a local manifest every compact_every parts, in a task beside the loop."""
-    state, published = PoolState(len(pool)), 0
-    compactor = Background(compact_local) if compact_every > 0 and not storage.is_remote(out) else None
+def _write_all(pool: list, batches: Iterable[list[str]], summary: BulkSummary, bar: tqdm, stall_s: float,
+               started: float, merges: Merges | None) -> None:
+    """Run the batches on the pool, counting into summary and showing replicas (and storage outages) on the bar,
+    merging manifest parts as they are written."""
+    state = PoolState(len(pool))
 
     def show(new: PoolState | None = None) -> None:
         nonlocal state
@@ -148,25 +154,57 @@ def _write_all(pool: list, batches: Iterable[list[str]], out: str, summary: Bulk
 
     def idle(seconds: float) -> bool:
         """After a quiet spell, look at storage: while it is out, the replicas are waiting for it, not stalled."""
-        if seconds < OUTAGE_PROBE_S or storage.reachable(out):
+        if seconds < OUTAGE_PROBE_S or storage.reachable(summary.out):
             return False
         bar.set_postfix_str(outage_line(seconds))
         return True
 
-    for result in map_on_actors(pool, "write", batches, stall_s=stall_s, on_give_up=_given_up, on_state=show,
-                                on_idle=idle):
-        summary.model_seconds += result.model_seconds
-        summary.tours_done += len(result.views)
-        summary.views_done += sum(result.views.values())
-        summary.failures += list(result.errors.items())
-        bar.update(len(result.views) + len(result.errors))
-        show()
-        published += bool(result.views)
-        if compactor and published >= compact_every and compactor.start(out, True):
-            summary.compactions += 1
-            published = 0
-    if compactor:
-        compactor.wait()
+    try:
+        for result in map_on_actors(pool, "write", batches, stall_s=stall_s, on_give_up=_given_up, on_state=show,
+                                    on_idle=idle):
+            summary.model_seconds += result.model_seconds
+            summary.tours_done += len(result.views)
+            summary.views_done += sum(result.views.values())
+            summary.failures += list(result.errors.items())
+            bar.update(len(result.views) + len(result.errors))
+            show()
+            if merges and result.views:
+                summary.compactions += merges.written()
+    except StalledError:
+        if merges:
+            merges.settle()  # storage is fine: publish what the replicas wrote before the job stops
+        raise
+    if merges:
+        if merges.stage:
+            bar.set_postfix_str("publishing the manifest")
+        merges.settle()
+
+
+class Merges:
+    """When a running job merges its manifest parts, one merge at a time beside its loop (dispatch never waits):
+    every `every` parts written, compacting a local manifest, or publishing the parts staged on S3 (those also
+    once PUBLISH_S have passed, so that tours become visible as the job goes)."""
+
+    def __init__(self, out: str, every: int, stage: bool) -> None:
+        self.every, self.stage, self.parts, self.last = every, stage, 0, time.monotonic()
+        self.background = (Background(actor_beside(Publisher, out).publish) if stage else
+                           Background(task_beside(compact_local), out, True))
+
+    def written(self) -> bool:
+        """Count a part written; start a merge when one is due (True when it started)."""
+        self.parts += 1
+        due = self.parts >= self.every or (self.stage and time.monotonic() - self.last >= PUBLISH_S)
+        if not (due and self.background.start()):
+            return False
+        self.parts, self.last = 0, time.monotonic()
+        return True
+
+    def settle(self) -> None:
+        """Wait for the last merge, then publish what is still staged."""
+        self.background.wait()
+        if self.stage:
+            self.background.start()
+            self.background.wait()
 
 
 def in_batches(rows: Iterable[str], size: int) -> Iterator[list[str]]:

@@ -30,6 +30,7 @@ from diffpano.defaults import (
     MAX_SPEC_VIEWS,
     MAX_STEPS,
     MAX_VIEWS,
+    PUBLISH_S,
     REPLICAS,
     STALL_S,
     STORAGE_WAIT_S,
@@ -130,8 +131,9 @@ def bulk(
                                        help="Seconds an s3:// read or write retries through a storage outage before "
                                        "the job stops, resumable (exit code 3)."),
     compact_every: int = typer.Option(COMPACT_EVERY, "--compact-every", min=0,
-                                      help="Compact a local output's manifest every N parts the job publishes "
-                                      "(0: never)."),
+                                      help="Merge the job's manifest parts every N it writes (0: never): a local "
+                                      "manifest is compacted; on s3:// batches stage their parts and they are "
+                                      f"published merged (also after {PUBLISH_S:g} s, and at the end)."),
 ) -> None:
     """Generate many tours on a pool of Ray actors; a re-run completes what is missing, exactly once. Replicas lost
     with their node hand their batches to the others."""

@@ -1,13 +1,15 @@
 """How a bulk job's cost grows with its size and its cluster: per-tour driver overhead, driver memory, manifest parts
-and resume time at 100, 1,000 and 10,000 tours; driver memory for 100,000 specs; tours/h on 1, 2 and 3 nodes.
+and resume time at 100, 1,000 and 10,000 tours; driver memory for 100,000 specs; tours/h on 1, 2 and 3 nodes; the
+same on S3 (moto's server in a process of its own) with one part per batch (--compact-every 0, as before S3 parts
+were merged) and with the parts published merged as the job runs, and what a reader then pays to open the manifest.
 
 The tours are the tiny random model's (1 view, 1 step, 16x32), so that the job's own machinery, not the model, is
 what is measured (after a warm-up job that starts Ray). Driver overhead is the driver process's CPU time per tour
 (its Ray core worker included; replicas, raylet and GCS are other processes). Goal: per-tour overhead at the largest
 size within 1.2x the middle. Tours/h on 1..3 nodes use heavier tours (2 views, 10 steps) on a cluster of Ray's
 multi-node harness grown a node at a time.
-Run: python bench/bulk_scale.py [--sizes 100,1000,10000] [--memory-specs 100000] [--nodes 3] [--json PATH]
-(an empty --sizes, --memory-specs 0 or --nodes 0 leaves that part out)
+Run: python bench/bulk_scale.py [--sizes 100,1000,10000] [--memory-specs 100000] [--nodes 3] [--s3-tours 2000]
+[--json PATH] (an empty --sizes, --memory-specs 0, --nodes 0 or --s3-tours 0 leaves that part out)
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -26,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # Ray's multi-node harness, as the tests drive it
 
 from common import _proc_status_kb, format_table, goal_line, write_json  # noqa: E402
+
+from diffpano.defaults import COMPACT_EVERY  # noqa: E402
 
 SPEC = {"num_inference_steps": 1, "height": 16, "width": 32, "num_views": 1}
 
@@ -55,26 +61,32 @@ def tiny_model(work: Path) -> str:
     return str(path)
 
 
-def job(specs_path: Path, out: Path, model: str) -> dict:
-    """Wall, driver CPU and driver peak memory growth of one job, its manifest parts, then a re-run (resume check)."""
+def job(specs_path: Path, out: str, model: str, compact_every: int = COMPACT_EVERY) -> dict:
+    """Wall, driver CPU and driver peak memory growth of one job, its manifest parts, the time to read its whole
+    manifest, then a re-run (resume check)."""
     from batch.bulk import run_bulk
+    from diffpano.io import storage
+    from diffpano.io.manifest import read_manifest
     from diffpano.specs import SpecRows, iter_spec_rows
 
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     rss, cpu, wall = _proc_status_kb("VmRSS"), time.process_time(), time.perf_counter()
-    summary = run_bulk(SpecRows(lambda: iter_spec_rows(str(specs_path))), str(out), model, replicas=2,
-                       batch_size=4, progress=False)
+    summary = run_bulk(SpecRows(lambda: iter_spec_rows(str(specs_path))), out, model, replicas=2,
+                       batch_size=4, progress=False, compact_every=compact_every)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak = (_proc_status_kb("VmHWM") - rss) / 1024
     assert summary.tours_done == summary.tours_total and not summary.failures, summary.line()
-    parts = len(list((out / "manifest").glob("*.parquet")))
+    parts = len(storage.list_files(storage.join(out, "manifest"), ".parquet"))
+    read = time.perf_counter()
+    assert read_manifest(out).num_rows == summary.views_done
+    read = time.perf_counter() - read
     resumed = time.perf_counter()
-    again = run_bulk(SpecRows(lambda: iter_spec_rows(str(specs_path))), str(out), model, progress=False)
+    again = run_bulk(SpecRows(lambda: iter_spec_rows(str(specs_path))), out, model, progress=False)
     assert again.tours_done == 0 and again.tours_skipped == summary.tours_total, again.line()
     tours = summary.tours_total
     return {"tours": tours, "wall_s": wall, "driver_cpu_s": cpu, "driver_cpu_ms_per_tour": cpu / tours * 1e3,
             "wall_ms_per_tour": wall / tours * 1e3, "driver_peak_growth_mb": peak, "parts": parts,
-            "compactions": summary.compactions, "resume_s": time.perf_counter() - resumed}
+            "compactions": summary.compactions, "read_s": read, "resume_s": time.perf_counter() - resumed}
 
 
 MEMORY_SCRIPT = """
@@ -122,6 +134,54 @@ def node_rates(specs_path: Path, model: str, work: Path, nodes: int) -> list[dic
     return rows
 
 
+@contextmanager
+def s3_endpoint() -> Iterator[None]:
+    """moto's S3 server on a loopback port, in a process of its own (so its CPU is not the driver's), with a bucket
+    `bench`; the AWS variables of this process (and so of the replicas) point at it meanwhile."""
+    import socket
+
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                boto3.client("s3").create_bucket(Bucket="bench")
+                break
+            except Exception:  # noqa: BLE001 - the server is still starting
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield
+    finally:
+        server.terminate()
+        server.wait(30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
+def s3_jobs(specs_path: Path, model: str) -> list[dict]:
+    """The same job to S3 with a manifest part per batch (--compact-every 0, as before) and with its parts merged."""
+    rows = []
+    with s3_endpoint():
+        for how, every in (("a part per batch", 0), ("merged as the job runs", COMPACT_EVERY)):
+            rows.append({"how": how} | job(specs_path, f"s3://bench/every{every}", model, every))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     """Measure and print the three tables and the goal line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -129,20 +189,23 @@ def main() -> None:
     parser.add_argument("--memory-specs", type=int, default=100_000)
     parser.add_argument("--node-tours", type=int, default=30)
     parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--s3-tours", type=int, default=2000)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="diffpano-bench-scale-"))
     model = tiny_model(work)
-    results: dict = {"sizes": [], "memory": {}, "nodes": []}
-    if args.sizes:
-        job(write_specs(work / "warmup.jsonl", 8), work / "warmup", model)  # Ray's start and imports, not measured
+    results: dict = {"sizes": [], "memory": {}, "nodes": [], "s3": []}
+    if args.sizes or args.s3_tours:
+        job(write_specs(work / "warmup.jsonl", 8), str(work / "warmup"), model)  # Ray's start and imports, unmeasured
     for size in [int(s) for s in args.sizes.split(",") if s]:
-        results["sizes"].append(job(write_specs(work / f"specs{size}.jsonl", size), work / f"out{size}", model))
+        results["sizes"].append(job(write_specs(work / f"specs{size}.jsonl", size), str(work / f"out{size}"), model))
         print(json.dumps(results["sizes"][-1]), flush=True)
     if args.memory_specs:
         big = write_specs(work / "specs-memory.jsonl", args.memory_specs, views=4)
         results["memory"] = {"streamed": spec_memory(big, True), "all_at_once": spec_memory(big, False),
                              "file_mb": big.stat().st_size / 2**20}
+    if args.s3_tours:
+        results["s3"] = s3_jobs(write_specs(work / "specs-s3.jsonl", args.s3_tours), model)
     if args.nodes:  # 2-view, 10-step tours (~3 s on one core): the replicas' start is a small share of the job
         specs = write_specs(work / "specs-nodes.jsonl", args.node_tours, views=2, steps=10)
         results["nodes"] = node_rates(specs, model, work, args.nodes)
@@ -169,6 +232,11 @@ def report(results: dict) -> None:
         print(format_table(["nodes", "tours/h", "vs 1 node"], [[r["nodes"], f"{r['tours_per_hour']:.0f}",
                                                                f"{r['tours_per_hour'] / base:.2f}x"]
                                                               for r in results["nodes"]]))
+    if results["s3"]:
+        print(format_table(["S3 manifest", "tours", "wall s", "driver CPU ms/tour", "parts", "read manifest s",
+                            "resume s"],
+                           [[r["how"], r["tours"], f"{r['wall_s']:.1f}", f"{r['driver_cpu_ms_per_tour']:.2f}",
+                             r["parts"], f"{r['read_s']:.2f}", f"{r['resume_s']:.2f}"] for r in results["s3"]]))
     if len(sizes) >= 2:
         ratio = sizes[-1]["driver_cpu_ms_per_tour"] / sizes[-2]["driver_cpu_ms_per_tour"]
         print(goal_line(f"driver overhead per tour at {sizes[-1]['tours']} tours {ratio:.2f}x that at "

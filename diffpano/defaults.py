@@ -13,7 +13,8 @@ STALL_S = 600.0  # seconds with no replica answering, work left, before an offli
 STORAGE_WAIT_S = 600.0  # seconds an s3:// read or write retries through an outage before the work stops (resumable)
 WINDOW_VIEWS = 16  # views of one tour denoised jointly; longer tours go in windows (EA cost is linear in views)
 TOURS_PER_BATCH = 4  # tours per bulk batch: one replica call and one manifest part
-COMPACT_EVERY = 256  # manifest parts a bulk job publishes between compactions of a local output's manifest
+COMPACT_EVERY = 256  # manifest parts a bulk job writes between merges of them (compaction; publication on S3)
+PUBLISH_S = 60.0  # seconds after which a bulk job writing to S3 publishes the parts it staged, however few
 REPLICAS = 1  # model replicas of a bulk job or an evaluation
 
 # Bounds. A tour made on your own machine (CLI, training, evaluation) may be long and finely sampled; one asked of a

@@ -177,12 +177,17 @@ def error_line(err: ValidationError) -> str:
     return message if where == "spec" else f"{where}: {message}"
 
 
+def given_fields(row: dict) -> dict:
+    """A spec row without its absent fields (Parquet rows carry every column, None where a spec has none)."""
+    return {k: v for k, v in row.items() if v is not None}
+
+
 def check_rows(rows: Iterable[Any]) -> Iterator[BulkSpec | SpecError]:
     """Each row as a spec that passes the rules or as the error that it does not (a repeated tour_id is one)."""
     seen = set()
     for n, row in enumerate(rows, 1):
-        if isinstance(row, dict):  # Parquet rows carry every column; absent fields are None there
-            row = {k: v for k, v in row.items() if v is not None}
+        if isinstance(row, dict):
+            row = given_fields(row)
         try:
             spec = BulkSpec.model_validate(row)
         except ValidationError as err:
@@ -224,7 +229,7 @@ class SpecRows:
         skip = {e.line for e in self.invalid}
         for n, row in enumerate(self.rows(), 1):
             if n not in skip:
-                row = {k: v for k, v in row.items() if v is not None}
+                row = given_fields(row)
                 yield row["tour_id"], json.dumps(row)
 
 

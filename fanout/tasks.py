@@ -40,22 +40,39 @@ def map_tasks(fn: Callable, items: Iterable[tuple], *, max_in_flight: int | None
         yield result
 
 
+def _beside_driver() -> dict:
+    """Ray options that place a task or an actor on the driver's node (where a local output is), using no CPU."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    join_ray()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return {"num_cpus": 0, "scheduling_strategy": here, "runtime_env": {"env_vars": worker_env()}}
+
+
+def task_beside(fn: Callable) -> Any:
+    """fn as a Ray remote function that runs on the driver's node, not retried."""
+    import ray
+
+    return ray.remote(fn).options(max_retries=0, **_beside_driver())
+
+
+def actor_beside(cls: type, *args: Any) -> Any:
+    """An actor cls(*args) on the driver's node, not restarted: state a job keeps beside its loop."""
+    import ray
+
+    return ray.remote(cls).options(max_restarts=0, **_beside_driver()).remote(*args)
+
+
 class Background:
-    """One call of fn at a time as a Ray task beside the driver's loop, on the driver's node (where its local
-    output is): a compaction while a job runs, without holding up the job's dispatch."""
+    """One call at a time of a remote function or actor method beside the driver's loop: a compaction while a job
+    runs, without holding up the job's dispatch."""
 
-    def __init__(self, fn: Callable) -> None:
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    def __init__(self, remote: Any, *args: Any) -> None:
+        self.remote, self.args, self.ref = remote, args, None
 
-        join_ray()
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.task = ray.remote(fn).options(num_cpus=0, max_retries=0, scheduling_strategy=here,
-                                           runtime_env={"env_vars": worker_env()})
-        self.ref = None
-
-    def start(self, *args: Any) -> bool:
-        """Start fn(*args) unless the last call is still running (False then); its error raises here."""
+    def start(self) -> bool:
+        """Start a call unless the last one is still running (False then); the last one's error raises here."""
         import ray
 
         if self.ref is not None:
@@ -63,7 +80,7 @@ class Background:
             if not ready:
                 return False
             ray.get(self.ref)
-        self.ref = self.task.remote(*args)
+        self.ref = self.remote.remote(*self.args)
         return True
 
     def wait(self) -> None:

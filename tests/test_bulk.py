@@ -10,6 +10,8 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +75,46 @@ def test_bulk_job_to_s3_from_a_jsonl_spec_file(ray_local, tiny_model_dir, s3_end
     table = read_manifest(out).to_pandas()
     assert len(table) == 11 and set(table.height) == {16}
     assert table[table.tour_id == "posed"].sort_values("view_index").pose_c2w.iloc[1][3] == 1.0
+
+
+def test_an_s3_job_publishes_few_parts_as_it_runs_and_readers_see_whole_tours_once(ray_local, tiny_model_dir,
+                                                                                   s3_endpoint, monkeypatch):
+    """Batches stage their parts; every 4 the job publishes them merged (one PUT), so 16 batches end in at most
+    5 parts, not 16. A reader polling the manifest meanwhile sees tours appear, each whole and once."""
+    import batch.bulk
+
+    monkeypatch.setattr(batch.bulk, "PUBLISH_S", 1e9)  # publish by count alone: the part count is then exact
+    out, reads, stop = "s3://diffpano-test/merged", [], threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            table = read_manifest(out).to_pandas()
+            views = table.groupby("tour_id").size()
+            reads.append((len(table), int(table.duplicated(["tour_id", "view_index"]).sum()), int((views != 2).sum())))
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        code, text = bulk("--synthetic", "16", *TINY, "--out", out, "--model", str(tiny_model_dir), "--batch-size",
+                          "1", "--compact-every", "4")
+    finally:
+        stop.set()
+        thread.join()
+    assert code == 0 and "16 tours / 32 views written" in text, text
+    check_output(out, 16, 2)
+    assert 2 <= len(storage.list_files(f"{out}/manifest", ".parquet")) <= 5
+    assert not storage.list_files(f"{out}/_pending")
+    assert all(dup == 0 and partial == 0 for _, dup, partial in reads), reads  # never a duplicate or partial tour
+    assert any(0 < rows < 32 for rows, _, _ in reads), reads  # tours became visible while the job ran
+
+    resumed = "s3://diffpano-test/merged-stopped"  # what a job killed before publishing leaves: staged parts
+    storage.copy_tree(f"{out}/images", f"{resumed}/images")
+    storage.copy_tree(f"{out}/manifest", f"{resumed}/_pending")
+    code, text = bulk("--synthetic", "16", *TINY, "--out", resumed, "--model", str(tiny_model_dir))
+    assert code == 0 and "0 tours / 0 views written, 16 already there" in text, text  # published, not redone
+    check_output(resumed, 16, 2)
+    assert not storage.list_files(f"{resumed}/_pending")
 
 
 def test_a_model_naming_a_scheduler_diffusers_lacks_is_refused_and_runs_with_scheduler(ray_local, tiny_model_dir,
@@ -179,7 +221,7 @@ def test_a_killed_job_reruns_to_every_tour_exactly_once(ray_local, tiny_model_di
 class FlakyProxy:
     """A TCP proxy to the S3 server that has one outage mid-job, placed by what the job does rather than by a clock.
 
-    It forwards connections until the `nth` request to PUT a key under `prefix` (a manifest part), then goes down:
+    It forwards connections until the `nth` request to PUT a key under `prefix` (a staged part), then goes down:
     that request is not forwarded, the open connections are cut, and the next `refuse` connections are reset as they
     arrive, as by a server that died. Then it forwards again (the S3 server itself was never touched).
     """
@@ -258,10 +300,10 @@ class FlakyProxy:
 
 
 def test_an_s3_outage_mid_job_loses_and_duplicates_nothing(ray_local, tiny_model_dir, s3_endpoint, monkeypatch):
-    """The S3 endpoint goes down as the job publishes its second manifest part (one part stored, nine to go) and
+    """The S3 endpoint goes down as the job stages its second manifest part (one part stored, nine to go) and
     stays down for three connection attempts; the job retries through it and ends with every tour exactly once."""
     out = "s3://diffpano-test/outage"
-    proxy = FlakyProxy(s3_endpoint, b"diffpano-test/outage/manifest/", nth=2, refuse=3)
+    proxy = FlakyProxy(s3_endpoint, b"diffpano-test/outage/_pending/", nth=2, refuse=3)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # this process and (through worker_env) the replicas
     try:
         code, text = bulk("--synthetic", "10", *TINY, "--out", out, "--model", str(tiny_model_dir),

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from diffpano.cli import build_app
 from diffpano.io import storage
-from diffpano.io.compaction import compact
-from diffpano.io.manifest import Tour, commit_tours, read_manifest
+from diffpano.io.compaction import Publisher, compact, publish_pending
+from diffpano.io.manifest import PENDING, Tour, commit_tours, read_manifest, tour_ids
 
 app = build_app()
 
@@ -32,8 +32,8 @@ def tour(tour_id: str) -> Tour:
                 5.0)
 
 
-def commit(root: str, *ids: str) -> None:
-    commit_tours(root, [tour(i) for i in ids])
+def commit(root: str, *ids: str, pending: bool = False) -> None:
+    commit_tours(root, [tour(i) for i in ids], pending)
 
 
 def keys(root: str) -> list[tuple[str, int]]:
@@ -249,3 +249,57 @@ def test_an_output_compacted_into_a_new_folder_plays_back(tmp_path):
 
 def test_an_s3_output_compacted_into_a_new_prefix_plays_back(s3_endpoint, tmp_path):
     check_compacted_into_plays_back("s3://diffpano-test/played/out", "s3://diffpano-test/played/new", tmp_path)
+
+
+def staged(root: str) -> list[str]:
+    return storage.list_files(storage.join(root, PENDING), ".parquet")
+
+
+def published_parts(root: str) -> list[str]:
+    return storage.list_files(storage.join(root, "manifest"), ".parquet")
+
+
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path) -> str:
+    """A fresh output root, a local folder or an s3 prefix on the test endpoint."""
+    if request.param == "local":
+        return str(tmp_path / "out")
+    request.getfixturevalue("s3_endpoint")
+    return f"s3://diffpano-test/publish-{request.node.name.split('[')[0][-20:]}-{time.monotonic_ns()}"
+
+
+def test_staged_parts_are_invisible_until_published_merged_into_one_part(output):
+    commit(output, "a", "b", pending=True)
+    commit(output, "c", pending=True)
+    assert len(staged(output)) == 2 and keys(output) == []  # readers look at manifest/ only
+    publisher = Publisher(output)
+    assert publisher.publish() == 3
+    assert keys(output) == sorted((t, v) for t in "abc" for v in range(VIEWS))
+    assert len(published_parts(output)) == 1 and staged(output) == []
+    assert publisher.publish() == 0 and len(published_parts(output)) == 1  # nothing staged: nothing written
+
+
+def test_a_batch_staged_again_after_its_publication_adds_no_duplicate(output):
+    publisher = Publisher(output)
+    commit(output, "a", "b", pending=True)
+    assert publisher.publish() == 2
+    commit(output, "a", "b", pending=True)  # its replica died before answering: the batch ran again
+    commit(output, "c", pending=True)
+    assert publisher.publish() == 1
+    assert keys(output) == sorted((t, v) for t in "abc" for v in range(VIEWS))
+    assert staged(output) == []
+    commit(output, "a", "b", pending=True)  # only its own tours again: nothing to publish, the part is dropped
+    assert publisher.publish() == 0 and len(published_parts(output)) == 2 and staged(output) == []
+
+
+def test_a_publication_cut_short_is_completed_by_the_next_job_without_a_duplicate(output):
+    """A job stopped after publishing merged parts but before deleting them, with other parts staged too: the next
+    job's start publishes the rest against what the manifest holds."""
+    commit(output, "a", "b", pending=True)
+    Publisher(output).publish()
+    commit(output, "a", "b", pending=True)  # as if its deletion never happened
+    commit(output, "c", pending=True)  # staged, never published
+    present = tour_ids(output)
+    assert present == {"a", "b"}
+    assert publish_pending(output, present) == 1 and present == {"a", "b", "c"}
+    assert keys(output) == sorted((t, v) for t in "abc" for v in range(VIEWS)) and staged(output) == []

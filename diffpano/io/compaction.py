@@ -5,10 +5,11 @@ Plain readers (pyarrow.dataset, pandas, DuckDB, ray.data) list `manifest/` and r
 N parts by one file must change the listing in a single step. A local output gets exactly that: the compacted part
 is written into a fresh folder, which is then swapped with `manifest/` by one atomic exchange of two directories,
 under the manifest's lock (writers publishing parts wait for the few seconds it takes). S3 has no such step (every
-PUT or DELETE changes one key, so some listing would hold both the parts and their copy, or neither), so an S3
-output is compacted into a new output with `into` instead, which readers then use.
+PUT or DELETE changes one key, so some listing would hold both the parts and their copy, or neither). So a bulk job
+writing to S3 stages its batches' parts under `_pending/`, where readers never look, and publishes them merged as
+it runs (publish_pending): each merged part is one PUT, and a finished S3 output is compacted into a new output
+with `into`.
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +25,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from diffpano.io import storage
-from diffpano.io.manifest import COMPACTED, manifest_lock, parquet_bytes, resolve_uri
+from diffpano.io.manifest import COMPACTED, PENDING, commit_part, manifest_lock, parquet_bytes, resolve_uri
 
 WORK = "_compact"  # per-compaction folders next to manifest/; never read by manifest readers
 COMPACTED_PREFIX = "part-compacted-"
@@ -52,7 +53,11 @@ def read_parts_table(root: str, parts: list[str]) -> pa.Table:
     paths = [storage.resolve(p)[1] for p in parts]
     # parts written before a column was added lack it: the union keeps it (null there) whichever part comes first
     schema = pa.unify_schemas([pq.read_schema(p, filesystem=fs) for p in paths])
-    table = pads.dataset(paths, filesystem=fs, format="parquet", schema=schema).to_table()
+    return sorted_rows(pads.dataset(paths, filesystem=fs, format="parquet", schema=schema).to_table())
+
+
+def sorted_rows(table: pa.Table) -> pa.Table:
+    """A table's rows sorted by their first two columns (tour/clip id, view/frame), as compacted parts keep them."""
     keys = [(name, "ascending") for name in table.column_names[:2]]
     return table.take(pc.sort_indices(table, sort_keys=keys))
 
@@ -123,3 +128,33 @@ def compact_into(root: str, into: str) -> CompactSummary:
 def count_rows(parts: list[str]) -> int:
     """Rows in these local Parquet files."""
     return sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+
+
+@storage.waits_out_outages
+def publish_pending(root: str, published: set[str]) -> int:
+    """Publish the parts staged under root/_pending as one manifest part, leaving out the tours in `published` (a
+    batch retried after its part was published stages it again), then delete them. Adds the tours it published to
+    `published`; returns how many. Safe to repeat after a crash at any step."""
+    staged = storage.read_folder(storage.join(root, PENDING), ".parquet")  # one GET a part
+    if not staged:
+        return 0
+    tables = [pq.read_table(pa.BufferReader(data)) for data in staged.values()]
+    table = sorted_rows(pa.concat_tables(tables, promote_options="default"))
+    ids = table.column(0)  # tour_id (clip_id in datasets)
+    fresh = set(pc.unique(ids).to_pylist()) - published
+    if fresh:
+        commit_part(root, {}, table.filter(pc.is_in(ids, pa.array(sorted(fresh), ids.type))), sorted(fresh))
+        published |= fresh
+    storage.delete_files(list(staged))
+    return len(fresh)
+
+
+class Publisher:
+    """A running job's publisher of its staged parts: one merged part per call, remembering what it published."""
+
+    def __init__(self, root: str) -> None:
+        self.root, self.published = root, set()
+
+    def publish(self) -> int:
+        """Publish what is staged now; the number of tours published."""
+        return publish_pending(self.root, self.published)

@@ -110,15 +110,16 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue().to_pybytes()
 
 
-def commit_part(root: str, files: dict[str, bytes], table: pa.Table, ids: list[str]) -> str:
-    """Write files (path relative to root -> bytes), then the manifest part naming them in one atomic put."""
+def commit_part(root: str, files: dict[str, bytes], table: pa.Table, ids: list[str], pending: bool = False) -> str:
+    """Write files (path relative to root -> bytes), then the manifest part naming them in one atomic put: into
+    manifest/, or into _pending/ when pending (a running job publishes those merged, diffpano.io.compaction)."""
     for rel, data in files.items():
         storage.write_bytes(storage.join(root, rel), data)
     data = parquet_bytes(table)
     name = manifest_part_name(ids)
-    uri = storage.join(root, "manifest", name)
-    if storage.is_remote(root):
-        storage.write_bytes(uri, data)
+    uri = storage.join(root, PENDING if pending else "manifest", name)
+    if pending or storage.is_remote(root):
+        storage.write_bytes(uri, data, staging=storage.join(root, "_staging"))
         return uri
     with storage.local_lock(manifest_lock(root), exclusive=False):  # not while a compaction swaps manifest/
         if storage.exists(storage.join(root, COMPACTED, name)):
@@ -128,6 +129,7 @@ def commit_part(root: str, files: dict[str, bytes], table: pa.Table, ids: list[s
 
 
 COMPACTED = "_compacted"  # names of parts a compaction merged away (local outputs)
+PENDING = "_pending"  # parts a running job has staged but not yet published in manifest/ (never read by readers)
 
 
 def manifest_lock(root: str) -> str:
@@ -144,10 +146,11 @@ def read_parts(root: str, schema: pa.Schema, columns: list[str] | None = None) -
     return pads.dataset(path, filesystem=fs, format="parquet", schema=schema).to_table(columns=columns)
 
 
-def commit_tours(root: str, tours: list[Tour]) -> str:
-    """Write the tours' images, then one manifest part naming them; returns the part's URI."""
+def commit_tours(root: str, tours: list[Tour], pending: bool = False) -> str:
+    """Write the tours' images, then one manifest part naming them (staged under _pending/ when pending); returns
+    the part's URI."""
     files = {image_path(t.tour_id, i): png_bytes(image) for t in tours for i, image in enumerate(t.images)}
-    return commit_part(root, files, tour_table(tours), [t.tour_id for t in tours])
+    return commit_part(root, files, tour_table(tours), [t.tour_id for t in tours], pending)
 
 
 def read_manifest(root: str) -> pa.Table:

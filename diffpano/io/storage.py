@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -24,6 +25,8 @@ import pyarrow.parquet as pq
 
 from diffpano.defaults import STORAGE_WAIT_S
 
+READ_THREADS = 16  # files read_folder reads at once
+S3_DELETE_BATCH = 1000  # keys in one DeleteObjects request (S3's limit)
 S3_RETRY_ATTEMPTS = 3  # pyarrow's own quick retries of one request; outages are waited out by `waits_out_outages`
 WAIT_ENV = "DIFFPANO_STORAGE_WAIT_S"  # forwarded to Ray workers (worker_env), so replicas wait as long as their job
 # pyarrow's S3 errors are plain OSErrors; these AWS error names and curl failures mean "try again later".
@@ -100,13 +103,21 @@ def on_outage(listener: OutageListener) -> Callable[[], None]:
     return lambda: _listeners.remove(listener)
 
 
+def _names_remote(arg: object) -> bool:
+    """Whether an argument is an s3:// URI or a list of URIs holding one."""
+    if isinstance(arg, str):
+        return is_remote(arg)
+    return isinstance(arg, (list, tuple)) and any(isinstance(u, str) and is_remote(u) for u in arg)
+
+
 def waits_out_outages(fn: Callable[P, R]) -> Callable[P, R]:
-    """Retry fn through outages of the storage of its s3:// URIs (the first two arguments), backing off up to
-    storage_wait_s(); StorageUnavailable past it. Local paths are not retried (a local error is not an outage)."""
+    """Retry fn through outages of the storage of its s3:// URIs (the first two arguments, or lists of them), up to
+    storage_wait_s() with backoff; StorageUnavailable past it. Local paths are not retried (a local error is not an
+    outage)."""
 
     @functools.wraps(fn)
     def retrying(*args: P.args, **kwargs: P.kwargs) -> R:
-        remote = any(isinstance(a, str) and is_remote(a) for a in args[:2])
+        remote = any(_names_remote(a) for a in args[:2])
         if not remote or getattr(_waiting, "active", False):
             return fn(*args, **kwargs)
         limit, started, pause = storage_wait_s(), time.monotonic(), 0.5
@@ -156,6 +167,7 @@ def s3_filesystem() -> pafs.S3FileSystem:
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS),
         connect_timeout=10,
         request_timeout=60,
+        allow_delayed_open=True,  # a small file is then written with one PUT, not a 3-request multipart upload
     )
     if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
         # Explicit keys travel with the pickled filesystem to Ray processes started before they were set.
@@ -302,10 +314,16 @@ def _bucket_key(uri: str) -> tuple[str, str]:
 
 
 def _s3_client():
-    """A boto3 S3 client configured by the same AWS variables (boto3 reads them itself)."""
+    """A boto3 S3 client configured by the same AWS variables (boto3 reads them itself), one per setting of them."""
+    return _client_for(tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
+
+
+@functools.lru_cache(maxsize=8)
+def _client_for(aws_env: tuple[tuple[str, str], ...]):
+    """The boto3 S3 client of these AWS variables (making one takes tens of milliseconds; they are thread-safe)."""
     import boto3
 
-    return boto3.client("s3")
+    return boto3.session.Session().client("s3")
 
 
 @contextmanager
@@ -323,19 +341,49 @@ def _boto_errors(uri: str) -> Iterator[None]:
         raise OSError(f"{uri}: {err}") from err
 
 
+def _files(uri: str, suffix: str) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo]]:
+    """(filesystem, path, infos) of the files below uri (recursive) whose names end with suffix."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return fs, path, []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return fs, path, [i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix)]
+
+
 @waits_out_outages
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """URIs of the files below uri (recursive) whose names end with suffix; [] when uri does not exist."""
-    fs, path = resolve(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return []
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    root = str(uri).rstrip("/")
-    return sorted(
-        join(root, info.path[len(path) :])
-        for info in infos
-        if info.type == pafs.FileType.File and info.base_name.endswith(suffix)
-    )
+    _, path, infos = _files(uri, suffix)
+    return sorted(join(uri, info.path[len(path):]) for info in infos)
+
+
+@waits_out_outages
+def delete_files(uris: list[str]) -> None:
+    """Delete these files (those already gone are no error); on S3 in DeleteObjects requests of up to 1,000 keys."""
+    local = [u for u in uris if not is_remote(u)]
+    for uri in local:
+        Path(resolve(uri)[1]).unlink(missing_ok=True)
+    keys: dict[str, list[str]] = {}
+    for uri in set(uris) - set(local):
+        bucket, key = _bucket_key(uri)
+        keys.setdefault(bucket, []).append(key)
+    for bucket, names in keys.items():
+        for start in range(0, len(names), S3_DELETE_BATCH):
+            batch = [{"Key": k} for k in sorted(names)[start:start + S3_DELETE_BATCH]]
+            with _boto_errors(f"s3://{bucket}"):
+                answer = _s3_client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+            if answer.get("Errors"):
+                first = answer["Errors"][0]
+                raise OSError(f"s3://{bucket}/{first.get('Key')}: {first.get('Code')} {first.get('Message')}")
+
+
+@waits_out_outages
+def read_folder(uri: str, suffix: str = "") -> dict[str, bytes]:
+    """The bytes of every file below uri whose name ends with suffix, by URI: one GET each on S3, a few at once."""
+    _, path, infos = _files(uri, suffix)
+    uris = [join(uri, info.path[len(path):]) for info in infos]
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        return dict(zip(uris, pool.map(read_whole, uris), strict=True))
 
 
 @waits_out_outages
