@@ -1,5 +1,5 @@
-"""The library's sub-commands (no Ray): generate a tour, render its video, import a dataset, pack a model,
-compact a manifest."""
+"""The library's sub-commands (no Ray): generate a tour, render its video, export it for 3D tools, import a dataset,
+pack a model, compact a manifest."""
 
 from __future__ import annotations
 
@@ -50,10 +50,14 @@ def generate(
     lora: str | None = typer.Option(None, "--lora", help="A LoRA directory (diffusers' pytorch_lora_weights."
                                     "safetensors, e.g. a run's STORAGE/NAME/lora) applied to the model."),
     compile: str | None = compile_option(),
+    image: list[str] | None = typer.Option(None, "--image", help="INDEX=PANORAMA: your own 2:1 panorama (PNG, "
+                                           "JPEG; local or s3://) as view INDEX, kept exactly; repeatable."),
 ) -> None:
-    """Generate one multi-view tour and add it to the output (images + Parquet manifest)."""
+    """Generate one multi-view tour and add it to the output (images + Parquet manifest); --image starts it from
+    your own panoramas."""
     from diffpano.io.manifest import Tour, commit_tours
     from diffpano.pipelines.compiling import compile_pipeline, is_compiled
+    from diffpano.pipelines.given import known_views
     from diffpano.pipelines.loading import check_model, pick_device, resolve_model
 
     height, width = parse_size(size)
@@ -69,6 +73,7 @@ def generate(
     prompts = list(prompts_per_view or file_prompts or [prompt] * len(poses))
     if len(prompts) != len(poses):
         raise typer.BadParameter(f"--prompts-per-view: got {len(prompts)} prompts for {len(poses)} views")
+    given = image_options(image or [])
     started = time.perf_counter()
     pipe = resolve_model(model, device, scheduler=scheduler)
     if lora:
@@ -81,9 +86,16 @@ def generate(
     compile_pipeline(pipe, compile or "off")
     typer.echo(f"model {pipe.model_name} on {pipe.device}; {len(poses)} views")
     try:
+        known, notes = known_views(given, len(poses), *pipe.check_size(height, width), field="--image")
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    for note in notes:
+        typer.echo(f"note: {note}")
+    try:
         result = pipe(
             prompts, poses, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
             scheduler=scheduler, num_ref_views=num_ref_views, num_samples=num_samples, use_epipolar=not no_epipolar,
+            known_views=known or None,
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
@@ -99,6 +111,24 @@ def generate(
         f"tour {tour.tour_id}: {len(tour.images)} views {h}x{w}, seed {tour.seed}{compiled}, "
         f"{time.perf_counter() - started:.1f}s -> {out} (manifest part {Path(part).name})"
     )
+
+
+def image_options(values: list[str]) -> dict:
+    """--image INDEX=PANORAMA values as decoded panoramas by view index (BadParameter naming what is wrong)."""
+    from diffpano.pipelines.given import decode_panorama, given_bytes
+
+    given = {}
+    for value in values:
+        index, sep, uri = value.partition("=")
+        if not sep or not index.strip().isdigit() or not uri:
+            raise typer.BadParameter(f"--image: expected INDEX=PANORAMA (a view index, then a file), got {value!r}")
+        if int(index) in given:
+            raise typer.BadParameter(f"--image: view {int(index)} is given twice")
+        try:
+            given[int(index)] = decode_panorama(given_bytes(uri, f"--image {value}"), f"--image {value}")
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from None
+    return given
 
 
 def video(
@@ -173,10 +203,37 @@ def manifest_compact(
     typer.echo(f"{summary.manifest}: {summary.parts_before} parts -> {summary.parts_after}, {summary.rows} rows")
 
 
+def export(
+    uri: str = typer.Argument(..., help="An output (folder or s3:// prefix) holding the tour."),
+    tour: str = typer.Option(..., "--tour", help="The id of the tour to export."),
+    fmt: str = typer.Option("nerfstudio", "--format", help="nerfstudio (transforms.json, equirectangular "
+                               "cameras) or colmap (cube faces, a PINHOLE camera, sparse/0 text model)."),
+    out: str = typer.Option(..., "--out", help="A new folder or s3:// prefix to write the export to."),
+    face_size: int | None = typer.Option(None, "--face-size", min=1, help="colmap: side of a cube face in pixels "
+                                         "(default: half the panorama's height, its angular resolution)."),
+) -> None:
+    """Export a tour for 3D tools: nerfstudio or COLMAP (Gaussian-splatting trainers); docs/export.md."""
+    from diffpano.io import storage
+    from diffpano.io.export import FORMATS, export_colmap, export_nerfstudio
+    from diffpano.io.manifest import read_tours
+
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    if storage.list_files(out):
+        raise typer.BadParameter(f"--out: {out} already holds files; give a new folder or prefix")
+    try:
+        [found] = read_tours(uri, [tour])
+    except ValueError as err:
+        raise typer.BadParameter(f"--tour: {err}") from None
+    files = export_nerfstudio(found, out) if fmt == "nerfstudio" else export_colmap(found, out, face_size)
+    typer.echo(f"exported tour {tour} ({len(found.images)} views) for {fmt}: {len(files)} files in {out}")
+
+
 def register(commands: Commands) -> None:
     """Add the library's sub-commands."""
     commands.app.command()(generate)
     commands.app.command()(video)
     commands.app.command("pack-model")(pack_model)
+    commands.app.command()(export)
     commands.group("dataset").command("import")(dataset_import)
     commands.group("manifest").command("compact")(manifest_compact)

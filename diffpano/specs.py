@@ -17,6 +17,7 @@ from diffpano.defaults import DEFAULT_VIEWS, MAX_PROMPT_CHARS, MAX_SEED, MAX_SPE
 from diffpano.geometry.spherical import validate_poses
 from diffpano.geometry.trajectories import named_trajectory, trajectory_params
 from diffpano.io import storage
+from diffpano.pipelines.given import MAX_INLINE_IMAGE_BYTES, is_inline
 from diffpano.pipelines.schedulers import SCHEDULER_NAMES
 
 MAX_GUIDANCE = 30.0
@@ -68,6 +69,20 @@ class TourSpec(Sampling):
     num_views: int | None = Field(None, ge=1, le=MAX_SPEC_VIEWS)
     poses: list[Pose] | None = Field(None, min_length=1, max_length=MAX_SPEC_VIEWS)
     trajectory: Trajectory | None = None
+    # view index -> your own panorama for that view (image-to-tour): a data:image/png|jpeg;base64 URI, or (bulk
+    # specs) an s3:// URI or an absolute path
+    images: dict[int, str] | None = Field(None, min_length=1, max_length=MAX_SPEC_VIEWS)
+
+    @field_validator("images")
+    @classmethod
+    def _image_sources(cls, v: dict[int, str] | None) -> dict[int, str] | None:
+        """Each given panorama inline (bounded) or named by an s3:// URI or an absolute path."""
+        for index, value in (v or {}).items():
+            if not is_inline(value) and not (value.startswith(("s3://", "/")) and len(value) <= 1024):
+                raise ValueError(f"images.{index}: a data:image/png;base64,... URI, an s3:// URI or an absolute path")
+            if is_inline(value) and len(value) > MAX_INLINE_IMAGE_BYTES * 4 // 3 + 64:
+                raise ValueError(f"images.{index}: an inline image may hold at most {MAX_INLINE_IMAGE_BYTES >> 20} MiB")
+        return v
 
     @field_validator("poses")
     @classmethod
@@ -89,6 +104,9 @@ class TourSpec(Sampling):
                                           ("poses", len(self.poses) if self.poses else None)) if n is not None}
         if len(set(counts.values())) > 1:
             raise ValueError(f"num_views/prompts/poses: view counts disagree: {counts}")
+        outside = sorted(i for i in self.images or {} if not 0 <= i < self.view_count())
+        if outside:
+            raise ValueError(f"images: view {outside[0]} is outside the tour's {self.view_count()} views")
         self.pose_array()  # trajectory parameters are checked here
         return self
 

@@ -32,6 +32,7 @@ from diffpano.defaults import BATCH_WAIT_S, MAX_BATCH_VIEWS, STORAGE_WAIT_S, ran
 from diffpano.io import storage
 from diffpano.io.manifest import png_bytes, read_tours
 from diffpano.pipelines.compiling import CompileMode
+from diffpano.pipelines.given import decode_panorama, given_bytes
 from diffpano.pipelines.schedulers import SCHEDULER_NAMES
 from diffpano.specs import ID_PATTERN, BulkSpec, Sampling, Strict
 from serve.jobstore import JobStore
@@ -46,6 +47,7 @@ from serve.schemas import (
     TourResponse,
     View,
     error_detail,
+    inline_only,
     validation_detail,
 )
 
@@ -64,7 +66,7 @@ class ServerSettings(Strict):
     output_root: str = "outputs/served"  # where output="store" writes (docs/tours.md); clients never choose the path
     api_key_env: str = "DIFFPANO_API_KEY"  # when this variable (or api_key_file) is set, /v1 needs the key
     api_key_file: str | None = None
-    max_body_bytes: int = Field(256 * 1024, ge=1024)
+    max_body_bytes: int = Field(16 << 20, ge=1024)  # room for panoramas given inline (images)
     max_height: int = Field(512, ge=8)
     default_steps: int | None = Field(None, ge=1)  # None: the library's default (diffpano.defaults)
     default_guidance: float | None = Field(None, ge=0.0)
@@ -245,7 +247,7 @@ class DiffPanoAPI:
             seed=req.seed if req.seed is not None else random_seed(), height=h, width=w,
             num_inference_steps=req.num_inference_steps or s.default_steps,
             guidance_scale=s.default_guidance if req.guidance_scale is None else req.guidance_scale,
-            scheduler=req.scheduler or s.default_scheduler, store_root=store_root,
+            scheduler=req.scheduler or s.default_scheduler, store_root=store_root, images=getattr(req, "images", None),
         )
 
     async def generate(self, req: PanoramaRequest | TourRequest, prompts: list[str], poses) -> GenerationResult:
@@ -271,7 +273,20 @@ router = APIRouter()
 async def tours(req: TourRequest, svc: Service) -> TourResponse:
     """Generate a multi-view tour: N consistent panoramas along poses or a named trajectory."""
     prompts, poses = req.prompt_list(), req.pose_array()
+    await check_given(req.images)
     return tour_response(await svc.generate(req, prompts, poses), prompts, poses)
+
+
+async def check_given(images: dict[int, str] | None) -> None:
+    """422 naming images.INDEX unless every given panorama is inline and decodes as a 2:1 image."""
+    if bad := inline_only(images):
+        raise unprocessable(*bad)
+    for index, value in sorted((images or {}).items()):
+        field = f"images.{index}"
+        try:
+            await asyncio.to_thread(decode_panorama, given_bytes(value, field), field)
+        except ValueError as err:
+            raise unprocessable(field, str(err)) from None
 
 
 @router.post("/v1/panoramas", response_model=None,

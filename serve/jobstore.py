@@ -64,7 +64,7 @@ class JobStore:
     def read(self, job_id: str) -> JobRecord | None:
         """The job's status record, None before its first one (read whole: its owner rewrites it every heartbeat)."""
         try:
-            return JobRecord.model_validate_json(storage.read_whole(self._uri(job_id, "status.json")))
+            return JobRecord.model_validate_json(storage.read_bytes(self._uri(job_id, "status.json")))
         except FileNotFoundError:
             return None
 

@@ -13,9 +13,9 @@ from collections.abc import Awaitable, Callable
 
 from diffpano.io import storage
 from diffpano.pipelines.tours import error_text, pending, record_failures
-from diffpano.specs import BulkSpec, read_spec_rows, validate_specs
+from diffpano.specs import BulkSpec, SpecError, read_spec_rows, validate_specs
 from serve.jobstore import FINISHED, JobRecord, JobStore
-from serve.schemas import JobRequest, JobStatus, State
+from serve.schemas import JobRequest, JobStatus, State, inline_only
 
 BACKOFF_S = 1.0
 logger = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ class JobRunner:
         """Validated specs; ValueError lists the first bad rows with line and field."""
         rows = req.specs if req.specs is not None else read_spec_rows(req.specs_uri)
         specs, errors = validate_specs(rows)
+        if not errors:  # then the specs are the rows, in order
+            errors = [SpecError(n, *bad) for n, spec in enumerate(specs, 1) if (bad := inline_only(spec.images))]
         if errors:
             raise ValueError("; ".join(str(e) for e in errors[:10]))
         return specs

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from diffpano.pipelines.given import is_inline
 from diffpano.specs import BulkSpec, Prompt, Sampling, Strict, TourSpec
 
 MAX_INLINE_SPECS = 10_000
@@ -106,6 +107,15 @@ class GenerationResult(BaseModel):
     pngs: list[bytes]
     image_uris: list[str] | None = None
     manifest_uri: str | None = None
+
+
+def inline_only(images: dict[int, str] | None) -> tuple[str, str] | None:
+    """(field, why) of the first given panorama that is not inline: over HTTP a server reads no file a request names."""
+    for index, value in sorted((images or {}).items()):
+        if not is_inline(value):
+            return f"images.{index}", "the HTTP API takes panoramas inline only: data:image/png;base64,... or " \
+                                      "data:image/jpeg;base64,..."
+    return None
 
 
 def error_detail(field: str, message: str) -> list[dict[str, Any]]:

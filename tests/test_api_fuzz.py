@@ -91,6 +91,7 @@ def cheap(body):
     for key in ("prompts", "poses"):
         if isinstance(body.get(key), list):
             body[key] = body[key][:2]
+    body.pop("images", None)  # given panoramas: valid only as 2:1 images inline
     body.pop("height", None)
     body.pop("width", None)
     if isinstance(body.get("specs"), list):

@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import check_output, plain, wait_until
+from PIL import Image
 from tiny_sd import with_scheduler_class
 from typer.testing import CliRunner
 
 from diffpano.cli import build_app
 from diffpano.io import storage
-from diffpano.io.manifest import manifest_lock, read_manifest
+from diffpano.io.manifest import manifest_lock, read_manifest, read_tours
 from diffpano.specs import synthetic_specs
 
 app = build_app()
@@ -115,6 +116,25 @@ def test_an_s3_job_publishes_few_parts_as_it_runs_and_readers_see_whole_tours_on
     assert code == 0 and "0 tours / 0 views written, 16 already there" in text, text  # published, not redone
     check_output(resumed, 16, 2)
     assert not storage.list_files(f"{resumed}/_pending")
+
+
+def test_a_bulk_spec_starts_its_tour_from_a_given_panorama(ray_local, tiny_model_dir, tmp_path):
+    """images {"1": path} in a JSONL spec: the tour's view 1 is that panorama; a spec naming a missing file fails
+    alone, recorded in failures/ with the field."""
+    given = np.random.default_rng(4).integers(0, 256, (16, 32, 3), dtype=np.uint8)
+    Image.fromarray(given).save(tmp_path / "given.png")
+    rows = [{"tour_id": "given", "prompt": "a room", "num_views": 2, "num_inference_steps": 2, "height": 16,
+             "images": {"1": str(tmp_path / "given.png")}},
+            {"tour_id": "missing", "prompt": "a room", "num_views": 2, "num_inference_steps": 2, "height": 16,
+             "images": {"0": str(tmp_path / "missing.png")}}]
+    (tmp_path / "specs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "out"
+    code, text = bulk("--specs", str(tmp_path / "specs.jsonl"), "--out", str(out), "--model", str(tiny_model_dir))
+    assert code == 0 and "1 tours / 2 views written" in text and "1 failed" in text, text
+    [tour] = read_tours(str(out), ["given"])
+    assert np.array_equal(tour.images[1], given)
+    failures = "".join(p.read_text() for p in (out / "failures").glob("*.jsonl"))
+    assert "missing" in failures and "images.0: there is no file" in failures
 
 
 def test_a_model_naming_a_scheduler_diffusers_lacks_is_refused_and_runs_with_scheduler(ray_local, tiny_model_dir,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 
 from diffpano.cli import build_app
 from diffpano.io import storage
-from diffpano.io.manifest import TOUR_SCHEMA, read_manifest
+from diffpano.io.manifest import TOUR_SCHEMA, decode_rgb, read_manifest
 
 app = build_app()
 
@@ -121,6 +122,54 @@ def test_bad_input_is_a_clear_error(tiny_model_dir, tmp_path, extra, message):
     result = generate(tiny_model_dir, out, *extra)
     assert result.exit_code != 0 and message in plain(result.output)
     assert not storage.list_files(str(out / "manifest"))  # nothing half-written
+
+
+def png_file(path: Path, image: np.ndarray) -> Path:
+    Image.fromarray(image).save(path)
+    return path
+
+
+def tour_images(out) -> np.ndarray:
+    """(views, H, W, 3) of the one tour under out, by view index."""
+    df = read_manifest(str(out)).to_pandas().sort_values("view_index")
+    return np.stack([decode_rgb(storage.read_bytes(storage.join(str(out), u))) for u in df.image_uri])
+
+
+def test_a_tour_starts_from_your_own_panoramas_kept_exactly(tiny_model_dir, tmp_path):
+    """--image 1=BIG.png: resized to the tour's size with a note, then returned exactly; --image at the tour's size
+    comes back pixel for pixel; the other views are generated around it."""
+    rng = np.random.default_rng(0)
+    big = png_file(tmp_path / "big.png", rng.integers(0, 256, (64, 128, 3), dtype=np.uint8))
+    exact = rng.integers(0, 256, (16, 32, 3), dtype=np.uint8)
+    result = generate(tiny_model_dir, tmp_path / "a", "--image", f"1={big}", "--image",
+                      f"2={png_file(tmp_path / 'exact.png', exact)}")
+    assert result.exit_code == 0, result.output
+    assert "note: --image 1: resized 64x128 -> 16x32 (the tour's size)" in result.output
+    assert "--image 2:" not in result.output  # already the tour's size: no note
+    images = tour_images(tmp_path / "a")
+    fitted = np.asarray(Image.open(big).convert("RGB").resize((32, 16), Image.LANCZOS))
+    assert np.array_equal(images[1], fitted) and np.array_equal(images[2], exact)
+    assert generate(tiny_model_dir, tmp_path / "b").exit_code == 0
+    assert not np.array_equal(images[0], tour_images(tmp_path / "b")[0])  # view 0 was steered by the given views
+
+
+def test_given_panoramas_that_cannot_be_used_are_refused_naming_the_option(tiny_model_dir, tmp_path):
+    square = png_file(tmp_path / "square.png", np.zeros((16, 16, 3), np.uint8))
+    good = png_file(tmp_path / "good.png", np.zeros((16, 32, 3), np.uint8))
+    (tmp_path / "notes.png").write_text("not an image")
+    cases = [
+        ([f"5={good}"], "--image: view 5 is outside the tour's 3 views"),
+        ([f"0={square}"], "a panorama must be 2:1 equirectangular (width = 2 x height), got 16x16"),
+        ([f"0={tmp_path / 'notes.png'}"], "not an image that can be decoded"),
+        ([f"0={tmp_path / 'missing.png'}"], "there is no file"),
+        ([str(good)], "expected INDEX=PANORAMA"),
+        ([f"0={good}", f"0={good}"], "view 0 is given twice"),
+    ]
+    for values, message in cases:
+        out = tmp_path / "refused"
+        result = generate(tiny_model_dir, out, *[a for v in values for a in ("--image", v)])
+        assert result.exit_code == 2 and message in plain(result.output), (values, result.output)
+        assert not out.exists()  # nothing written
 
 
 def test_generate_to_s3(tiny_model_dir, s3_endpoint):

@@ -164,6 +164,18 @@ def test_image_conditioned_views_are_kept_and_steer_the_rest(tiny_pipe):
         tiny_pipe("x", walk(3), known_views={0: given[:8]}, **FAST)
 
 
+@pytest.mark.parametrize("output_type", ["np", "pil"])
+def test_a_known_view_comes_back_exactly_as_given_through_a_vae(tiny_latent_pipe, output_type):
+    """A latent model encodes the given view and would decode something close to it; the tour returns the given
+    pixels themselves."""
+    given = np.random.default_rng(3).integers(0, 256, (16, 32, 3), dtype=np.uint8)
+    out = tiny_latent_pipe("a room", walk(3), seed=0, known_views={2: given}, output_type=output_type, **FAST).images
+    views = out[0] if output_type == "np" else [np.asarray(view) for view in out[0]]
+    assert np.array_equal(views[2], given)
+    decoded = tiny_latent_pipe("a room", walk(3), seed=0, known_views={2: given}, output_type="latent", **FAST).images
+    assert not np.array_equal(tiny_latent_pipe._decode(decoded[0, 2:3])[0], given)  # what a decoding would give
+
+
 def test_latent_pipeline_save_load_round_trip(tiny_latent_pipe, tmp_path):
     before = tour(tiny_latent_pipe, n=2)
     save_model(tiny_latent_pipe, str(tmp_path / "m"))

@@ -53,6 +53,48 @@ def test_tours_take_explicit_poses_per_view_prompts_and_trajectories(server):
     assert r.json()["views"][0]["height"] == 32
 
 
+def data_uri(image: np.ndarray) -> str:
+    """An image as the data: URI a request gives a panorama by."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def pattern(height: int, width: int) -> np.ndarray:
+    """A 2:1 image of stripes and gradients: every pixel specific, and small as a PNG."""
+    v, u = np.indices((height, width))
+    return np.stack([u * 255 // width, v * 255 // height, (u // 4 + v // 3) % 2 * 200], -1).astype(np.uint8)
+
+
+def test_a_tour_starts_from_panoramas_given_inline_returned_exactly(server):
+    """images {"1": data URI}: view 1 comes back pixel for pixel (one at twice the size comes back resized)."""
+    url, _ = server
+    given, big = pattern(16, 32), pattern(32, 64)[::-1].copy()  # the test server takes bodies of 8 kB at most
+    body = {"prompt": "a red bedroom", "num_views": 3, "num_inference_steps": STEPS, "seed": 5, "height": 16,
+            "images": {"1": data_uri(given), "2": data_uri(big)}}
+    r = post(url, "/v1/tours", body)
+    assert r.status_code == 200, r.text
+    views = [png(base64.b64decode(v["image_png_base64"])) for v in r.json()["views"]]
+    assert np.array_equal(views[1], given)
+    assert np.array_equal(views[2], np.asarray(Image.fromarray(big).resize((32, 16), Image.LANCZOS)))
+    plain = post(url, "/v1/tours", body | {"images": None}).json()["views"]
+    assert not np.array_equal(views[0], png(base64.b64decode(plain[0]["image_png_base64"])))  # steered by them
+
+
+@pytest.mark.parametrize(("images", "message"), [
+    ({"0": "s3://bucket/pano.png"}, "inline only"),
+    ({"0": "/etc/passwd"}, "inline only"),
+    ({"0": "data:image/png;base64,@@@"}, "not base64"),
+    ({"0": "data:image/png;base64," + base64.b64encode(b"not a png").decode()}, "not an image that can be decoded"),
+    ({"0": data_uri(np.zeros((16, 16, 3), np.uint8))}, "2:1"),
+    ({"5": data_uri(np.zeros((16, 32, 3), np.uint8))}, "outside the tour's 3 views"),
+    ({"0": "panorama.png"}, "an absolute path"),
+])
+def test_given_panoramas_that_cannot_be_used_get_422_naming_the_view(server, images, message):
+    r = post(server[0], "/v1/tours", {"prompt": "a", "num_views": 3, "images": images})
+    assert r.status_code == 422 and "images" in r.text and message in r.text, r.text
+
+
 def test_a_tour_with_more_views_than_a_batch_is_generated(server):
     """The fixture's batches hold 8 views; a 12-view tour runs alone (windowed) instead of failing."""
     url, _ = server
@@ -451,6 +493,7 @@ def test_tours_an_online_job_wrote_load_by_id_and_open_in_the_viewer(server, chr
 @pytest.mark.parametrize(("body", "field"), [
     ({"specs": [{"tour_id": "a b", "prompt": "x"}]}, "line 1: tour_id"),
     ({"specs": [{"tour_id": "a", "prompt": "x", "num_views": 99}]}, "num_views"),
+    ({"specs": [{"tour_id": "a", "prompt": "x", "images": {"0": "s3://b/p.png"}}]}, "line 1: images.0"),
     ({"specs": [{"tour_id": "a", "prompt": "x"}], "output": "../escape"}, "output"),
     ({"specs": [{"tour_id": "a", "prompt": "x"}], "output": "/abs"}, "output"),
     ({}, "specs"),

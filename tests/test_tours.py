@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import re
+
 import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
 
 from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from diffpano.io.manifest import Tour, commit_tours
@@ -44,6 +51,36 @@ def test_defaults_come_from_the_library_and_a_failing_group_fails_alone(tiny_pip
     tours = make_tours(tiny_pipe, [spec("ok"), spec("bad", height=18)])  # not a multiple of the model's 4
     assert isinstance(tours["ok"], Tour)
     assert isinstance(tours["bad"], ValueError) and "height" in str(tours["bad"])
+
+
+def data_uri(image: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_given_panoramas_by_path_or_inline_are_kept_and_an_unreadable_one_fails_its_tour_alone(tiny_pipe, tmp_path):
+    """images in a spec: an absolute path and a data: URI each come back exactly as given; a missing file fails its
+    own tour, not the others'."""
+    rng = np.random.default_rng(0)
+    on_disk, inline = (rng.integers(0, 256, (16, 32, 3), dtype=np.uint8) for _ in range(2))
+    Image.fromarray(on_disk).save(tmp_path / "given.png")
+    tours = make_tours(tiny_pipe, [spec("path", images={"0": str(tmp_path / "given.png")}),
+                                   spec("inline", images={"1": data_uri(inline)}),
+                                   spec("missing", images={"0": str(tmp_path / "missing.png")}), spec("plain")])
+    assert np.array_equal(tours["path"].images[0], on_disk) and np.array_equal(tours["inline"].images[1], inline)
+    assert isinstance(tours["missing"], ValueError) and "images.0: there is no file" in str(tours["missing"])
+    assert isinstance(tours["plain"], Tour)
+
+
+@pytest.mark.parametrize(("images", "message"), [
+    ({"2": "/a.png"}, "images: view 2 is outside the tour's 2 views"),
+    ({"0": "given.png"}, "images.0: a data:image/png;base64,... URI, an s3:// URI or an absolute path"),
+    ({"0": "data:image/png;base64," + "A" * (12 << 20)}, "images.0: an inline image may hold at most 8 MiB"),
+])
+def test_given_panoramas_a_spec_cannot_use_are_refused_naming_the_view(images, message):
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        spec("t", images=images)
 
 
 def test_pending_skips_tours_in_the_manifest_and_failures_are_recorded_once(tiny_pipe, tmp_path):

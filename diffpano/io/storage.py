@@ -159,11 +159,16 @@ def is_remote(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
+def s3_region() -> str:
+    """The AWS region of S3 requests: AWS_REGION (which boto3 ignores), AWS_DEFAULT_REGION, else us-east-1."""
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
     """An S3 filesystem from AWS_* variables (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL for S3-compatible stores)."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     kwargs = dict(
-        region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        region=s3_region(),
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS),
         connect_timeout=10,
         request_timeout=60,
@@ -210,7 +215,12 @@ def exists(uri: str) -> bool:
 
 @waits_out_outages
 def read_bytes(uri: str) -> bytes:
-    """The whole content of a file."""
+    """The whole content of a file, as one version of it: on S3 one GET (pyarrow asks the size first, then the bytes:
+    two requests, and an object rewritten in between would read torn)."""
+    if is_remote(uri):
+        bucket, key = _bucket_key(uri)
+        with _boto_errors(uri):
+            return _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:
         return f.read()
@@ -296,17 +306,6 @@ def _s3_create_once(uri: str, data: bytes) -> bool:
     return True
 
 
-@waits_out_outages
-def read_whole(uri: str) -> bytes:
-    """A file's bytes as one version of it: on S3 one GET (read_bytes, through pyarrow, asks the size first and then
-    the bytes, so an object rewritten in between reads torn). For small files that are rewritten: job records."""
-    if not is_remote(uri):
-        return read_bytes(uri)
-    bucket, key = _bucket_key(uri)
-    with _boto_errors(uri):
-        return _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
 def _bucket_key(uri: str) -> tuple[str, str]:
     """(bucket, key) of an s3:// URI."""
     bucket, _, key = uri[len("s3://"):].partition("/")
@@ -323,7 +322,7 @@ def _client_for(aws_env: tuple[tuple[str, str], ...]):
     """The boto3 S3 client of these AWS variables (making one takes tens of milliseconds; they are thread-safe)."""
     import boto3
 
-    return boto3.session.Session().client("s3")
+    return boto3.session.Session().client("s3", region_name=s3_region())
 
 
 @contextmanager
@@ -383,7 +382,7 @@ def read_folder(uri: str, suffix: str = "") -> dict[str, bytes]:
     _, path, infos = _files(uri, suffix)
     uris = [join(uri, info.path[len(path):]) for info in infos]
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        return dict(zip(uris, pool.map(read_whole, uris), strict=True))
+        return dict(zip(uris, pool.map(read_bytes, uris), strict=True))
 
 
 @waits_out_outages

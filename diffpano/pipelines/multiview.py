@@ -63,8 +63,9 @@ class MultiViewPanoPipeline(PanoPipeline):
         """Generate B tours of N views from poses (N, 4, 4) or (B, N, 4, 4) and prompts (one, per view, per tour).
 
         known_views maps view indices to given images (H, W, 3) that are kept fixed while the other views are generated
-        consistent with them (one dict, or one per tour with the same keys). Tours longer than window_views are
-        generated in windows in which new views attend to up to window_context already generated nearby views.
+        consistent with them (one dict, or one per tour with the same keys); they are returned exactly as given.
+        Tours longer than window_views are generated in windows in which new views attend to up to window_context
+        already generated nearby views.
         seed (one per tour) or generator (one, or a list with one per tour) make a tour reproducible, alone or in a
         batch, with any scheduler. scheduler names a sampler (diffpano.pipelines.schedulers.SCHEDULER_NAMES; None: the
         model's
@@ -86,7 +87,7 @@ class MultiViewPanoPipeline(PanoPipeline):
         if latents is not None:
             x_t = self._given_latents(latents.unsqueeze(0) if torch.is_tensor(latents) and latents.ndim == 4
                                       else latents, x_t.shape)
-        known, clean = self._known(known_views, b, n, height, width)
+        known, clean, given = self._known(known_views, b, n, height, width)
         cond = self._embed([p for tour in prompts for p in tour]).unflatten(0, (b, n))
         uncond = self._embed([""])
         result = clean if clean is not None else torch.zeros_like(x_t)
@@ -105,7 +106,7 @@ class MultiViewPanoPipeline(PanoPipeline):
                 )
                 result[sel] = x
                 done[idx[0]] = True
-        images = self._postprocess(result, output_type)
+        images = self._postprocess(result, output_type, given)
         out = TourOutput(images=images, poses=poses_t.cpu().numpy(), prompts=prompts, seeds=seeds,
                          scheduler=scheduler_label(sampling.scheduler))
         return out if return_dict else (out.images, out.poses, out.prompts, out.seeds)
@@ -153,9 +154,10 @@ class MultiViewPanoPipeline(PanoPipeline):
         raise ValueError("prompt: expected a string, a list of strings or a list of lists of strings")
 
     def _known(self, known_views, b: int, n: int, height: int, width: int):
-        """Mask (N,) of given views and their model-space tensors (B, N, c, h, w), or (None, None)."""
+        """Mask (N,) of given views, their model-space tensors (B, N, c, h, w) and (view indices, the images
+        (B, K, H, W, 3) uint8), or Nones."""
         if not known_views:
-            return None, None
+            return None, None, None
         per_tour = [known_views] * b if isinstance(known_views, dict) else list(known_views)
         if len(per_tour) != b or any(set(d) != set(per_tour[0]) for d in per_tour):
             raise ValueError("known_views: need one dict per tour, all with the same view indices")
@@ -177,7 +179,7 @@ class MultiViewPanoPipeline(PanoPipeline):
         clean[:, keys] = enc
         mask = torch.zeros(n, dtype=torch.bool)
         mask[keys] = True
-        return mask, clean
+        return mask, clean, (keys, torch.stack(images).unflatten(0, (b, len(keys))).numpy())
 
     @staticmethod
     def _plan_windows(poses: torch.Tensor, done: torch.Tensor, window: int, context_n: int):

@@ -248,12 +248,15 @@ class PanoPipeline(DiffusionPipeline):
             out.append(img.permute(0, 2, 3, 1).cpu().numpy())
         return np.concatenate(out)
 
-    def _postprocess(self, x: torch.Tensor, output_type: str):
-        """x (B, N, c, h, w) as output_type: the tensor itself, uint8 (B, N, H, W, 3) or lists (tours) of PIL lists."""
+    def _postprocess(self, x: torch.Tensor, output_type: str, given: tuple[list[int], np.ndarray] | None = None):
+        """x (B, N, c, h, w) as output_type: the tensor itself, uint8 (B, N, H, W, 3) or lists (tours) of PIL lists;
+        given (view indices, images (B, K, H, W, 3)) replace their views' decoding: returned exactly as given."""
         if output_type == "latent":
             return x
         flat = self._decode(x.flatten(0, 1))
         images = flat.reshape(*x.shape[:2], *flat.shape[1:])
+        if given is not None:
+            images[:, given[0]] = given[1]
         if output_type == "pil":
             return [[to_pil(view) for view in tour] for tour in images]
         return images

@@ -11,14 +11,16 @@ import numpy as np
 from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, random_seed
 from diffpano.io import storage
 from diffpano.io.manifest import Tour, tour_ids
+from diffpano.pipelines.given import known_views, read_given
 from diffpano.specs import BulkSpec
 
 
 def settings(spec: BulkSpec) -> tuple:
-    """What tours generated in one pipeline call must share: views, size, steps, guidance, scheduler."""
+    """What tours generated in one pipeline call must share: views, size, steps, guidance, scheduler, and which views
+    are given."""
     steps = spec.num_inference_steps or DEFAULT_STEPS
     guidance = DEFAULT_GUIDANCE if spec.guidance_scale is None else spec.guidance_scale
-    return spec.view_count(), spec.height, spec.width, steps, guidance, spec.scheduler
+    return spec.view_count(), spec.height, spec.width, steps, guidance, spec.scheduler, tuple(sorted(spec.images or {}))
 
 
 def make_tours(pipe, specs: Sequence[BulkSpec], **options) -> dict[str, Tour | Exception]:
@@ -27,21 +29,30 @@ def make_tours(pipe, specs: Sequence[BulkSpec], **options) -> dict[str, Tour | E
     `options` go to every pipeline call (num_ref_views, num_samples, use_epipolar, ...).
     """
     groups: dict[tuple, list[BulkSpec]] = {}
-    for spec in specs:
-        groups.setdefault(settings(spec), []).append(spec)
     out: dict[str, Tour | Exception] = {}
+    given: dict[str, dict] = {}
+    for spec in specs:
+        try:
+            given[spec.tour_id] = read_given(spec.images or {})
+        except (ValueError, OSError) as err:  # an unreadable given panorama fails its tour only
+            out[spec.tour_id] = err
+            continue
+        groups.setdefault(settings(spec), []).append(spec)
     for key, members in groups.items():
         try:
-            out.update((t.tour_id, t) for t in _generate(pipe, members, key, options))
+            out.update((t.tour_id, t) for t in _generate(pipe, members, key, options, given))
         except Exception as err:  # noqa: BLE001 - the caller decides per tour (record it, answer 422 or 503)
             out.update((s.tour_id, err) for s in members)
     return out
 
 
-def _generate(pipe, specs: list[BulkSpec], key: tuple, options: dict) -> list[Tour]:
-    """One pipeline call for specs that share `key` (see settings)."""
-    _, height, width, steps, guidance, scheduler = key
+def _generate(pipe, specs: list[BulkSpec], key: tuple, options: dict, given: dict[str, dict]) -> list[Tour]:
+    """One pipeline call for specs that share `key` (see settings), with their given panoramas by tour id."""
+    views, height, width, steps, guidance, scheduler, given_views = key
     seeds = [s.seed if s.seed is not None else random_seed() for s in specs]
+    if given_views:
+        size = pipe.check_size(height, width)
+        options = options | {"known_views": [known_views(given[s.tour_id], views, *size, "images")[0] for s in specs]}
     out = pipe([s.prompt_list() for s in specs], np.stack([s.pose_array() for s in specs]), height=height,
                width=width, num_inference_steps=steps, guidance_scale=guidance, seed=seeds, scheduler=scheduler,
                **options)
