@@ -17,7 +17,7 @@ from diffpano.defaults import DEFAULT_VIEWS, MAX_PROMPT_CHARS, MAX_SEED, MAX_SPE
 from diffpano.geometry.spherical import validate_poses
 from diffpano.geometry.trajectories import named_trajectory, trajectory_params
 from diffpano.io import storage
-from diffpano.pipelines.given import MAX_INLINE_IMAGE_BYTES, is_inline
+from diffpano.pipelines.given import MAX_INLINE_IMAGE_BYTES, check_views, is_inline
 from diffpano.pipelines.schedulers import SCHEDULER_NAMES
 
 MAX_GUIDANCE = 30.0
@@ -104,9 +104,7 @@ class TourSpec(Sampling):
                                           ("poses", len(self.poses) if self.poses else None)) if n is not None}
         if len(set(counts.values())) > 1:
             raise ValueError(f"num_views/prompts/poses: view counts disagree: {counts}")
-        outside = sorted(i for i in self.images or {} if not 0 <= i < self.view_count())
-        if outside:
-            raise ValueError(f"images: view {outside[0]} is outside the tour's {self.view_count()} views")
+        check_views(self.images or {}, self.view_count(), "images")
         self.pose_array()  # trajectory parameters are checked here
         return self
 

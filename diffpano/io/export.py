@@ -79,7 +79,7 @@ def export_nerfstudio(tour: Tour, out: str) -> list[str]:
     """Write a tour as a nerfstudio dataset under out (local or s3://); the files written."""
     files = {view_file(i): png_bytes(image) for i, image in enumerate(tour.images)}
     files["transforms.json"] = json.dumps(nerfstudio_transforms(tour), indent=2).encode()
-    return write_files(out, files)
+    return storage.write_files(out, files)
 
 
 def export_colmap(tour: Tour, out: str, face_size: int | None = None) -> list[str]:
@@ -93,13 +93,4 @@ def export_colmap(tour: Tour, out: str, face_size: int | None = None) -> list[st
     files = {f"images/{face_name(i, face)}": png_bytes(to_uint8(faces[i, k]))
              for i in range(len(faces)) for k, face in enumerate(CUBE_FACES)}
     files |= {f"sparse/0/{name}": text.encode() for name, text in colmap_model(tour, size).items()}
-    return write_files(out, files)
-
-
-def write_files(out: str, files: dict[str, bytes]) -> list[str]:
-    """Write files (path relative to out -> bytes), each whole or not at all; their URIs."""
-    uris = []
-    for rel, data in files.items():
-        uris.append(storage.join(out, rel))
-        storage.write_bytes(uris[-1], data)
-    return uris
+    return storage.write_files(out, files)

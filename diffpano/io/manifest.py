@@ -113,8 +113,7 @@ def parquet_bytes(table: pa.Table) -> bytes:
 def commit_part(root: str, files: dict[str, bytes], table: pa.Table, ids: list[str], pending: bool = False) -> str:
     """Write files (path relative to root -> bytes), then the manifest part naming them in one atomic put: into
     manifest/, or into _pending/ when pending (a running job publishes those merged, diffpano.io.compaction)."""
-    for rel, data in files.items():
-        storage.write_bytes(storage.join(root, rel), data)
+    storage.write_files(root, files)
     data = parquet_bytes(table)
     name = manifest_part_name(ids)
     uri = storage.join(root, PENDING if pending else "manifest", name)

@@ -274,6 +274,14 @@ def write_bytes(uri: str, data: bytes, staging: str | None = None) -> None:
         f.write(data)
 
 
+def write_files(root: str, files: dict[str, bytes]) -> list[str]:
+    """Write files (path relative to root -> bytes), each whole or not at all (write_bytes); their URIs."""
+    uris = [join(root, rel) for rel in files]
+    for uri, data in zip(uris, files.values(), strict=True):
+        write_bytes(uri, data)
+    return uris
+
+
 @waits_out_outages
 def create_once(uri: str, data: bytes) -> bool:
     """Create a file unless one is there, atomically: of writers racing for one uri exactly one gets True."""

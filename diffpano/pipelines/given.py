@@ -41,14 +41,20 @@ def fit_panorama(image: np.ndarray, height: int, width: int) -> tuple[np.ndarray
     return np.asarray(Image.fromarray(image).resize((width, height), Image.LANCZOS)), note
 
 
+def check_views(indices, views: int, field: str) -> None:
+    """ValueError naming field unless every given view index lies in the tour (0 to views - 1)."""
+    outside = sorted(i for i in indices if not 0 <= i < views)
+    if outside:
+        raise ValueError(f"{field}: view {outside[0]} is outside the tour's {views} views (0 to {views - 1})")
+
+
 def known_views(given: dict[int, np.ndarray], views: int, height: int, width: int,
                 field: str) -> tuple[dict[int, np.ndarray], list[str]]:
     """The pipeline's known_views from given panoramas by view index, fitted to the tour's size, with a note for
     each one resized; ValueError naming field for an index outside the tour."""
+    check_views(given, views, field)
     fitted, notes = {}, []
     for index, image in sorted(given.items()):
-        if not 0 <= index < views:
-            raise ValueError(f"{field}: view {index} is outside the tour's {views} views (0 to {views - 1})")
         fitted[index], note = fit_panorama(image, height, width)
         if note:
             notes.append(f"{field} {index}: {note}")
