@@ -201,12 +201,12 @@ def bulk_online(endpoint: str, specs: list, out: str) -> None:
                f"{time.perf_counter() - started:.1f}s -> {status['manifest_uri']}")
 
 
-def eval_tools(inception, clip, faed, adherence, lpips_weights):
+def eval_tools(inception, clip, faed, adherence, lpips_weights, poses: bool = True):
     """The metric networks from local files, or a clear error naming the option."""
     from diffpano.metrics.evaluation import load_tools
 
     try:
-        return load_tools(inception, clip, faed or "bundled", adherence or "bundled", lpips_weights)
+        return load_tools(inception, clip, faed or "bundled", adherence or "bundled", lpips_weights, poses=poses)
     except (OSError, ValueError) as err:
         raise typer.BadParameter(f"metric weights: {err}") from None
 
@@ -217,6 +217,8 @@ EVAL_WEIGHTS = dict(
     faed=typer.Option(None, "--faed", help="Panorama autoencoder directory for FAED (default: the bundled one)."),
     adherence=typer.Option(None, "--adherence", help="Adherence classifier directory (default: the bundled one)."),
     lpips_weights=typer.Option(None, "--lpips-weights", help="torchvision backbone weights for LPIPS."),
+    poses=typer.Option(True, "--pose-recovery/--no-pose-recovery",
+                       help="Recover each tour's camera poses by rig SfM and score them (seconds per tour)."),
 )
 
 
@@ -238,13 +240,14 @@ def evaluate(
     faed: str | None = EVAL_WEIGHTS["faed"],
     adherence: str | None = EVAL_WEIGHTS["adherence"],
     lpips_weights: str | None = EVAL_WEIGHTS["lpips_weights"],
+    poses: bool = EVAL_WEIGHTS["poses"],
 ) -> None:
     """Evaluate a model on a dataset's test clips (or score given tours): metrics.json, report.md, pictures."""
     from batch.evaluate import evaluate_model, evaluate_tours
 
     if not tours and not dataset:
         raise typer.BadParameter("--dataset: give a dataset to evaluate a model on, or --tours to score outputs")
-    tools = eval_tools(inception, clip, faed, adherence, lpips_weights)
+    tools = eval_tools(inception, clip, faed, adherence, lpips_weights, poses)
     try:
         if tours:
             metrics = evaluate_tours(tours, out, tools, dataset, seed)
@@ -286,11 +289,12 @@ def ablate(
     faed: str | None = EVAL_WEIGHTS["faed"],
     adherence: str | None = EVAL_WEIGHTS["adherence"],
     lpips_weights: str | None = EVAL_WEIGHTS["lpips_weights"],
+    poses: bool = EVAL_WEIGHTS["poses"],
 ) -> None:
     """Reproduce the shape of the paper's ablation tables on a procedural benchmark: a table and a plot."""
     from batch.evaluate import run_ablation
 
-    tools = eval_tools(inception, clip, faed, adherence, lpips_weights)
+    tools = eval_tools(inception, clip, faed, adherence, lpips_weights, poses)
     try:
         rows = run_ablation(study, model, dataset, out, tools, ints(samples, "--samples"), ints(refs, "--refs"),
                             one_stage_model, num_tours=num_tours, views=views, steps=steps, replicas=replicas,

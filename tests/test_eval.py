@@ -14,6 +14,7 @@ from diffpano.data.manifest import commit_clips
 from diffpano.data.procedural.build import ProceduralSpec, render_clips
 from diffpano.io.manifest import read_manifest, read_tours
 from diffpano.metrics.evaluation import select_eval_tours
+from diffpano.metrics.seam import discontinuity_scores
 
 app = build_app()
 
@@ -62,6 +63,11 @@ def test_eval_writes_metrics_report_and_pictures(ray_local, dataset, tiny_model_
     jumps = np.abs(np.roll(fake, -1, axis=2) - fake).mean(axis=(1, 3))  # (views, W): column k to k + 1, wrapping
     seam = jumps[:, -1] / (jumps[:, :-1].mean(axis=1) + 1e-6)
     assert metrics["seam_colour_ratio"] == pytest.approx(float(seam.mean()), rel=1e-5)
+    assert metrics["seam_ds"] == pytest.approx(discontinuity_scores(fake)["seam_ds"], rel=1e-5)
+    # Pose recovery ran on the generated tours and, as the control, on the ground truth at the same size.
+    for key in ("pose_registered", "pose_registered_truth"):
+        assert 0 <= metrics[key] <= 1
+    assert "| seam_ds |" in (out / "report.md").read_text()
     assert -1 < metrics["paired_ssim"] < 1 and 0 <= metrics["epipolar_score"] <= 1
     assert metrics["epipolar_error_unrelated"] > 0 and 0 < metrics["reprojection_psnr_ratio"] < 10
     assert metrics["faed"] > 0 and metrics["adherence_room_accuracy"] * 6 == pytest.approx(
@@ -72,9 +78,10 @@ def test_eval_writes_metrics_report_and_pictures(ray_local, dataset, tiny_model_
     assert set(read_manifest(str(out / "tours")).column("scheduler").to_pylist()) == {"ddim"}
     # Scoring the generated tours again from their output: the same unpaired numbers.
     again = tmp_path / "again"
-    code, text = run("eval", "--tours", str(out / "tours"), "--out", str(again))
+    code, text = run("eval", "--tours", str(out / "tours"), "--out", str(again), "--no-pose-recovery")
     assert code == 0, text
     rescored = json.loads((again / "metrics.json").read_text())
+    assert "pose_registered" not in rescored and any("--no-pose-recovery" in m for m in rescored["missing"])
     assert rescored["seam_colour_ratio"] == pytest.approx(metrics["seam_colour_ratio"])
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from diffpano.data.procedural.build import ProceduralSpec, render_clips
 from diffpano.geometry.projection import equirect_to_perspective
-from diffpano.metrics import distribution, faed, features, paired, views
+from diffpano.metrics import distribution, faed, features, paired, seam, views
 from diffpano.metrics.features import MissingWeights, SmallFeatureNet, SmallTextImageScorer
 
 
@@ -233,6 +233,56 @@ def test_distribution_metrics_without_weights_leave_metrics_out_with_the_reason(
     assert "--inception" in out["missing"][0] and "--clip" in out["missing"][1]
     with pytest.raises(ValueError, match="prompts"):
         distribution.distribution_metrics(None, scenes["b"][:4], scenes["captions"][:3], None, SmallTextImageScorer())
+
+
+def test_omnifid_compares_cube_faces_per_group_not_averaged_pixels(scenes):
+    """Only the rows above 67.5 degrees of latitude differ, which the up face alone sees: its term grows, the down
+    and side terms stay at zero; identical sets score zero on every face."""
+    real = scenes["a"][:6]
+    fake = real.clone()
+    fake[:, :, : real.shape[2] // 8] = scenes["noise"][:6, :, : real.shape[2] // 8]
+    net = SmallFeatureNet(seed=0)
+    out = distribution.omnifid(real, fake, net)
+    same = distribution.omnifid(real, real.clone(), net)
+    assert out["omnifid_up"] > 1e3 * max(abs(out["omnifid_down"]), abs(out["omnifid_sides"]), 1e-9)
+    assert max(abs(v) for v in same.values()) < 1e-4 * out["omnifid_up"]
+    assert out["omnifid"] == pytest.approx((out["omnifid_up"] + out["omnifid_down"] + out["omnifid_sides"]) / 3)
+    faces = views.cube_faces(real[:2], "sides", 16)
+    assert faces.shape == (8, 3, 16, 16) and faces.dtype == torch.uint8
+    front = equirect_to_perspective(real[0].float(), 90.0, 0.0, 0.0, 16, 16).round().clamp(0, 255).byte()
+    assert (faces[0].int() - front.int()).abs().max() <= 1  # the first side face is the front view
+
+
+# --- seam discontinuity score ------------------------------------------------------------------------------------
+
+
+def test_discontinuity_score_of_hand_computed_cases():
+    """A lone white pixel beside the seam: Scharr/16 gives 255 * (3 + 10 + 3) / 16 over the 4 rows of the column
+    before the seam and 0 on the column after it, so DS = 255 / 8. A step at the seam gives 255. A step two columns
+    away from the seam is outside the strip's two straddling gradient columns: DS 0 there."""
+    lone = torch.zeros(1, 3, 4, 8)
+    lone[:, :, 1, 0] = 1.0
+    assert float(seam.boundary_discontinuity(lone)[0, 0]) == pytest.approx(255 / 8)
+    step = torch.zeros(1, 3, 4, 8)
+    step[..., :2] = 1.0
+    assert seam.boundary_discontinuity(step)[0].tolist() == pytest.approx([255, 255, 255, 127.5, 0, 0, 0, 127.5])
+    red = torch.zeros(1, 3, 4, 8)
+    red[:, 0, :, :4] = 1.0  # gray weights: pure red is 0.299 of white
+    assert float(seam.boundary_discontinuity(red)[0, 0]) == pytest.approx(0.299 * 255)
+    away = torch.zeros(1, 3, 4, 8)
+    away[..., 2:6] = 1.0  # steps between columns 1|2 and 5|6
+    ds = seam.boundary_discontinuity(away)[0]
+    assert float(ds[0]) == 0 and float(ds[2]) == pytest.approx(255)
+
+
+def test_discontinuity_of_a_real_panorama_rises_only_when_its_seam_is_cut(scenes):
+    """A rendered panorama is seamless: seam_ds within the spread of its interior boundaries; rolling it by a
+    third makes the old seam an interior boundary, and gluing two scenes' halves cuts the seam open."""
+    pano = scenes["a"][:4]
+    whole = seam.discontinuity_scores(pano)
+    assert whole["seam_ds"] < 2 * whole["seam_ds_interior"]
+    cut = torch.cat([pano[..., : pano.shape[-1] // 2], scenes["noise"][:4, :, :, pano.shape[-1] // 2 :]], dim=-1)
+    assert seam.discontinuity_scores(cut)["seam_ds"] > 3 * whole["seam_ds"]
 
 
 # --- PSNR / SSIM / LPIPS -----------------------------------------------------------------------------------------

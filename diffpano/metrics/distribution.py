@@ -12,7 +12,15 @@ from scipy.special import rel_entr
 
 from diffpano.metrics.features import MISSING, FeatureExtractor, TextImageScorer
 from diffpano.metrics.images import to_uint8
-from diffpano.metrics.views import CROP_SIZE, VIEW_FAMILIES, check_panoramas, view_images, views_per_panorama
+from diffpano.metrics.views import (
+    ALL_FAMILIES,
+    CROP_SIZE,
+    FACE_GROUPS,
+    VIEW_FAMILIES,
+    check_panoramas,
+    view_images,
+    views_per_panorama,
+)
 
 CLIP_FAMILIES = ("full", "horizontal")
 ArrayLike = np.ndarray | torch.Tensor
@@ -194,9 +202,9 @@ def distribution_metrics(
     clip_full, clip_horizontal, n_real, n_fake, and `missing`: a list of MissingWeights messages for the metrics left
     out because extractor or scorer is None (those keys are absent, never zero).
     """
-    unknown = [v for v in views if v not in VIEW_FAMILIES]
+    unknown = [v for v in views if v not in ALL_FAMILIES]
     if unknown or not views:
-        raise ValueError(f"views: expected a non-empty subset of {', '.join(VIEW_FAMILIES)}, got {list(views)}")
+        raise ValueError(f"views: expected a non-empty subset of {', '.join(ALL_FAMILIES)}, got {list(views)}")
     clip_families = [f for f in views if f in CLIP_FAMILIES]
     if scorer is not None and clip_families and prompts is None:
         raise ValueError("prompts: CLIP score needs one prompt per generated panorama")
@@ -224,3 +232,11 @@ def distribution_metrics(
             result[f"clip_{family}"] = float(torch.cat(fake_acc[family].clip).mean())
     result["missing"] = missing
     return result
+
+
+def omnifid(real: Images, fake: Images, extractor: FeatureExtractor, batch_size: int = 8) -> dict:
+    """OmniFID's terms: FID on the up faces, the down faces and the four side faces pooled (each against the same
+    faces of the real set), and `omnifid`, their mean (Christensen et al., ECCV 2024)."""
+    found = distribution_metrics(real, fake, None, extractor, None, views=tuple(FACE_GROUPS), batch_size=batch_size)
+    terms = {f"omnifid_{g}": found[f"fid_{g}"] for g in FACE_GROUPS}
+    return {**terms, "omnifid": float(np.mean(list(terms.values())))}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,13 +69,15 @@ class EvalTools:
     lpips_weights: str | None = None
     crops: int = 20
     horizontal: int = 8
+    poses: bool = True  # pose recovery by rig SfM (metrics.poses): seconds per tour
 
 
 BUNDLED_FAED = Path(__file__).resolve().parents[1] / "assets" / "metrics" / "faed"
 
 
 def load_tools(inception: str | None = None, clip: str | None = None, faed: str | None = "bundled",
-               adherence: str | None = "bundled", lpips_weights: str | None = None, device: str = "cpu") -> EvalTools:
+               adherence: str | None = "bundled", lpips_weights: str | None = None, device: str = "cpu",
+               poses: bool = True) -> EvalTools:
     """Load the metric networks from local files; 'bundled' picks the FAED autoencoder or classifier shipped here."""
     from diffpano.metrics import adherence as adh
     from diffpano.metrics.faed import load_autoencoder
@@ -87,6 +90,7 @@ def load_tools(inception: str | None = None, clip: str | None = None, faed: str 
         adherence=(adh.load_classifier(device=device) if adherence == "bundled" else adh.load_classifier(adherence))
         if adherence else None,
         lpips_weights=lpips_weights,
+        poses=poses,
     )
 
 
@@ -109,11 +113,12 @@ def score_tours(generated: list[Tour], truth: list[EvalTour] | None, tools: Eval
     """
     from diffpano.metrics.adherence import adherence
     from diffpano.metrics.consistency import epipolar_consistency, normalised_reprojection
-    from diffpano.metrics.distribution import distribution_metrics
+    from diffpano.metrics.distribution import distribution_metrics, omnifid
     from diffpano.metrics.faed import faed
     from diffpano.metrics.features import MissingWeights
     from diffpano.metrics.paired import lpips, paired_metrics
-    from diffpano.metrics.seam import seam_scores
+    from diffpano.metrics.poses import pose_recovery
+    from diffpano.metrics.seam import discontinuity_scores, seam_scores
 
     if not generated:
         raise ValueError("tours: nothing to evaluate")
@@ -127,6 +132,8 @@ def score_tours(generated: list[Tour], truth: list[EvalTour] | None, tools: Eval
     metrics.update(distribution_metrics(real_t, fake, prompts, tools.extractor, tools.clip, crops=tools.crops,
                                         horizontal=tools.horizontal))
     missing = metrics.pop("missing")
+    if tools.extractor is not None and real_t is not None:
+        metrics.update(omnifid(real_t, fake, tools.extractor))
     if truth is not None:
         metrics.update({f"paired_{k}": v for k, v in paired_metrics(fake, real_t).items()})
         try:
@@ -141,9 +148,17 @@ def score_tours(generated: list[Tour], truth: list[EvalTour] | None, tools: Eval
         if truth is not None and truth[i].depth is not None and len(t.images) > 1:
             depth = F.interpolate(torch.from_numpy(truth[i].depth)[:, None], size=size, mode="nearest")[:, 0].numpy()
             row.update(normalised_reprojection(t.images, _resize_to(truth[i].rgb, size), depth, truth[i].poses))
+        if tools.poses and len(t.images) >= 3:
+            row.update(pose_recovery(t.images, t.poses, threads=os.cpu_count() or 1))
+            if truth is not None:  # the control: the ground truth at the same size scores what SfM can do here
+                control = pose_recovery(_resize_to(truth[i].rgb, size), truth[i].poses, threads=os.cpu_count() or 1)
+                row.update({f"{k}_truth": v for k, v in control.items()})
         per_tour.append(row)
     metrics.update(_mean_of(per_tour))
+    if not tools.poses:
+        missing.append("pose recovery was turned off (--no-pose-recovery)")
     metrics.update(seam_scores(fake))
+    metrics.update(discontinuity_scores(fake))
     if tools.adherence is not None:
         metrics.update({f"adherence_{k}": v for k, v in adherence(tools.adherence, fake, prompts).items()})
     else:
@@ -160,10 +175,13 @@ def score_tours(generated: list[Tour], truth: list[EvalTour] | None, tools: Eval
 
 
 SUMMARY_KEYS = (
-    "fid_full", "fid_crops", "fid_horizontal", "fid_rolled", "is_full", "is_crops", "clip_full", "clip_horizontal",
+    "fid_full", "fid_crops", "fid_horizontal", "fid_rolled", "omnifid", "omnifid_up", "omnifid_down",
+    "omnifid_sides", "is_full", "is_crops", "clip_full", "clip_horizontal",
     "faed", "paired_psnr_capped", "paired_ssim", "paired_lpips", "epipolar_score", "epipolar_error",
     "epipolar_error_unrelated", "reprojection_psnr", "reprojection_psnr_ratio", "reprojection_ssim_ratio",
-    "seam_colour_ratio", "seam_gradient_ratio", "adherence_room_accuracy", "adherence_wall_accuracy",
+    "seam_colour_ratio", "seam_gradient_ratio", "seam_ds", "seam_ds_interior", "pose_registered",
+    "pose_rotation_error_deg", "pose_translation_error", "pose_rotation_error_deg_truth",
+    "adherence_room_accuracy", "adherence_wall_accuracy",
 )
 
 

@@ -18,7 +18,7 @@ from diffpano.metrics.images import float_images, resize
 INCEPTION_SIZE = 299
 _SCORER_CONV_DIM = 32
 MISSING: dict[str, str] = {
-    "inception": "FID/IS need an Inception TorchScript file: pass --inception PATH "
+    "inception": "FID/IS/OmniFID need an Inception TorchScript file: pass --inception PATH "
     "(inception-2015-12-05.pt from clean-fid/StyleGAN3)",
     "clip": "CLIP score needs a local CLIP directory: pass --clip DIR "
     "(e.g. openai/clip-vit-base-patch16 saved with save_pretrained)",

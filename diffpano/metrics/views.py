@@ -5,12 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from diffpano.geometry.projection import equirect_to_perspective
+from diffpano.geometry.projection import CUBE_FACES, equirect_to_cubemap, equirect_to_perspective
 from diffpano.geometry.spherical import check_panorama_size
 
 CROP_FOV = 90.0
 CROP_SIZE = 299  # Inception's input size: crops made at this size are not resampled again by FID/IS
 VIEW_FAMILIES = ("full", "rolled", "crops", "horizontal")
+# OmniFID's cube-face groups (Christensen et al., ECCV 2024): the up face, the down face, the four sides pooled.
+FACE_GROUPS = {"up": ("up",), "down": ("down",), "sides": ("front", "right", "back", "left")}
+ALL_FAMILIES = (*VIEW_FAMILIES, *FACE_GROUPS)
 
 
 def check_panoramas(p: torch.Tensor, name: str = "panoramas") -> None:
@@ -91,6 +94,16 @@ def horizontal_crops(p: torch.Tensor, n: int = 8, size: int = CROP_SIZE) -> torc
     return _crops(p, yaw, torch.zeros_like(yaw), size)
 
 
+def cube_faces(p: torch.Tensor, group: str, size: int = CROP_SIZE) -> torch.Tensor:
+    """The cube faces of one of FACE_GROUPS (B*n, 3, size, size) of each panorama, panorama-major."""
+    check_panoramas(p)
+    if group not in FACE_GROUPS:
+        raise ValueError(f"group: expected one of {', '.join(FACE_GROUPS)}, got {group!r}")
+    work = torch.float64 if p.dtype == torch.float64 else torch.float32
+    faces = equirect_to_cubemap(p.to(work), size)[:, [CUBE_FACES.index(f) for f in FACE_GROUPS[group]]]
+    return _restore(faces.flatten(0, 1), p.dtype)
+
+
 def view_images(
     p: torch.Tensor, family: str, crops: int = 20, horizontal: int = 8, size: int = CROP_SIZE, seed: int = 0,
     start: int = 0,
@@ -104,12 +117,15 @@ def view_images(
         return random_crops(p, crops, size, seed, start)
     if family == "horizontal":
         return horizontal_crops(p, horizontal, size)
-    raise ValueError(f"views: unknown view family {family!r}, expected one of {', '.join(VIEW_FAMILIES)}")
+    if family in FACE_GROUPS:
+        return cube_faces(p, family, size)
+    raise ValueError(f"views: unknown view family {family!r}, expected one of {', '.join(ALL_FAMILIES)}")
 
 
 def views_per_panorama(family: str, crops: int = 20, horizontal: int = 8) -> int:
     """How many images a view family makes of one panorama."""
-    counts = {"full": 1, "rolled": 1, "crops": crops, "horizontal": horizontal}
+    counts = {"full": 1, "rolled": 1, "crops": crops, "horizontal": horizontal,
+              **{g: len(faces) for g, faces in FACE_GROUPS.items()}}
     if family not in counts:
-        raise ValueError(f"views: unknown view family {family!r}, expected one of {', '.join(VIEW_FAMILIES)}")
+        raise ValueError(f"views: unknown view family {family!r}, expected one of {', '.join(ALL_FAMILIES)}")
     return counts[family]

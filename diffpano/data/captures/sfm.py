@@ -105,7 +105,7 @@ def rig_config(size: int):
 
 
 def reconstruct(panoramas: list[np.ndarray], work: Path, threads: int = 1, seed: int = 0,
-                timings: dict[str, float] | None = None) -> list[Model]:
+                timings: dict[str, float] | None = None, peak_threshold: float = SIFT_PEAK_THRESHOLD) -> list[Model]:
     """COLMAP models of the keyframes, largest first; ValueError when the scene is too plain or nothing registers.
     `timings`, when given, receives the seconds of each stage (views, features, matching, mapping)."""
     import pycolmap
@@ -127,7 +127,7 @@ def reconstruct(panoramas: list[np.ndarray], work: Path, threads: int = 1, seed:
     config = rig_config(size)
     camera = config.cameras[0].camera
     extraction = pycolmap.FeatureExtractionOptions(num_threads=threads)
-    extraction.sift.peak_threshold = SIFT_PEAK_THRESHOLD
+    extraction.sift.peak_threshold = peak_threshold
     pycolmap.extract_features(database, images, camera_mode=pycolmap.CameraMode.PER_FOLDER,
                               reader_options=pycolmap.ImageReaderOptions(
                                   mask_path=masks, camera_model=camera.model_name,
