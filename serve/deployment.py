@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 import time
+from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 from ray import serve
@@ -15,9 +17,19 @@ from diffpano.io.manifest import Tour, commit_tours, image_path, png_bytes
 from diffpano.pipelines.compiling import check_mode, compile_pipeline
 from diffpano.pipelines.loading import resolve_model
 from diffpano.pipelines.tours import make_tours
-from serve.schemas import GenerationJob, GenerationResult
+from serve.schemas import GenerationJob, GenerationResult, Progress
 
 HEALTH_PROBE_AFTER_S = 300.0  # without a batch for this long, check_health runs a one-step probe
+PREVIEWS = 3  # previews a streamed tour sends, at a quarter, half and three quarters of its steps
+
+
+class Cancelled(Exception):
+    """The client of a streamed tour went away: its remaining steps are not run."""
+
+
+def preview_steps(total: int) -> set[int]:
+    """The steps (1-based) after which a streamed tour sends a preview: evenly spaced, at most PREVIEWS."""
+    return {round(total * k / (PREVIEWS + 1)) for k in range(1, PREVIEWS + 1)} - {0, total}
 
 
 def _views(jobs: list[GenerationJob]) -> int:
@@ -41,7 +53,9 @@ class PanoGenerator:
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_views: collections.deque[int] = collections.deque(maxlen=256)
         self.batches = 0
+        self.cancelled = 0
         self.last_batch = time.monotonic()
+        self.lock = threading.Lock()  # one pipeline call at a time: its modules keep per-call state (EA context)
 
     def info(self) -> dict:
         """The model's name, default size and the multiple that heights and widths must be of."""
@@ -49,8 +63,16 @@ class PanoGenerator:
                 "size_multiple": self.pipe.size_multiple}
 
     def stats(self) -> dict:
-        """Recent batch sizes in views (newest last) and how many batches this replica has run."""
-        return {"batch_views": list(self.batch_views), "batches": self.batches}
+        """Recent batch sizes in views (newest last), how many batches this replica has run, and how many streamed
+        tours it stopped because their client went away."""
+        return {"batch_views": list(self.batch_views), "batches": self.batches, "cancelled": self.cancelled}
+
+    def _tours(self, jobs: list[GenerationJob], **options) -> dict:
+        """make_tours under the pipeline lock (called in a worker thread)."""
+        with self.lock:
+            tours = make_tours(self.pipe, jobs, **options)
+            self.last_batch = time.monotonic()
+            return tours
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
         """One tour, batched with others arriving at the same time; a tour larger than a batch runs alone."""
@@ -60,7 +82,7 @@ class PanoGenerator:
 
     async def _run_alone(self, job: GenerationJob) -> GenerationResult:
         """One tour outside the batcher (the pipeline denoises it in windows of views)."""
-        tour = (await asyncio.to_thread(make_tours, self.pipe, [job]))[job.tour_id]
+        tour = (await asyncio.to_thread(self._tours, [job]))[job.tour_id]
         result = await asyncio.to_thread(self._result, job, tour)
         if isinstance(result, Exception):
             raise result
@@ -71,9 +93,50 @@ class PanoGenerator:
         """Tours of a batch (diffpano.pipelines.tours groups them by shared settings); errors stay per tour."""
         self.batch_views.append(_views(jobs))
         self.batches += 1
-        tours = await asyncio.to_thread(make_tours, self.pipe, jobs)
-        self.last_batch = time.monotonic()
+        tours = await asyncio.to_thread(self._tours, jobs)
         return [await asyncio.to_thread(self._result, job, tours[job.tour_id]) for job in jobs]
+
+    async def generate_stream(self, job: GenerationJob) -> AsyncIterator[Progress | GenerationResult]:
+        """One tour, alone (a batch's steps are shared), as a Progress after every UNet call and the result last.
+        When the caller stops reading (the HTTP client went away), the tour stops at its next step."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Progress] = asyncio.Queue()
+        stop = threading.Event()
+        on_step = self._step_reporter(job.tour_id, stop, lambda p: loop.call_soon_threadsafe(events.put_nowait, p))
+        work = asyncio.ensure_future(asyncio.to_thread(
+            self._tours, [job], callback_on_step_end=on_step,
+            callback_on_step_end_tensor_inputs=["pred_original_sample"]))
+        try:
+            while not (work.done() and events.empty()):
+                getter = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            result = await asyncio.to_thread(self._result, job, work.result()[job.tour_id])
+            if isinstance(result, Exception):
+                raise result
+            yield result
+        finally:
+            stop.set()  # a caller that went away: the worker thread raises Cancelled at its next step
+
+    def _step_reporter(self, tour_id: str, stop: threading.Event, send: Callable[[Progress], object]) -> Callable:
+        """The pipeline's step-end callback for a streamed tour: sends Progress (with a preview PNG at
+        preview_steps), and raises Cancelled once `stop` is set."""
+
+        def on_step(pipe, step: int, timestep, tensors: dict) -> dict:
+            if stop.is_set():
+                self.cancelled += 1
+                raise Cancelled(f"tour {tour_id}: the client went away after {step} of {pipe.num_timesteps} steps")
+            total = pipe.num_timesteps
+            preview = None
+            if step + 1 in preview_steps(total):
+                preview = png_bytes(pipe.preview(tensors["pred_original_sample"][0, 0]))
+            send(Progress(tour_id=tour_id, step=step + 1, steps=total, preview_png=preview))
+            return {}
+
+        return on_step
 
     def _result(self, job: GenerationJob, tour: Tour | Exception) -> GenerationResult | Exception:
         """The answer for one job: its PNGs, stored under job.store_root when asked."""
@@ -88,9 +151,14 @@ class PanoGenerator:
         return result
 
     def check_health(self) -> None:
-        """Raise unless the model answers: a recent batch finished, or a one-step probe runs."""
-        if time.monotonic() - self.last_batch < HEALTH_PROBE_AFTER_S:
+        """Raise unless the model answers: a pipeline call is running or finished recently, or a one-step probe
+        runs."""
+        if time.monotonic() - self.last_batch < HEALTH_PROBE_AFTER_S or not self.lock.acquire(blocking=False):
             return
-        h, w = self.pipe.default_size
-        self.pipe(["probe"], np.eye(4)[None], height=h, width=w, num_inference_steps=1, guidance_scale=0.0, seed=0)
-        self.last_batch = time.monotonic()
+        try:
+            h, w = self.pipe.default_size
+            self.pipe(["probe"], np.eye(4)[None], height=h, width=w, num_inference_steps=1, guidance_scale=0.0,
+                      seed=0)
+            self.last_batch = time.monotonic()
+        finally:
+            self.lock.release()

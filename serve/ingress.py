@@ -8,9 +8,10 @@ the replica (`__serve_build_asgi_app__`), so nothing module-level is mutated at 
 import asyncio
 import base64
 import hmac
+import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi import Path as FastAPIPath
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi_offline import FastAPIOffline
 from pydantic import Field, model_validator
 from ray import serve
@@ -43,6 +44,7 @@ from serve.schemas import (
     JobRequest,
     JobStatus,
     PanoramaRequest,
+    Progress,
     TourRequest,
     TourResponse,
     View,
@@ -112,6 +114,28 @@ def storage_errors() -> Iterator[None]:
             yield
     except OSError as err:
         raise storage_unavailable(err) from None
+
+
+def sse(event: str, data: dict) -> str:
+    """One server-sent event."""
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def progress_data(p: Progress) -> dict:
+    """The data of a progress event: step, steps, tour_id, and the preview when this step has one."""
+    data = {"step": p.step, "steps": p.steps, "tour_id": p.tour_id}
+    if p.preview_png is not None:
+        data["preview_png_base64"] = base64.b64encode(p.preview_png).decode()
+    return data
+
+
+def error_event(err: Exception) -> str:
+    """The error event of a stream that failed after it started: the 4xx/5xx status and body it would have had."""
+    if isinstance(err, HTTPException):
+        return sse("error", {"status": err.status_code, "detail": err.detail})
+    if isinstance(err, ValueError):
+        return sse("error", {"status": 422, "detail": error_detail("height", str(err))})
+    return sse("error", {"status": 503, "detail": f"model replica unavailable ({type(err).__name__}); retry later"})
 
 
 def known_job(status: JobStatus | None, job_id: str) -> JobStatus:
@@ -250,10 +274,42 @@ class DiffPanoAPI:
             scheduler=req.scheduler or s.default_scheduler, store_root=store_root, images=getattr(req, "images", None),
         )
 
+    async def request_job(self, req: PanoramaRequest | TourRequest, prompts: list[str], poses) -> GenerationJob:
+        """The model's job for an HTTP request: a fresh tour id, stored under the output root when asked."""
+        root = storage.absolute(self.settings.output_root) if req.output == "store" else None
+        return await self.job(req, prompts, poses, f"tour-{uuid.uuid4().hex[:16]}", root)
+
+    async def stream(self, req: PanoramaRequest | TourRequest, prompts: list[str], poses) -> StreamingResponse:
+        """A tour as server-sent events: progress at every step, then the tour (or an error). Overload is still a
+        503 before the stream starts; a client that disconnects stops the tour at its next step."""
+        job = await self.request_job(req, prompts, poses)
+        events = self.generator.options(stream=True).generate_stream.remote(job)
+        try:
+            first = await self.ask(events.__anext__())
+        except ValueError as err:
+            raise unprocessable("height", str(err)) from None
+
+        async def body() -> AsyncIterator[str]:
+            item = first
+            try:
+                while True:
+                    if isinstance(item, GenerationResult):
+                        yield sse("tour", tour_response(item, prompts, poses).model_dump())
+                        return
+                    yield sse("progress", progress_data(item))
+                    item = await events.__anext__()
+            except StopAsyncIteration:
+                return
+            except Exception as err:  # noqa: BLE001 - the status line is sent: the error goes in the stream
+                yield error_event(err)
+            finally:
+                events.cancel()  # the client went away (or the tour ended): nothing more is generated for it
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
     async def generate(self, req: PanoramaRequest | TourRequest, prompts: list[str], poses) -> GenerationResult:
         """One tour from the model deployment; overload answers 503 with Retry-After."""
-        root = storage.absolute(self.settings.output_root) if req.output == "store" else None
-        job = await self.job(req, prompts, poses, f"tour-{uuid.uuid4().hex[:16]}", root)
+        job = await self.request_job(req, prompts, poses)
         try:
             return await self.ask(self.generator.generate.remote(job))
         except ValueError as err:
@@ -269,11 +325,17 @@ Service = Annotated[Any, Depends(service)]  # the DiffPanoAPI replica (the name 
 router = APIRouter()
 
 
-@router.post("/v1/tours", response_model=TourResponse, response_model_exclude_none=False)
-async def tours(req: TourRequest, svc: Service) -> TourResponse:
+STREAMED = {"content": {"text/event-stream": {}}, "description": "with stream: progress events, then the tour"}
+
+
+@router.post("/v1/tours", response_model=TourResponse, response_model_exclude_none=False,
+             responses={200: STREAMED})
+async def tours(req: TourRequest, svc: Service) -> TourResponse | StreamingResponse:
     """Generate a multi-view tour: N consistent panoramas along poses or a named trajectory."""
     prompts, poses = req.prompt_list(), req.pose_array()
     await check_given(req.images)
+    if req.stream:
+        return await svc.stream(req, prompts, poses)
     return tour_response(await svc.generate(req, prompts, poses), prompts, poses)
 
 
@@ -290,10 +352,13 @@ async def check_given(images: dict[int, str] | None) -> None:
 
 
 @router.post("/v1/panoramas", response_model=None,
-             responses={200: {"content": {"image/png": {}}, "description": "the panorama (inline)"}})
+             responses={200: {"content": {"image/png": {}, **STREAMED["content"]},
+                              "description": "the panorama (inline), or with stream: progress events, then the tour"}})
 async def panoramas(req: PanoramaRequest, svc: Service) -> Response:
     """Generate one panorama: image/png, or (output="store") the stored tour's JSON."""
     poses = np.eye(4)[None]
+    if req.stream:
+        return await svc.stream(req, [req.prompt], poses)
     result = await svc.generate(req, [req.prompt], poses)
     if req.output == "store":
         return JSONResponse(tour_response(result, [req.prompt], poses).model_dump())

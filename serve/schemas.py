@@ -23,12 +23,14 @@ class PanoramaRequest(Sampling):
 
     prompt: Prompt
     output: Output = "inline"
+    stream: bool = False  # answer text/event-stream: progress at every step, then the tour (docs/http-api.md)
 
 
 class TourRequest(TourSpec):
     """POST /v1/tours: a tour spec, answered inline or stored under the server's output root."""
 
     output: Output = "inline"
+    stream: bool = False
 
 
 class JobRequest(Strict):
@@ -107,6 +109,15 @@ class GenerationResult(BaseModel):
     pngs: list[bytes]
     image_uris: list[str] | None = None
     manifest_uri: str | None = None
+
+
+class Progress(BaseModel):
+    """A streamed tour's step: UNet calls done of all, and at a few steps a preview PNG of view 0's clean estimate."""
+
+    tour_id: str
+    step: int
+    steps: int
+    preview_png: bytes | None = None
 
 
 def inline_only(images: dict[int, str] | None) -> tuple[str, str] | None:

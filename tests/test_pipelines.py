@@ -310,12 +310,36 @@ def test_callback_on_step_end_sees_every_unet_call_and_may_replace_the_latents(t
     zeroed = tiny_pipe("a room", walk(2), seed=0, output_type="latent", **FAST, callback_on_step_end=lambda p, i, t, kw:
                        {"latents": torch.zeros_like(kw["latents"])} if i == FAST["num_inference_steps"] - 1 else {})
     assert zeroed.images.abs().max() == 0
-    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs: only 'latents'"):
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs: only 'latents' and"):
         tiny_pipe("a room", walk(2), seed=0, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["eps"],
                   **FAST)
     with pytest.raises(ValueError, match="callback_on_step_end: returned latents of shape"):
         tiny_pipe("a room", walk(2), seed=0, callback_on_step_end=lambda p, i, t, kw: {"latents": torch.zeros(1)},
                   **FAST)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp-2m", "euler", "unipc"])
+def test_step_callbacks_see_the_clean_estimate_closing_in_on_the_result(tiny_pipe, scheduler):
+    """pred_original_sample (the scheduler's own, or from the noise prediction) moves towards the final latents, and
+    num_timesteps tells the callback the total; preview decodes one view of it."""
+    estimates = []
+
+    def record(pipe, step, t, kwargs):
+        estimates.append((pipe.num_timesteps, kwargs["pred_original_sample"][0, 0].clone()))
+        noisy.append(kwargs["latents"][0, 0].clone())
+        return {}
+
+    noisy = []
+    final = tiny_pipe("a room", walk(2), seed=0, output_type="latent", scheduler=scheduler,
+                      callback_on_step_end=record,
+                      callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"],
+                      **(FAST | {"num_inference_steps": 8})).images[0, 0]
+    gaps = [float((x0 - final).norm() / final.norm()) for _, x0 in estimates]
+    assert gaps[0] < 0.8 * float((noisy[0] - final).norm() / final.norm()), scheduler  # closer than the noisy latents
+    assert {total for total, _ in estimates} == {tiny_pipe.num_timesteps} and len(estimates) == tiny_pipe.num_timesteps
+    assert gaps[-1] < 0.01 and gaps[-1] < gaps[len(gaps) // 2] < gaps[0] and gaps[-1] < 0.1 * gaps[0], gaps
+    image = tiny_pipe.preview(estimates[-1][1])
+    assert image.dtype == np.uint8 and image.shape == (SIZE["height"], SIZE["width"], 3)
 
 
 def test_inputs_are_checked_before_any_model_work(tiny_pipe):

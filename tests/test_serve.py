@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -93,6 +94,62 @@ def test_a_tour_starts_from_panoramas_given_inline_returned_exactly(server):
 def test_given_panoramas_that_cannot_be_used_get_422_naming_the_view(server, images, message):
     r = post(server[0], "/v1/tours", {"prompt": "a", "num_views": 3, "images": images})
     assert r.status_code == 422 and "images" in r.text and message in r.text, r.text
+
+
+def read_events(response: requests.Response, started: float) -> list[tuple[str, dict, float]]:
+    """(event, data, seconds since `started`) of a text/event-stream answer, read as the events arrive."""
+    events, name = [], None
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line.removeprefix("data: ")), time.perf_counter() - started))
+    return events
+
+
+def test_a_streamed_tour_reports_every_step_with_three_previews_then_the_same_tour(server):
+    url, _ = server
+    body = {"prompt": "a red bedroom", "num_views": 3, "num_inference_steps": 40, "seed": 5}
+    started = time.perf_counter()
+    with requests.post(url + "/v1/tours", json=body | {"stream": True}, headers={"X-API-Key": KEY}, stream=True,
+                       timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = read_events(r, started)
+    kinds = [e for e, _, _ in events]
+    assert kinds == ["progress"] * 40 + ["tour"], kinds
+    progress = [d for e, d, _ in events if e == "progress"]
+    assert [p["step"] for p in progress] == list(range(1, 41)) and {p["steps"] for p in progress} == {40}
+    tour = events[-1][1]
+    assert {p["tour_id"] for p in progress} == {tour["tour_id"]}
+    previews = [(p["step"], png(base64.b64decode(p["preview_png_base64"]))) for p in progress
+                if "preview_png_base64" in p]
+    assert [s for s, _ in previews] == [10, 20, 30]
+    assert all(image.shape == (tour["views"][0]["height"], tour["views"][0]["width"], 3) for _, image in previews)
+    first, whole = events[0][2], events[-1][2]
+    assert first < 0.5 * whole, (first, whole)  # progress moves while the tour is generated, not at the end
+    plain = post(url, "/v1/tours", body).json()
+    assert [v["image_png_base64"] for v in tour["views"]] == [v["image_png_base64"] for v in plain["views"]]
+    print(f"streamed 3-view tour, 40 steps: first progress {first:.2f}s, tour {whole:.2f}s")
+
+
+def test_a_client_that_disconnects_stops_its_tour_and_a_streamed_panorama_ends_with_its_tour(server):
+    url, _ = server
+    cancelled = requests.get(url + "/v1/stats", headers={"X-API-Key": KEY}, timeout=30).json()["cancelled"]
+    body = {"prompt": "a hallway", "num_views": 8, "num_inference_steps": 200, "seed": 1, "stream": True}
+    started = time.perf_counter()
+    with requests.post(url + "/v1/tours", json=body, headers={"X-API-Key": KEY}, stream=True, timeout=120) as r:
+        assert next(line for line in r.iter_lines(decode_unicode=True) if line) == "event: progress"
+    stopped = wait_until(lambda: requests.get(url + "/v1/stats", headers={"X-API-Key": KEY}, timeout=30).json()
+                         ["cancelled"] > cancelled, "the disconnected tour to stop", timeout_s=60)
+    assert stopped and time.perf_counter() - started < 60
+    # The replica is free again at once: a short streamed panorama goes through, ending with its tour.
+    with requests.post(url + "/v1/panoramas", json={"prompt": "a kitchen", "num_inference_steps": 3, "stream": True},
+                       headers={"X-API-Key": KEY}, stream=True, timeout=60) as r:
+        events = read_events(r, time.perf_counter())
+    assert [e for e, _, _ in events] == ["progress"] * 3 + ["tour"]
+    assert len(events[-1][1]["views"]) == 1
+    refused = post(url, "/v1/tours", {"prompt": "a", "num_views": 2, "stream": True, "height": 1024})
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "height"]  # before streaming
 
 
 def test_a_tour_with_more_views_than_a_batch_is_generated(server):
@@ -384,6 +441,36 @@ def test_viewer_draws_a_stored_tour_smoothly_in_headless_chromium_without_consol
     centre = len(column_steps) // 2
     around = column_steps[centre - 40:centre - 2] + column_steps[centre + 2:centre + 40]
     assert column_steps[centre] <= 1.5 * max(around) + 1.0, (column_steps[centre], max(around))  # no seam line
+
+
+def test_the_viewers_generate_button_shows_progress_and_previews_before_the_tour(server, chromium):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = server
+    driver = headless_chrome(chromium)
+    try:
+        driver.get(f"{url}/viewer")
+        driver.execute_script("sessionStorage.setItem('diffpano-key', arguments[0])", KEY)
+        driver.execute_script("""window.seen = [];
+            const note = () => window.seen.push([document.getElementById('status').textContent,
+                                                 document.getElementById('overview').src.length,
+                                                 window.diffpanoViewer.state.views.length]);
+            new MutationObserver(note).observe(document.getElementById('status'), {childList: true});
+            new MutationObserver(note).observe(document.getElementById('overview'), {attributes: true});
+            document.getElementById('text').value = 'a green kitchen';
+            document.getElementById('views').value = '2';
+            document.getElementById('steps').value = '40';
+            document.getElementById('generate').click();""")
+        WebDriverWait(driver, 60).until(lambda d: d.execute_script("return window.diffpanoViewer.state.views.length"))
+        seen = driver.execute_script("return window.seen")
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        driver.quit()
+    assert errors == []
+    steps = [text for text, _, views in seen if text.startswith("step ") and views == 0]
+    assert "step 1 / 40" in steps and "step 39 / 40" in steps, seen  # the bar moved while the tour was made
+    assert any(src > 100 and views == 0 for _, src, views in seen), seen  # a preview showed before the tour
+    assert "2 views" in seen[-1][0], seen[-1]  # then the tour itself
 
 
 def test_packaged_serve_config_is_valid_and_uses_current_keys():

@@ -7,6 +7,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -130,12 +131,17 @@ class StepEnd:
 
     def __init__(self, pipe, bar, callback: Callable | None = None, tensor_inputs: Sequence[str] = ("latents",)):
         self.pipe, self.bar, self.callback, self.tensor_inputs, self.step = pipe, bar, callback, tensor_inputs, 0
+        pipe._num_timesteps = bar.total  # what diffusers' num_timesteps reports to callbacks
 
-    def __call__(self, t: torch.Tensor, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        """x (B*V, c, h, w) after a scheduler step, as the callback left it."""
+    def __call__(self, t: torch.Tensor, x: torch.Tensor, shape: tuple[int, ...],
+                 x0: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B*V, c, h, w) after a scheduler step, as the callback left it; x0 computes the step's estimate of the
+        clean latents, asked only when the callback names "pred_original_sample"."""
         self.bar.update()
         if self.callback is not None:
             given = {"latents": x.view(shape)} if "latents" in self.tensor_inputs else {}
+            if "pred_original_sample" in self.tensor_inputs and x0 is not None:
+                given["pred_original_sample"] = x0().view(shape)
             latents = (self.callback(self.pipe, self.step, t, given) or {}).get("latents")
             if latents is not None:
                 if tuple(latents.shape) != tuple(shape):
@@ -146,14 +152,31 @@ class StepEnd:
         return x
 
 
+def predicted_x0(sched: SchedulerMixin, out, eps: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The clean latents a step estimates: the scheduler's own pred_original_sample where its output has one (DDIM,
+    Euler, Heun, LMS), else from the noise prediction on the pre-step latents x_t = sqrt(a) x0 + sqrt(1 - a) eps
+    (the variance-preserving schedulers: DPM-Solver, UniPC, PNDM), a = alphas_cumprod[t]."""
+    x0 = getattr(out, "pred_original_sample", None)
+    if x0 is not None:
+        return x0
+    a = sched.alphas_cumprod.to(x.device)[int(t)].to(x.dtype)
+    kind = sched.config.prediction_type
+    if kind == "v_prediction":
+        return a.sqrt() * x - (1 - a).sqrt() * eps
+    if kind == "sample":
+        return eps
+    return (x - (1 - a).sqrt() * eps) / a.sqrt()
+
+
 def check_callback(callback: Callable | None, tensor_inputs: Sequence[str]) -> Sequence[str]:
     """The tensor inputs a step-end callback gets (a diffusers PipelineCallback names its own); ValueError naming
-    callback_on_step_end_tensor_inputs for any other than "latents"."""
+    callback_on_step_end_tensor_inputs for any other than "latents" and "pred_original_sample"."""
     names = getattr(callback, "tensor_inputs", None) or tensor_inputs
     if callback is not None and not callable(callback):
         raise ValueError(f"callback_on_step_end: expected a callable, got {type(callback).__name__}")
-    if not set(names) <= {"latents"}:
-        raise ValueError(f"callback_on_step_end_tensor_inputs: only 'latents' is available, got {list(names)}")
+    if not set(names) <= {"latents", "pred_original_sample"}:
+        raise ValueError("callback_on_step_end_tensor_inputs: only 'latents' and 'pred_original_sample' are "
+                         f"available, got {list(names)}")
     return names
 
 
@@ -238,6 +261,16 @@ class PanoPipeline(DiffusionPipeline):
         latents = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean
         return (latents * self.vae.config.scaling_factor).to(self.unet.dtype)
 
+    @property
+    def num_timesteps(self) -> int | None:
+        """UNet calls of the pipeline call running (or last run): the total a step-end callback counts up to."""
+        return getattr(self, "_num_timesteps", None)
+
+    @torch.no_grad()
+    def preview(self, latents: torch.Tensor) -> np.ndarray:
+        """uint8 image (H, W, 3) of one view's model-space latents (c, h, w), e.g. a step's pred_original_sample."""
+        return self._decode(latents[None])[0]
+
     def _decode(self, x: torch.Tensor) -> np.ndarray:
         """uint8 images (B, H, W, 3) of model-space tensors (B, c, h, w)."""
         out = []
@@ -317,9 +350,11 @@ class PanoPipeline(DiffusionPipeline):
             if cfg:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + guidance * (eps_c - eps_u)
-            x = sched.step(eps, t, x, **extra).prev_sample
+            before = x
+            out = sched.step(eps, t, x, **extra)
+            x = out.prev_sample
             if step_end is not None:
-                x = step_end(t, x, tuple(x_t.shape))
+                x = step_end(t, x, tuple(x_t.shape), partial(predicted_x0, sched, out, eps, before, t))
         if keep is not None:
             x = torch.where(keep, clean.flatten(0, 1), x)
         return x.view_as(x_t)

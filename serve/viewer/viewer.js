@@ -105,10 +105,43 @@ async function generate() {
   const prompt = $("text").value || $("text").placeholder;
   setStatus("generating…");
   try {
-    await showTour(await request("POST", "/v1/tours", {
-      prompt, num_views: Number($("views").value), num_inference_steps: Number($("steps").value),
-    }));
+    const res = await fetch("/v1/tours", {
+      method: "POST", headers: headers(),
+      body: JSON.stringify({ prompt, num_views: Number($("views").value), num_inference_steps: Number($("steps").value),
+                             stream: true }),
+    });
+    if (!res.ok) throw new Error(`${res.status}: ${JSON.stringify((await res.json()).detail)}`);
+    await readEvents(res, {
+      progress: (p) => {
+        setStatus(`step ${p.step} / ${p.steps}`);
+        if (p.preview_png_base64) {
+          $("overview").src = "data:image/png;base64," + p.preview_png_base64;
+          $("overview").hidden = false;
+        }
+      },
+      tour: (tour) => showTour(tour),
+      error: (e) => { throw new Error(`${e.status}: ${JSON.stringify(e.detail)}`); },
+    });
   } catch (err) { setStatus(String(err)); }
+}
+
+// Server-sent events of a fetch response (EventSource cannot POST): each "event: NAME / data: JSON" block in turn.
+async function readEvents(res, handlers) {
+  const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const name = /^event: (.*)$/m.exec(block)?.[1];
+      const data = /^data: (.*)$/m.exec(block)?.[1];
+      if (name && data && handlers[name]) await handlers[name](JSON.parse(data));
+    }
+  }
 }
 
 async function load(id) {
