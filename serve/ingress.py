@@ -23,7 +23,7 @@ from fastapi import Path as FastAPIPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi_offline import FastAPIOffline
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
@@ -52,6 +52,7 @@ from serve.schemas import (
     inline_only,
     validation_detail,
 )
+from serve.webhooks import EVENTS, allowed_hosts, secret_key, url_problem
 
 ResourceId = Annotated[str, FastAPIPath(pattern=ID_PATTERN)]  # tour and job ids: 422 otherwise
 DOCS_ASSETS = "/docs-assets"  # Swagger UI and ReDoc's scripts, from the fastapi-offline package (no CDN)
@@ -81,6 +82,16 @@ class ServerSettings(Strict):
     max_batch_views: int = Field(MAX_BATCH_VIEWS, ge=1)
     batch_wait_timeout_s: float = Field(BATCH_WAIT_S, ge=0.0)
     compile: CompileMode = "off"  # torch.compile of the replicas' UNet (diffpano.pipelines.compiling)
+    webhook_secret: str | None = None  # signs job webhooks (whsec_ + base64); else DIFFPANO_WEBHOOK_SECRET
+    webhook_allow: list[str] | str | None = None  # hosts job webhooks may call; else DIFFPANO_WEBHOOK_ALLOW
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _secret_is_standard(cls, v: str | None) -> str | None:
+        """A Standard Webhooks secret, refused at start when malformed."""
+        if v is not None:
+            secret_key(v)
+        return v
 
     @model_validator(mode="after")
     def _lease_outlasts_beats(self) -> "ServerSettings":
@@ -88,6 +99,16 @@ class ServerSettings(Strict):
         if self.job_lease_s < 3 * self.job_heartbeat_s:
             raise ValueError("job_lease_s: must be at least 3 x job_heartbeat_s")
         return self
+
+    def webhook_key(self) -> bytes | None:
+        """The HMAC key that signs webhooks (ValueError naming webhook_secret when it is malformed), or None."""
+        secret = self.webhook_secret or os.environ.get("DIFFPANO_WEBHOOK_SECRET")
+        return secret_key(secret) if secret else None
+
+    def webhook_hosts(self) -> list[str]:
+        """The hosts (or host:port) job webhooks may call; none unless configured."""
+        return allowed_hosts(self.webhook_allow if self.webhook_allow is not None
+                             else os.environ.get("DIFFPANO_WEBHOOK_ALLOW"))
 
     def api_key(self) -> str | None:
         """The configured API key, if any."""
@@ -199,8 +220,9 @@ class DiffPanoAPI:
         self.replica = serve.get_replica_context().replica_id.unique_id
         s = self.settings
         storage.set_storage_wait(s.storage_wait_s)
+        self.webhook_key, self.webhook_hosts = s.webhook_key(), s.webhook_hosts()
         self.jobs = JobRunner(storage.absolute(s.output_root), self.job_tour, self.replica, s.job_concurrency,
-                              s.job_heartbeat_s, s.job_lease_s)
+                              s.job_heartbeat_s, s.job_lease_s, self.webhook_key)
         # Runs while the replica lives: resumes jobs a lost replica held (the constructor runs in the replica's loop).
         self._watcher = asyncio.get_running_loop().create_task(self.jobs.watch())
 
@@ -375,12 +397,26 @@ async def stored_tour(tour_id: ResourceId, svc: Service) -> TourResponse:
 @router.post("/v1/jobs", status_code=202, response_model=JobStatus)
 async def submit_job(req: JobRequest, svc: Service) -> JobStatus:
     """Start a bulk job (docs/bulk-specs.md) whose tours are stored under output (a prefix of the server's root)."""
+    webhook = job_webhook(req, svc.webhook_key, svc.webhook_hosts)
     try:
         specs = await asyncio.to_thread(svc.jobs.specs_of, req)
     except (ValueError, OSError) as err:
         raise unprocessable("specs", str(err)) from None
     with storage_errors():
-        return await svc.jobs.start_job(specs, req.output)
+        return await svc.jobs.start_job(specs, req.output, webhook)
+
+
+def job_webhook(req: JobRequest, key: bytes | None, hosts: list[str]) -> dict | None:
+    """The job's webhook as job.json records it, or 422 naming webhook when the server will not call it."""
+    if req.webhook is None:
+        if req.webhook_events is not None:
+            raise unprocessable("webhook_events", "given without a webhook")
+        return None
+    if problem := url_problem(req.webhook, hosts):
+        raise unprocessable("webhook", problem)
+    if key is None:
+        raise unprocessable("webhook", "the server has no webhook_secret (or DIFFPANO_WEBHOOK_SECRET) to sign with")
+    return {"url": req.webhook, "events": list(dict.fromkeys(req.webhook_events or EVENTS))}
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobStatus)

@@ -43,19 +43,20 @@ class JobStore:
         """A file of the job's record (its folder when name is empty)."""
         return storage.join(self.root, JOBS, job_id, name) if name else storage.join(self.root, JOBS, job_id)
 
-    def create(self, job_id: str, out: str, specs: list[BulkSpec]) -> None:
-        """Record a new job's output and specs."""
-        body = {"job_id": job_id, "out": out, "specs": [s.model_dump(exclude_none=True) for s in specs]}
+    def create(self, job_id: str, out: str, specs: list[BulkSpec], webhook: dict | None = None) -> None:
+        """Record a new job's output, specs and webhook ({"url", "events"}: whichever replica runs it delivers)."""
+        body = {"job_id": job_id, "out": out, "specs": [s.model_dump(exclude_none=True) for s in specs],
+                "webhook": webhook}
         storage.write_bytes(self._uri(job_id, "job.json"), json.dumps(body).encode())
 
     def _job(self, job_id: str) -> dict:
         """The job's job.json."""
         return json.loads(storage.read_bytes(self._uri(job_id, "job.json")))
 
-    def load(self, job_id: str) -> tuple[str, list[BulkSpec]]:
-        """A job's output and specs."""
+    def load(self, job_id: str) -> tuple[str, list[BulkSpec], dict | None]:
+        """A job's output, specs and webhook."""
         body = self._job(job_id)
-        return body["out"], [BulkSpec.model_validate(s) for s in body["specs"]]
+        return body["out"], [BulkSpec.model_validate(s) for s in body["specs"]], body.get("webhook")
 
     def job_ids(self) -> list[str]:
         """Every recorded job."""

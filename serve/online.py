@@ -15,7 +15,8 @@ from diffpano.io import storage
 from diffpano.pipelines.tours import error_text, pending, record_failures
 from diffpano.specs import BulkSpec, SpecError, read_spec_rows, validate_specs
 from serve.jobstore import FINISHED, JobRecord, JobStore
-from serve.schemas import JobRequest, JobStatus, State, inline_only
+from serve.schemas import JobRequest, JobStatus, State, WebhookEvent, inline_only
+from serve.webhooks import Webhook
 
 BACKOFF_S = 1.0
 logger = logging.getLogger(__name__)
@@ -24,20 +25,44 @@ logger = logging.getLogger(__name__)
 class Job:
     """One job's specs, output and progress, run under one epoch of its lease."""
 
-    def __init__(self, job_id: str, specs: list[BulkSpec], out: str, epoch: int) -> None:
-        self.job_id, self.specs, self.out, self.epoch = job_id, specs, out, epoch
+    def __init__(self, job_id: str, specs: list[BulkSpec], out: str, epoch: int,
+                 webhook: Webhook | None = None) -> None:
+        self.job_id, self.specs, self.out, self.epoch, self.webhook = job_id, specs, out, epoch, webhook
         self.state: State = "queued"
         self.done, self.failed, self.running, self.errors = 0, 0, 0, []
         self.cancelled = False
         self.superseded = False  # another replica took the job over: this one launches and records nothing more
         self.beat = 0
         self.task: asyncio.Task | None = None
+        self.outbox: asyncio.Queue[tuple[WebhookEvent, dict]] = asyncio.Queue()  # webhook events, delivered in order
+        self.notified: tuple = ()  # the counts the last webhook event reported
 
     def status(self) -> JobStatus:
         """The job's current status."""
         return JobStatus(job_id=self.job_id, state=self.state, tours_total=len(self.specs), tours_done=self.done,
                          tours_failed=self.failed, tours_running=self.running,
-                         manifest_uri=storage.join(self.out, "manifest"))
+                         manifest_uri=storage.join(self.out, "manifest"),
+                         webhook_failures=None if self.webhook is None else self.webhook.failures)
+
+    def notify(self, event: WebhookEvent) -> None:
+        """Queue a webhook event with the job's status now (nothing without a webhook)."""
+        if self.webhook is not None:
+            self.notified = (self.state, self.done, self.failed)
+            self.outbox.put_nowait((event, self.status().model_dump()))
+
+    def progress_due(self) -> bool:
+        """Whether a progress event should go out: the counts moved, none is waiting, and the webhook's rate allows."""
+        return (self.webhook is not None and self.outbox.empty() and self.webhook.wants_progress()
+                and (self.state, self.done, self.failed) != self.notified)
+
+    async def deliver(self) -> None:
+        """Send the queued webhook events one after the other, for as long as the job runs here."""
+        while True:
+            event, data = await self.outbox.get()
+            try:
+                await self.webhook.send(event, data)
+            finally:
+                self.outbox.task_done()
 
     def record(self, owner: str) -> JobRecord:
         """The status with this replica's lease, as status.json holds it."""
@@ -58,9 +83,9 @@ class JobRunner:
     over a job whose record has not changed for `lease_s` (its owner is gone)."""
 
     def __init__(self, root: str, generate: Generate, owner: str, concurrency: int = 4, heartbeat_s: float = 1.0,
-                 lease_s: float = 15.0) -> None:
+                 lease_s: float = 15.0, webhook_key: bytes | None = None) -> None:
         self.root, self.generate, self.owner, self.concurrency = root, generate, owner, concurrency
-        self.heartbeat_s, self.lease_s = heartbeat_s, lease_s
+        self.heartbeat_s, self.lease_s, self.webhook_key = heartbeat_s, lease_s, webhook_key
         self.store = JobStore(root)
         self.jobs: dict[str, Job] = {}  # the jobs running here
         self.finished: set[str] = set()  # jobs seen finished: never read again
@@ -76,14 +101,15 @@ class JobRunner:
             raise ValueError("; ".join(str(e) for e in errors[:10]))
         return specs
 
-    async def start_job(self, specs: list[BulkSpec], output: str | None) -> JobStatus:
-        """Record and start a job of validated specs (OSError when its record can't be stored)."""
+    async def start_job(self, specs: list[BulkSpec], output: str | None, webhook: dict | None = None) -> JobStatus:
+        """Record and start a job of validated specs, with its webhook ({"url", "events"}, checked by the caller);
+        OSError when its record can't be stored."""
         job_id = f"job-{uuid.uuid4().hex[:16]}"
         out = storage.join(self.root, output or f"jobs/{job_id}")
-        await asyncio.to_thread(self.store.create, job_id, out, specs)
+        await asyncio.to_thread(self.store.create, job_id, out, specs, webhook)
         if not await asyncio.to_thread(self.store.claim, job_id, self.owner, 1):
             raise OSError(f"{job_id}: lease taken by another replica")
-        job = Job(job_id, specs, out, 1)
+        job = Job(job_id, specs, out, 1, self._webhook(webhook))
         await self._save(job)  # before the 202: any replica can answer for the job from then on
         self._start(job)
         return job.status()
@@ -149,12 +175,18 @@ class JobRunner:
         if not await asyncio.to_thread(self.store.claim, job_id, self.owner, epoch):
             return False
         self.quiet.pop(job_id, None)
-        out, specs = await asyncio.to_thread(self.store.load, job_id)
-        job = Job(job_id, specs, out, epoch)
+        out, specs, webhook = await asyncio.to_thread(self.store.load, job_id)
+        job = Job(job_id, specs, out, epoch, self._webhook(webhook))
         await self._save(job)
         self._start(job)
         logger.info("online jobs: took over %s (epoch %d)", job_id, epoch)
         return True
+
+    def _webhook(self, webhook: dict | None) -> Webhook | None:
+        """The deliveries of a job's webhook as job.json records it ({"url", "events"})."""
+        if webhook is None or self.webhook_key is None:
+            return None
+        return Webhook(webhook["url"], webhook["events"], self.webhook_key)
 
     def _start(self, job: Job) -> None:
         """Run the job in the replica's event loop."""
@@ -169,7 +201,9 @@ class JobRunner:
 
     async def _run(self, job: Job) -> None:
         """Run the job beside its heartbeat; a storage failure ends it as failed, with the error."""
-        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(job))
+        loop = asyncio.get_running_loop()
+        heartbeat = loop.create_task(self._heartbeat(job))
+        deliveries = loop.create_task(job.deliver()) if job.webhook is not None else None
         try:
             await self._generate_all(job)
         except Exception as err:  # noqa: BLE001 - reported through the job's status
@@ -179,11 +213,20 @@ class JobRunner:
             heartbeat.cancel()
         if self.jobs.get(job.job_id) is job:  # not when this replica has since taken the job over again
             del self.jobs[job.job_id]
-        if job.superseded:
-            return  # the new owner's record stands
+        if not job.superseded:
+            await self._finish(job, deliveries)
+        if deliveries is not None:
+            deliveries.cancel()
+
+    async def _finish(self, job: Job, deliveries: asyncio.Task | None) -> None:
+        """Record the finished job, then deliver its completed event and record the webhook's failures with it."""
         try:
             await self._save(job)
             self.finished.add(job.job_id)
+            if deliveries is not None:
+                job.notify("completed")
+                await job.outbox.join()
+                await self._save(job)
         except OSError:
             pass  # the record stays unfinished: a replica takes the job over after lease_s and finishes it
 
@@ -198,6 +241,8 @@ class JobRunner:
                 await self._save(job)
             except OSError as err:
                 logger.warning("online jobs: %s: progress not recorded: %s", job.job_id, err)
+            if job.progress_due():
+                job.notify("progress")
 
     async def _stopped(self, job: Job) -> bool:
         """Whether the job must launch no more tours: a replica asked to cancel it, or another took it over (storage
@@ -217,6 +262,8 @@ class JobRunner:
         job.done = len(job.specs) - len(todo)
         if not job.cancelled:
             job.state = "running"
+        if job.epoch == 1:
+            job.notify("start")
         gate = asyncio.Semaphore(self.concurrency)
 
         async def one(spec: BulkSpec) -> None:

@@ -15,6 +15,7 @@ MAX_INLINE_SPECS = 10_000
 PREFIX = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_./-]{0,255}$")
 
 Output = Literal["inline", "store"]
+WebhookEvent = Literal["start", "progress", "completed"]
 State = Literal["queued", "running", "done", "failed", "cancelled"]
 
 
@@ -39,6 +40,8 @@ class JobRequest(Strict):
     specs: list[dict] | None = Field(None, min_length=1, max_length=MAX_INLINE_SPECS)
     specs_uri: str | None = Field(None, max_length=1024)
     output: str | None = Field(None, max_length=256)
+    webhook: str | None = Field(None, max_length=2048)  # an http(s) URL on a host the server allows (webhook_allow)
+    webhook_events: list[WebhookEvent] | None = Field(None, min_length=1, max_length=3)  # None: all of them
 
     @field_validator("output")
     @classmethod
@@ -66,6 +69,7 @@ class JobStatus(BaseModel):
     tours_failed: int
     tours_running: int  # generating now; after a cancel, 0 means the job has stopped writing
     manifest_uri: str
+    webhook_failures: int | None = None  # webhook delivery attempts that got no 2xx; None without a webhook
 
 
 class View(BaseModel):

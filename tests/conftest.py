@@ -153,8 +153,9 @@ def ray_local():
 @pytest.fixture(scope="module")
 def server(ray_local, tiny_model_dir, tmp_path_factory):
     """The HTTP app on Serve (127.0.0.1) with the tiny model, an API key, two ingress replicas (as serve/config.yaml)
-    and one model replica queueing at most 4; jobs beat every 0.2 s and are taken over after 2 s of silence."""
-    from helpers import KEY, free_port
+    and one model replica queueing at most 4; jobs beat every 0.2 s and are taken over after 2 s of silence; job
+    webhooks may call 127.0.0.1, signed with WEBHOOK_SECRET."""
+    from helpers import KEY, WEBHOOK_SECRET, free_port
     from ray import serve
 
     from serve.app import build_app
@@ -166,7 +167,8 @@ def server(ray_local, tiny_model_dir, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
     args = {"model": str(tiny_model_dir), "output_root": str(root / "out"), "api_key_file": str(key_file),
             "max_body_bytes": 8192, "max_height": 64, "max_batch_views": 8, "batch_wait_timeout_s": 0.3,
-            "job_concurrency": 2, "job_heartbeat_s": 0.2, "job_lease_s": 2.0}
+            "job_concurrency": 2, "job_heartbeat_s": 0.2, "job_lease_s": 2.0, "webhook_secret": WEBHOOK_SECRET,
+            "webhook_allow": ["127.0.0.1"]}
     deployments = [
         {"name": "DiffPanoAPI", "num_replicas": 2, "ray_actor_options": {"num_cpus": 0}},
         {"name": "PanoGenerator", "ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 8,

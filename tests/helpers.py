@@ -14,6 +14,7 @@ from pathlib import Path
 import requests
 
 KEY = "test-key-123"  # the API key of the `server` fixture
+WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # the `server` fixture signs job webhooks with it
 
 NON_FINITE = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"]
 POSE = "[1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, X]"

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
-from helpers import KEY, post, wait_until
+from helpers import KEY, WEBHOOK_SECRET, post, wait_until
 from PIL import Image
 
 from diffpano.io.manifest import read_manifest
@@ -637,3 +637,101 @@ def test_diffpano_serve_stops_cleanly_on_sigterm(tiny_model_dir, tmp_path):
     output = "".join(lines) + rest
     assert proc.returncode == 0 and "shutting down" in output, output[-3000:]
     assert "SIGTERM received" not in output and "Traceback" not in output, output[-3000:]
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1: records every delivery (headers, body) and answers 500 to the first `fail`."""
+
+    def __init__(self, fail: int = 1) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.deliveries: list[tuple[dict, bytes, float]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["content-length"]))
+                receiver.deliveries.append(({k.lower(): v for k, v in self.headers.items()}, body, time.time()))
+                self.send_response(500 if len(receiver.deliveries) <= fail else 204)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_port}/hooks/diffpano"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.http.shutdown()
+
+
+def verified(headers: dict, body: bytes) -> bool:
+    """Standard Webhooks: v1 = base64 HMAC-SHA256, keyed by the secret's base64 part, of "id.timestamp.body"."""
+    import hashlib
+    import hmac
+
+    key = base64.b64decode(WEBHOOK_SECRET.removeprefix("whsec_"))
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+    expected = "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    return hmac.compare_digest(headers["webhook-signature"], expected)
+
+
+def test_a_jobs_webhook_gets_signed_start_progress_and_completed_retried_after_a_failure(server):
+    url, _ = server
+    receiver = Receiver(fail=1)
+    try:
+        specs = [{"tour_id": f"hook-{i}", "prompt": f"room {i}", "num_views": 2, "num_inference_steps": 30}
+                 for i in range(12)]
+        r = post(url, "/v1/jobs", {"specs": specs, "output": "jobs/hooked", "webhook": receiver.url})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        status = wait_job(url, job_id, until=lambda s: s["state"] == "done" and any(
+            json.loads(b)["type"] == "job.completed" for h, b, _ in receiver.deliveries[1:]))
+    finally:
+        receiver.close()
+    deliveries = receiver.deliveries
+    assert all(verified(h, b) for h, b, _ in deliveries)
+    assert all(abs(int(h["webhook-timestamp"]) - t) <= 5 for h, _, t in deliveries)
+    first, retried = deliveries[0][0]["webhook-id"], deliveries[1][0]["webhook-id"]
+    assert first == retried  # the failed delivery came again, with the same id
+    events = [json.loads(b) for _, b, _ in deliveries[1:]]
+    types = [e["type"] for e in events]
+    assert types[0] == "job.start" and types[-1] == "job.completed" and set(types[1:-1]) <= {"job.progress"}, types
+    assert len({h["webhook-id"] for h, _, _ in deliveries}) == len(deliveries) - 1
+    progress_times = [t for (h, b, t) in deliveries[1:] if json.loads(b)["type"] == "job.progress"]
+    assert all(b - a >= 1.9 for a, b in zip(progress_times, progress_times[1:], strict=False)), progress_times
+    done = events[-1]["data"]
+    assert done["job_id"] == job_id and done["state"] == "done" and done["tours_done"] == 12
+    assert status["webhook_failures"] == 1 and done["webhook_failures"] == 1
+    print(f"webhook: {len(progress_times)} progress events; first attempt failed, delivered on the retry "
+          f"{deliveries[1][2] - deliveries[0][2]:.2f}s later")
+
+
+@pytest.mark.parametrize(("body", "field", "message"), [
+    ({"webhook": "http://169.254.169.254/latest/meta-data"}, "webhook", "not in the server's webhook_allow"),
+    ({"webhook": "file:///etc/passwd"}, "webhook", "http:// or https://"),
+    ({"webhook": "http://user:secret@127.0.0.1:9/x"}, "webhook", "credentials"),
+    ({"webhook_events": ["completed"]}, "webhook_events", "without a webhook"),
+    ({"webhook": "http://127.0.0.1:9/x", "webhook_events": ["finished"]}, "webhook_events", ""),
+])
+def test_webhooks_the_server_will_not_call_get_422_naming_the_field(server, body, field, message):
+    r = post(server[0], "/v1/jobs", {"specs": [{"prompt": "a", "num_views": 2}], **body})
+    assert r.status_code == 422 and field in json.dumps(r.json()["detail"]) and message in r.text, r.text
+
+
+def test_webhook_settings_are_checked_and_none_are_allowed_by_default(monkeypatch):
+    from pydantic import ValidationError
+
+    from serve.ingress import ServerSettings
+    from serve.webhooks import url_problem
+
+    with pytest.raises(ValidationError, match="webhook_secret"):
+        ServerSettings(webhook_secret="not-a-secret")
+    monkeypatch.delenv("DIFFPANO_WEBHOOK_ALLOW", raising=False)
+    assert ServerSettings().webhook_hosts() == []
+    monkeypatch.setenv("DIFFPANO_WEBHOOK_ALLOW", "hooks.example.com, 10.0.0.5:8080")
+    assert ServerSettings().webhook_hosts() == ["hooks.example.com", "10.0.0.5:8080"]
+    assert "webhook_allow" in url_problem("https://example.com/hook", [])
+    assert url_problem("https://hooks.example.com:8443/x", ["hooks.example.com:8443"]) is None
