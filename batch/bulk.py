@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from diffpano.defaults import COMPACT_EVERY, PUBLISH_S, REPLICAS, STALL_S, TOURS_PER_BATCH
+from diffpano.defaults import COMPACT_EVERY, MAX_LORAS, PUBLISH_S, REPLICAS, STALL_S, TOURS_PER_BATCH
 from diffpano.io import storage
 from diffpano.io.compaction import Publisher, compact_local, publish_pending
 from diffpano.io.manifest import Tour, commit_tours, tour_ids
 from diffpano.io.storage import StorageUnavailable
+from diffpano.models.lora import LoraSet
 from diffpano.pipelines.compiling import check_mode, compile_pipeline
 from diffpano.pipelines.loading import check_model, resolve_model
 from diffpano.pipelines.tours import error_text, make_tours, record_failures
@@ -36,19 +37,20 @@ class TourWriter:
 
     def __init__(self, model: str | None, out: str, device: str | None = None, threads: int | None = None,
                  options: dict | None = None, compile: str = "off", scheduler: str | None = None,
-                 pending: bool = False) -> None:
+                 pending: bool = False, lora_root: str | None = None) -> None:
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         self.pipe = compile_pipeline(resolve_model(model, device, scheduler=scheduler), check_mode(compile))
         self.pipe.set_progress_bar_config(disable=True)
+        self.loras = LoraSet(self.pipe, lora_root, MAX_LORAS)
         self.out, self.options, self.pending = out, dict(options or {}), pending
 
     def write(self, batch: list[str]) -> BatchResult:
         """Generate the batch's tours (JSON specs), commit the successful ones as one part (staged when pending)."""
         started = time.perf_counter()
-        results = make_tours(self.pipe, [BulkSpec.model_validate_json(s) for s in batch], **self.options)
+        results = make_tours(self.pipe, [BulkSpec.model_validate_json(s) for s in batch], self.loras, **self.options)
         tours = [t for t in results.values() if isinstance(t, Tour)]
         errors = {tid: error_text(e) for tid, e in results.items() if isinstance(e, Exception)}
         model_s = time.perf_counter() - started
@@ -95,10 +97,11 @@ def run_bulk(specs: Sequence[BulkSpec] | SpecRows, out: str, model: str | None =
              batch_size: int = TOURS_PER_BATCH, num_gpus: float = 0.0, cpus_per_replica: float = 1.0,
              progress: bool = True, invalid: list[SpecError] | None = None, options: dict | None = None,
              compile: str = "off", scheduler: str | None = None, stall_s: float = STALL_S,
-             compact_every: int = COMPACT_EVERY) -> BulkSummary:
+             compact_every: int = COMPACT_EVERY, lora_root: str | None = None) -> BulkSummary:
     """Generate every spec whose tour is not yet in the manifest under out; failures go to OUT/failures/.
 
-    `options` go to every pipeline call (num_ref_views, num_samples, use_epipolar: what an ablation varies);
+    `options` go to every pipeline call (num_ref_views, num_samples, use_epipolar: what an ablation varies); specs
+    naming a `lora` take it from lora_root (ROOT/NAME/pytorch_lora_weights.safetensors);
     `compile` is the replicas' torch.compile mode (diffpano.pipelines.compiling); `scheduler` the sampler that
     replaces the model's own (specs naming theirs keep them). ValueError before any work when the model cannot
     sample. SpecRows are streamed: the driver holds their ids, not the specs. The job stops, resumable, saying why
@@ -124,7 +127,8 @@ def run_bulk(specs: Sequence[BulkSpec] | SpecRows, out: str, model: str | None =
             device, threads = "cuda" if num_gpus else "cpu", max(1, int(cpus_per_replica))
             stage = compact_every > 0 and storage.is_remote(out)
             pool = start_actors(TourWriter, min(replicas, -(-todo // batch_size)), model, out, device, threads,
-                                options, compile, scheduler, stage, num_cpus=cpus_per_replica, num_gpus=num_gpus)
+                                options, compile, scheduler, stage, lora_root, num_cpus=cpus_per_replica,
+                                num_gpus=num_gpus)
             rows = specs.json_rows() if isinstance(specs, SpecRows) else (
                 (s.tour_id, s.model_dump_json()) for s in specs)
             batches = in_batches((row for tid, row in rows if tid not in present), batch_size)

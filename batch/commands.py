@@ -130,6 +130,10 @@ def bulk(
     storage_wait: float = typer.Option(STORAGE_WAIT_S, "--storage-wait", callback=finite_in(0.0),
                                        help="Seconds an s3:// read or write retries through a storage outage before "
                                        "the job stops, resumable (exit code 3)."),
+    lora: str | None = typer.Option(None, "--lora", help="A LoRA by name under --lora-root for the specs that name "
+                                    "none (a spec's `lora` wins)."),
+    lora_root: str | None = typer.Option(None, "--lora-root", help="Folder or s3:// prefix of LoRAs by name "
+                                         "(ROOT/NAME/pytorch_lora_weights.safetensors, as training writes RUN/lora)."),
     compact_every: int = typer.Option(COMPACT_EVERY, "--compact-every", min=0,
                                       help="Merge the job's manifest parts every N it writes (0: never): a local "
                                       "manifest is compacted; on s3:// batches stage their parts and they are "
@@ -144,8 +148,9 @@ def bulk(
         raise typer.BadParameter("give exactly one of --specs FILE and --synthetic N")
     set_storage_wait(storage_wait)
     try:
-        good = SpecRows(lambda: with_scheduler(iter_spec_rows(specs) if specs else
-                                               synthetic_specs(synthetic, views, seed, steps), scheduler))
+        good = SpecRows(lambda: with_defaults(iter_spec_rows(specs) if specs else
+                                              synthetic_specs(synthetic, views, seed, steps),
+                                              scheduler=scheduler, lora=lora))
     except StorageUnavailable as err:
         stopped(f"--specs: {err}")
     except (ValueError, OSError) as err:
@@ -163,7 +168,7 @@ def bulk(
     try:
         summary = run_bulk(good, out, model, replicas, batch_size, gpus, cpus, invalid=invalid,
                            compile=compile or "off", scheduler=scheduler, stall_s=stall_timeout,
-                           compact_every=compact_every)
+                           compact_every=compact_every, lora_root=lora_root)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     typer.echo(summary.line())
@@ -174,11 +179,11 @@ def bulk(
     typer.echo(f"view it: {command_name()} serve --output-root {summary.out}, then /viewer?tour=<tour_id>")
 
 
-def with_scheduler(rows: Iterable, scheduler: str | None) -> Iterator:
-    """Rows with the sampler of --scheduler where they name none."""
+def with_defaults(rows: Iterable, **defaults: str | None) -> Iterator:
+    """Rows with the options' values (--scheduler, --lora) for the fields they leave empty."""
+    given = {k: v for k, v in defaults.items() if v}
     for row in rows:
-        yield row | {"scheduler": scheduler} if scheduler and isinstance(row, dict) and not row.get("scheduler") \
-            else row
+        yield row | {k: v for k, v in given.items() if not row.get(k)} if given and isinstance(row, dict) else row
 
 
 def stopped(reason: str) -> None:

@@ -27,6 +27,9 @@ Prompt = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CH
 Pose = Annotated[list[float], Field(min_length=16, max_length=16)]
 
 
+LORA_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"  # a LoRA under a root is named, never given as a path
+
+
 class Strict(BaseModel):
     """Unknown fields and non-finite numbers (NaN, Infinity, 1e400) are refused."""
 
@@ -59,6 +62,7 @@ class Sampling(Strict):
     height: int | None = Field(None, ge=8, le=4096)
     width: int | None = Field(None, ge=16, le=8192)
     scheduler: Literal[SCHEDULER_NAMES] | None = None  # None: the model's own (its scheduler/ config)
+    lora: str | None = Field(None, pattern=f"^{LORA_NAME}$")  # a LoRA by name, under the generator's LoRA root
 
 
 class TourSpec(Sampling):

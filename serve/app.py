@@ -23,5 +23,6 @@ def build_app(args: dict | None = None, deployments: list[dict] | None = None) -
         actor.setdefault("runtime_env", {"env_vars": storage.worker_env()})
     generator = PanoGenerator.options(**options.get("PanoGenerator", {})).bind(
         settings.model, settings.device, settings.max_batch_views, settings.batch_wait_timeout_s, settings.compile,
-        settings.default_scheduler, settings.storage_wait_s)
+        settings.default_scheduler, settings.storage_wait_s,
+        storage.absolute(settings.lora_root) if settings.lora_root else None, settings.max_loras_per_replica)
     return DiffPanoAPI.options(**options.get("DiffPanoAPI", {})).bind(generator, settings.model_dump())

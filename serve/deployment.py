@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator, Callable
 import numpy as np
 from ray import serve
 
-from diffpano.defaults import BATCH_WAIT_S, MAX_BATCH_VIEWS, STORAGE_WAIT_S
+from diffpano.defaults import BATCH_WAIT_S, MAX_BATCH_VIEWS, MAX_LORAS, STORAGE_WAIT_S
 from diffpano.io import storage
 from diffpano.io.manifest import Tour, commit_tours, image_path, png_bytes
+from diffpano.models.lora import LoraSet
 from diffpano.pipelines.compiling import check_mode, compile_pipeline
 from diffpano.pipelines.loading import resolve_model
 from diffpano.pipelines.tours import make_tours
@@ -21,6 +22,19 @@ from serve.schemas import GenerationJob, GenerationResult, Progress
 
 HEALTH_PROBE_AFTER_S = 300.0  # without a batch for this long, check_health runs a one-step probe
 PREVIEWS = 3  # previews a streamed tour sends, at a quarter, half and three quarters of its steps
+
+
+class HeldLora:
+    """A LoRA the multiplexer counts as loaded on this replica; evicting it drops its adapter."""
+
+    def __init__(self, generator: PanoGenerator, name: str) -> None:
+        self.generator, self.name, self.held = generator, name, True
+
+    def __del__(self) -> None:
+        """Drop the adapter once (the multiplexer calls this on eviction, and the collector may again later)."""
+        if self.held:
+            self.held = False
+            self.generator._locked(self.generator.loras.drop, self.name)
 
 
 class Cancelled(Exception):
@@ -44,10 +58,18 @@ class PanoGenerator:
 
     def __init__(self, model: str | None = None, device: str | None = None, max_batch_views: int = MAX_BATCH_VIEWS,
                  batch_wait_timeout_s: float = BATCH_WAIT_S, compile: str = "off",
-                 scheduler: str | None = None, storage_wait_s: float = STORAGE_WAIT_S) -> None:
+                 scheduler: str | None = None, storage_wait_s: float = STORAGE_WAIT_S, lora_root: str | None = None,
+                 max_loras: int = MAX_LORAS) -> None:
         storage.set_storage_wait(storage_wait_s)  # stored tours' writes wait out outages this long
         self.pipe = compile_pipeline(resolve_model(model, device, scheduler=scheduler), check_mode(compile))
         self.pipe.set_progress_bar_config(disable=True)
+        self.loras = LoraSet(self.pipe, lora_root, max_loras)
+        # Ray Serve's model multiplexing: requests for a LoRA go to replicas that hold it (set up here, where the
+        # LRU's size is known; Ray detects it on the instance)
+        async def hold_lora(name: str) -> HeldLora:  # a plain function: the multiplexer keeps its state on it
+            return await self._hold_lora(name)
+
+        self.hold_lora = serve.multiplexed(max_num_models_per_replica=max_loras)(hold_lora)
         self.max_batch_views = max_batch_views
         self.generate_batch.set_max_batch_size(max_batch_views)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -63,19 +85,36 @@ class PanoGenerator:
                 "size_multiple": self.pipe.size_multiple}
 
     def stats(self) -> dict:
-        """Recent batch sizes in views (newest last), how many batches this replica has run, and how many streamed
-        tours it stopped because their client went away."""
-        return {"batch_views": list(self.batch_views), "batches": self.batches, "cancelled": self.cancelled}
+        """Recent batch sizes in views (newest last), how many batches this replica has run, how many streamed tours
+        it stopped because their client went away, and the LoRAs it holds (least recently used first)."""
+        return {"batch_views": list(self.batch_views), "batches": self.batches, "cancelled": self.cancelled,
+                "loras": self.loras.names()}
+
+    async def _hold_lora(self, name: str) -> HeldLora:
+        """Load a LoRA for the multiplexer (which drops the least recently used beyond max_loras)."""
+        await asyncio.to_thread(self._locked, self.loras.load, name)
+        return HeldLora(self, name)
+
+    def _locked(self, fn: Callable, *args) -> object:
+        """fn(*args) under the pipeline lock."""
+        with self.lock:
+            return fn(*args)
+
+    async def _lora_of_request(self) -> None:
+        """Load the LoRA the request was routed for (its multiplexed model id), if any."""
+        if name := serve.get_multiplexed_model_id():
+            await self.hold_lora(name)
 
     def _tours(self, jobs: list[GenerationJob], **options) -> dict:
         """make_tours under the pipeline lock (called in a worker thread)."""
         with self.lock:
-            tours = make_tours(self.pipe, jobs, **options)
+            tours = make_tours(self.pipe, jobs, loras=self.loras, **options)
             self.last_batch = time.monotonic()
             return tours
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
         """One tour, batched with others arriving at the same time; a tour larger than a batch runs alone."""
+        await self._lora_of_request()
         if job.view_count() > self.max_batch_views:  # @serve.batch refuses an item larger than the batch
             return await self._run_alone(job)
         return await self.generate_batch(job)
@@ -99,6 +138,7 @@ class PanoGenerator:
     async def generate_stream(self, job: GenerationJob) -> AsyncIterator[Progress | GenerationResult]:
         """One tour, alone (a batch's steps are shared), as a Progress after every UNet call and the result last.
         When the caller stops reading (the HTTP client went away), the tour stops at its next step."""
+        await self._lora_of_request()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Progress] = asyncio.Queue()
         stop = threading.Event()

@@ -10,6 +10,7 @@ import base64
 import hmac
 import json
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -23,21 +24,23 @@ from fastapi import Path as FastAPIPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi_offline import FastAPIOffline
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from diffpano.defaults import BATCH_WAIT_S, MAX_BATCH_VIEWS, STORAGE_WAIT_S, random_seed
+from diffpano.defaults import BATCH_WAIT_S, MAX_BATCH_VIEWS, MAX_LORAS, STORAGE_WAIT_S, random_seed
 from diffpano.io import storage
 from diffpano.io.manifest import png_bytes, read_tours
+from diffpano.models.lora import LORA_FILE
 from diffpano.pipelines.compiling import CompileMode
 from diffpano.pipelines.given import decode_panorama, given_bytes
 from diffpano.pipelines.schedulers import SCHEDULER_NAMES
 from diffpano.specs import ID_PATTERN, BulkSpec, Sampling, Strict
 from serve.jobstore import JobStore
 from serve.online import BACKOFF_S, JobRunner
+from serve.quotas import Quotas
 from serve.schemas import (
     GenerationJob,
     GenerationResult,
@@ -59,6 +62,9 @@ DOCS_ASSETS = "/docs-assets"  # Swagger UI and ReDoc's scripts, from the fastapi
 OPEN_PATHS = ("/healthz", "/viewer", "/docs", "/openapi.json", "/redoc", "/favicon.ico", DOCS_ASSETS)
 REPLICA_HEADER = "X-DiffPano-Replica"  # which ingress replica answered (docs/http-api.md)
 MAX_TOUR_LOSSES = 3  # model replicas an online job's tour may lose before it counts as failed
+KEY_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+KeyName = Annotated[str, StringConstraints(pattern=f"^{KEY_NAME.pattern}$")]
+ANONYMOUS = "anonymous"  # the callers of a server without API keys, as quotas count them
 
 
 class ServerSettings(Strict):
@@ -68,7 +74,9 @@ class ServerSettings(Strict):
     device: str | None = None
     output_root: str = "outputs/served"  # where output="store" writes (docs/tours.md); clients never choose the path
     api_key_env: str = "DIFFPANO_API_KEY"  # when this variable (or api_key_file) is set, /v1 needs the key
-    api_key_file: str | None = None
+    api_key_file: str | None = None  # one key per line, "KEY" or "NAME KEY" (quotas are set per NAME)
+    quota_images_per_minute: int | None = Field(None, ge=1)  # every key's quota unless `quotas` names it; None: none
+    quotas: dict[KeyName, Annotated[int, Field(ge=1)]] = {}  # images per minute by key name
     max_body_bytes: int = Field(16 << 20, ge=1024)  # room for panoramas given inline (images)
     max_height: int = Field(512, ge=8)
     default_steps: int | None = Field(None, ge=1)  # None: the library's default (diffpano.defaults)
@@ -82,6 +90,8 @@ class ServerSettings(Strict):
     max_batch_views: int = Field(MAX_BATCH_VIEWS, ge=1)
     batch_wait_timeout_s: float = Field(BATCH_WAIT_S, ge=0.0)
     compile: CompileMode = "off"  # torch.compile of the replicas' UNet (diffpano.pipelines.compiling)
+    lora_root: str | None = None  # LoRAs a request may name: LORA_ROOT/NAME/pytorch_lora_weights.safetensors
+    max_loras_per_replica: int = Field(MAX_LORAS, ge=1)  # LoRAs a model replica keeps loaded (LRU)
     webhook_secret: str | None = None  # signs job webhooks (whsec_ + base64); else DIFFPANO_WEBHOOK_SECRET
     webhook_allow: list[str] | str | None = None  # hosts job webhooks may call; else DIFFPANO_WEBHOOK_ALLOW
 
@@ -100,6 +110,14 @@ class ServerSettings(Strict):
             raise ValueError("job_lease_s: must be at least 3 x job_heartbeat_s")
         return self
 
+    @model_validator(mode="after")
+    def _loras_run_eager(self) -> "ServerSettings":
+        """LoRAs are switched per request; a compiled UNet would be recompiled at every switch."""
+        if self.lora_root is not None and self.compile != "off":
+            raise ValueError(f"lora_root: LoRAs are served with compile: off (switching adapters would recompile a "
+                             f"compiled UNet); got compile: {self.compile}")
+        return self
+
     def webhook_key(self) -> bytes | None:
         """The HMAC key that signs webhooks (ValueError naming webhook_secret when it is malformed), or None."""
         secret = self.webhook_secret or os.environ.get("DIFFPANO_WEBHOOK_SECRET")
@@ -110,11 +128,21 @@ class ServerSettings(Strict):
         return allowed_hosts(self.webhook_allow if self.webhook_allow is not None
                              else os.environ.get("DIFFPANO_WEBHOOK_ALLOW"))
 
-    def api_key(self) -> str | None:
-        """The configured API key, if any."""
+    def api_keys(self) -> dict[str, str]:
+        """The accepted API keys by name: api_key_file's lines ("KEY" is named "default"), else the variable's one
+        key ("default"); {} when none is configured (then /v1 is open and its callers share the name "anonymous")."""
         if self.api_key_file:
-            return Path(self.api_key_file).read_text().strip() or None
-        return os.environ.get(self.api_key_env) or None
+            keys = {}
+            for n, line in enumerate(Path(self.api_key_file).read_text().splitlines(), 1):
+                parts = line.split()
+                if len(parts) > 2 or (len(parts) == 2 and not KEY_NAME.fullmatch(parts[0])):
+                    raise ValueError(f"api_key_file: line {n}: expected KEY or NAME KEY, NAME of letters, digits, "
+                                     "'-' and '_'")
+                if parts:
+                    keys[parts[0] if len(parts) == 2 else "default"] = parts[-1]
+            return keys
+        key = os.environ.get(self.api_key_env)
+        return {"default": key} if key else {}
 
 
 def unprocessable(field: str, message: str) -> HTTPException:
@@ -214,12 +242,14 @@ class DiffPanoAPI:
     def __init__(self, generator: DeploymentHandle, settings: dict) -> None:
         self.generator = generator
         self.settings = ServerSettings.model_validate(settings)
-        self.api_key = self.settings.api_key()
+        self.api_keys = self.settings.api_keys()
+        self.loras_seen: set[str] = set()
         self._info: dict | None = None
         self._info_lock = asyncio.Lock()
         self.replica = serve.get_replica_context().replica_id.unique_id
         s = self.settings
         storage.set_storage_wait(s.storage_wait_s)
+        self.quotas = Quotas(storage.absolute(s.output_root), s.quota_images_per_minute, s.quotas)
         self.webhook_key, self.webhook_hosts = s.webhook_key(), s.webhook_hosts()
         self.jobs = JobRunner(storage.absolute(s.output_root), self.job_tour, self.replica, s.job_concurrency,
                               s.job_heartbeat_s, s.job_lease_s, self.webhook_key)
@@ -237,7 +267,7 @@ class DiffPanoAPI:
         while True:
             try:
                 job = await self.job(spec, spec.prompt_list(), spec.pose_array(), spec.tour_id, out)
-                await self.generator.generate.remote(job)
+                await self.model_for(job).generate.remote(job)
                 return
             except BackPressureError:
                 pass
@@ -294,7 +324,38 @@ class DiffPanoAPI:
             num_inference_steps=req.num_inference_steps or s.default_steps,
             guidance_scale=s.default_guidance if req.guidance_scale is None else req.guidance_scale,
             scheduler=req.scheduler or s.default_scheduler, store_root=store_root, images=getattr(req, "images", None),
+            lora=req.lora,
         )
+
+    async def charge(self, request: Request, images: int) -> None:
+        """Reserve a request's images on its key's quota: 429 with Retry-After when the minute's quota is spent."""
+        key_name = request.state.key_name
+        if self.quotas.limit(key_name) is None:
+            return
+        with storage_errors():
+            state = await asyncio.to_thread(self.quotas.take, key_name, images)
+        request.state.quota = state
+        if not state.allowed:
+            raise HTTPException(429, headers=state.headers(), detail=(
+                f"quota: {images} images asked for, {state.remaining} of this key's {state.limit} a minute left; "
+                f"retry after {state.headers()['Retry-After']} s"))
+
+    async def check_lora(self, name: str | None, field: str = "lora") -> None:
+        """422 naming the field unless the server has a LoRA of this name (found ones are remembered)."""
+        if name is None or name in self.loras_seen:
+            return
+        root = self.settings.lora_root
+        if root is None:
+            raise unprocessable(field, "this server has no lora_root: it serves no LoRAs")
+        with storage_errors():
+            found = await asyncio.to_thread(storage.exists, storage.join(storage.absolute(root), name, LORA_FILE))
+        if not found:
+            raise unprocessable(field, f"no LoRA named {name!r} on this server")
+        self.loras_seen.add(name)
+
+    def model_for(self, job: GenerationJob) -> DeploymentHandle:
+        """The model deployment's handle for a job: routed to replicas holding its LoRA (model multiplexing)."""
+        return self.generator.options(multiplexed_model_id=job.lora) if job.lora else self.generator
 
     async def request_job(self, req: PanoramaRequest | TourRequest, prompts: list[str], poses) -> GenerationJob:
         """The model's job for an HTTP request: a fresh tour id, stored under the output root when asked."""
@@ -305,7 +366,7 @@ class DiffPanoAPI:
         """A tour as server-sent events: progress at every step, then the tour (or an error). Overload is still a
         503 before the stream starts; a client that disconnects stops the tour at its next step."""
         job = await self.request_job(req, prompts, poses)
-        events = self.generator.options(stream=True).generate_stream.remote(job)
+        events = self.model_for(job).options(stream=True).generate_stream.remote(job)
         try:
             first = await self.ask(events.__anext__())
         except ValueError as err:
@@ -333,9 +394,9 @@ class DiffPanoAPI:
         """One tour from the model deployment; overload answers 503 with Retry-After."""
         job = await self.request_job(req, prompts, poses)
         try:
-            return await self.ask(self.generator.generate.remote(job))
+            return await self.ask(self.model_for(job).generate.remote(job))
         except ValueError as err:
-            raise unprocessable("height", str(err)) from None
+            raise unprocessable("lora" if str(err).startswith("lora:") else "height", str(err)) from None
 
 
 def service(request: Request) -> DiffPanoAPI:
@@ -352,10 +413,12 @@ STREAMED = {"content": {"text/event-stream": {}}, "description": "with stream: p
 
 @router.post("/v1/tours", response_model=TourResponse, response_model_exclude_none=False,
              responses={200: STREAMED})
-async def tours(req: TourRequest, svc: Service) -> TourResponse | StreamingResponse:
+async def tours(req: TourRequest, svc: Service, request: Request) -> TourResponse | StreamingResponse:
     """Generate a multi-view tour: N consistent panoramas along poses or a named trajectory."""
     prompts, poses = req.prompt_list(), req.pose_array()
     await check_given(req.images)
+    await svc.check_lora(req.lora)
+    await svc.charge(request, len(prompts))
     if req.stream:
         return await svc.stream(req, prompts, poses)
     return tour_response(await svc.generate(req, prompts, poses), prompts, poses)
@@ -376,9 +439,11 @@ async def check_given(images: dict[int, str] | None) -> None:
 @router.post("/v1/panoramas", response_model=None,
              responses={200: {"content": {"image/png": {}, **STREAMED["content"]},
                               "description": "the panorama (inline), or with stream: progress events, then the tour"}})
-async def panoramas(req: PanoramaRequest, svc: Service) -> Response:
+async def panoramas(req: PanoramaRequest, svc: Service, request: Request) -> Response:
     """Generate one panorama: image/png, or (output="store") the stored tour's JSON."""
     poses = np.eye(4)[None]
+    await svc.check_lora(req.lora)
+    await svc.charge(request, 1)
     if req.stream:
         return await svc.stream(req, [req.prompt], poses)
     result = await svc.generate(req, [req.prompt], poses)
@@ -402,6 +467,8 @@ async def submit_job(req: JobRequest, svc: Service) -> JobStatus:
         specs = await asyncio.to_thread(svc.jobs.specs_of, req)
     except (ValueError, OSError) as err:
         raise unprocessable("specs", str(err)) from None
+    for n, spec in enumerate(specs, 1):
+        await svc.check_lora(spec.lora, f"specs line {n}: lora")
     with storage_errors():
         return await svc.jobs.start_job(specs, req.output, webhook)
 
@@ -472,8 +539,9 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
     return JSONResponse({"detail": validation_detail(exc.errors())}, status_code=422)
 
 
-def guard(settings: ServerSettings, api_key: str | None):
-    """Middleware enforcing the body size limit (413) and the API key (401) before any route runs."""
+def guard(settings: ServerSettings, api_keys: dict[str, str]):
+    """Middleware enforcing the body size limit (413) and the API key (401) before any route runs; it names the
+    caller's key for quotas (request.state.key_name)."""
 
     async def middleware(request: Request, call_next):
         length = request.headers.get("content-length")
@@ -483,13 +551,39 @@ def guard(settings: ServerSettings, api_key: str | None):
         if length is None and request.method in ("POST", "PUT", "PATCH"):
             if len(await request.body()) > settings.max_body_bytes:
                 return too_large
-        if api_key and not request.url.path.startswith(OPEN_PATHS):
+        request.state.key_name = ANONYMOUS
+        if api_keys and not request.url.path.startswith(OPEN_PATHS):
             given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix(
                 "Bearer ")
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
+            # every key compared, so the time taken does not tell which one nearly matched
+            matched = [name for name, key in api_keys.items() if hmac.compare_digest(given.encode(), key.encode())]
+            if not matched:
                 return JSONResponse({"detail": "api key: missing or wrong (header X-API-Key)"}, status_code=401,
                                     headers={"WWW-Authenticate": "ApiKey"})
+            request.state.key_name = matched[0]
         return await call_next(request)
+
+    return middleware
+
+
+def quota_headers(quotas: Quotas):
+    """Middleware adding the caller's x-ratelimit-*-images headers to every /v1 answer when its key has a quota
+    (the generating routes leave what they reserved in request.state.quota; others read the quota as it is)."""
+
+    async def middleware(request: Request, call_next):
+        response = await call_next(request)
+        key_name = getattr(request.state, "key_name", None)
+        if key_name is None or not request.url.path.startswith("/v1/") or quotas.limit(key_name) is None:
+            return response
+        state = getattr(request.state, "quota", None)
+        if state is None:
+            try:
+                with storage.wait_at_most(0.0):
+                    state = await asyncio.to_thread(quotas.peek, key_name)
+            except OSError:
+                return response  # the answer stands; only its quota headers are left out
+        response.headers.update(state.headers())
+        return response
 
     return middleware
 
@@ -513,6 +607,7 @@ def build_api(svc: DiffPanoAPI) -> FastAPI:
     api.state.service = svc
     api.include_router(router)
     api.add_exception_handler(RequestValidationError, invalid_request)
-    api.middleware("http")(guard(svc.settings, svc.api_key))
+    api.middleware("http")(quota_headers(svc.quotas))
+    api.middleware("http")(guard(svc.settings, svc.api_keys))
     api.middleware("http")(served_by(svc.replica))  # added last: outermost, so refusals carry it too
     return api

@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -150,25 +151,47 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def lora_root(tiny_model_dir, train_dataset, tmp_path_factory) -> Path:
+    """Two stage-1 LoRAs of the tiny model, trained here for 3 steps each at different rates, as a LoRA root:
+    ROOT/warm and ROOT/cool (each RUN/lora of its run)."""
+    import shutil
+
+    from trainer.config import load_config
+    from trainer.run import train
+
+    runs, root = tmp_path_factory.mktemp("lora-runs"), tmp_path_factory.mktemp("loras")
+    for name, lr in (("warm", "0.05"), ("cool", "0.02")):
+        cfg = load_config("trainer/configs/tiny.yaml", [
+            f"data.dataset={train_dataset}", f"model.base={tiny_model_dir}", "stage1.steps=3", "stage1.lora_rank=4",
+            "stage1.lora_alpha=8", f"stage1.lr={lr}", "stage2.steps=0", "scaling.num_workers=0",
+            "run.checkpoint_every=100"])
+        train(cfg, [1], name, str(runs), local_device="cpu")
+        shutil.copytree(runs / name / "lora", root / name)
+    return root
+
+
 @pytest.fixture(scope="module")
-def server(ray_local, tiny_model_dir, tmp_path_factory):
+def server(ray_local, tiny_model_dir, lora_root, tmp_path_factory):
     """The HTTP app on Serve (127.0.0.1) with the tiny model, an API key, two ingress replicas (as serve/config.yaml)
     and one model replica queueing at most 4; jobs beat every 0.2 s and are taken over after 2 s of silence; job
-    webhooks may call 127.0.0.1, signed with WEBHOOK_SECRET."""
-    from helpers import KEY, WEBHOOK_SECRET, free_port
+    webhooks may call 127.0.0.1, signed with WEBHOOK_SECRET; METERED_KEY may generate METERED_QUOTA images a
+    minute; requests may name the LoRAs of lora_root, one held by the model replica at a time."""
+    from helpers import KEY, METERED_KEY, METERED_QUOTA, WEBHOOK_SECRET, free_port
     from ray import serve
 
     from serve.app import build_app
 
     root = tmp_path_factory.mktemp("served")
     key_file = root / "key"
-    key_file.write_text(KEY)
+    key_file.write_text(f"{KEY}\nmetered {METERED_KEY}\n")  # the default key, and one with a quota
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
     args = {"model": str(tiny_model_dir), "output_root": str(root / "out"), "api_key_file": str(key_file),
             "max_body_bytes": 8192, "max_height": 64, "max_batch_views": 8, "batch_wait_timeout_s": 0.3,
             "job_concurrency": 2, "job_heartbeat_s": 0.2, "job_lease_s": 2.0, "webhook_secret": WEBHOOK_SECRET,
-            "webhook_allow": ["127.0.0.1"]}
+            "webhook_allow": ["127.0.0.1"], "quotas": {"metered": METERED_QUOTA}, "lora_root": str(lora_root),
+            "max_loras_per_replica": 1}
     deployments = [
         {"name": "DiffPanoAPI", "num_replicas": 2, "ray_actor_options": {"num_cpus": 0}},
         {"name": "PanoGenerator", "ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 8,

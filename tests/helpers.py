@@ -15,6 +15,7 @@ import requests
 
 KEY = "test-key-123"  # the API key of the `server` fixture
 WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # the `server` fixture signs job webhooks with it
+METERED_KEY, METERED_QUOTA = "metered-key-456", 6  # a second key of the `server` fixture, 6 images a minute
 
 NON_FINITE = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"]
 POSE = "[1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, X]"

@@ -92,6 +92,7 @@ def cheap(body):
         if isinstance(body.get(key), list):
             body[key] = body[key][:2]
     body.pop("images", None)  # given panoramas: valid only as 2:1 images inline
+    body.pop("lora", None)  # LoRAs: valid only by the names the server has
     body.pop("height", None)
     body.pop("width", None)
     if isinstance(body.get("specs"), list):

@@ -137,6 +137,26 @@ def test_a_bulk_spec_starts_its_tour_from_a_given_panorama(ray_local, tiny_model
     assert "missing" in failures and "images.0: there is no file" in failures
 
 
+def test_bulk_specs_name_loras_under_a_root_and_lora_sets_the_rest(ray_local, tiny_model_dir, lora_root, tmp_path):
+    """One replica, one batch: tours with warm, with cool (--lora for the spec naming none) and a missing LoRA (it
+    fails alone); the manifest records which LoRA made each tour, and generating again without LoRAs differs."""
+    base = {"prompt": "a room", "num_views": 2, "num_inference_steps": 2, "seed": 1}
+    rows = [base | {"tour_id": "warm", "lora": "warm"}, base | {"tour_id": "cool"},
+            base | {"tour_id": "gone", "lora": "gone"}, base | {"tour_id": "plain", "lora": "warm"}]
+    (tmp_path / "specs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "out"
+    code, text = bulk("--specs", str(tmp_path / "specs.jsonl"), "--out", str(out), "--model", str(tiny_model_dir),
+                      "--lora-root", str(lora_root), "--lora", "cool", "--replicas", "1")
+    assert code == 0 and "3 tours / 6 views written" in text and "1 failed" in text, text
+    tours = {t.tour_id: t for t in read_tours(str(out))}
+    assert {k: t.model.rsplit("+", 1)[-1] for k, t in tours.items()} == {"warm": "lora:warm", "cool": "lora:cool",
+                                                                        "plain": "lora:warm"}
+    assert np.array_equal(tours["warm"].images, tours["plain"].images)  # same spec, same LoRA, same tour
+    assert not np.array_equal(tours["warm"].images, tours["cool"].images)
+    failures = "".join(p.read_text() for p in (out / "failures").glob("*.jsonl"))
+    assert "gone" in failures and "no pytorch_lora_weights.safetensors" in failures
+
+
 def test_a_model_naming_a_scheduler_diffusers_lacks_is_refused_and_runs_with_scheduler(ray_local, tiny_model_dir,
                                                                                         tmp_path):
     model = with_scheduler_class(tiny_model_dir, tmp_path / "renamed", "PLMSv9Scheduler")

@@ -7,7 +7,9 @@ config as metadata): `StableDiffusionPipeline.from_pretrained(BASE).load_lora_we
 
 from __future__ import annotations
 
+import re
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -16,6 +18,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
+from diffpano import specs
 from diffpano.io import storage
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -24,6 +27,7 @@ ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_LORA_TARGETS = ("to_v", "to_out.0")
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 ADAPTER = "default"  # the name add_lora's adapter gets (peft's default)
+LORA_NAME = re.compile(specs.LORA_NAME)
 LORA_SUFFIXES = (".lora.down.weight", ".lora.up.weight", ".lora_A.weight", ".lora_B.weight", ".alpha")
 
 
@@ -65,17 +69,77 @@ def save_lora(unet: UNet2DConditionModel, uri: str) -> str:
 
 def load_lora(pipe, uri: str, scale: float = 1.0) -> None:
     """Fuse the diffusers-format LoRA in directory uri (local or s3://) into pipe.unet, its delta times scale."""
+    add_adapter(pipe.unet, uri, "loaded")
+    pipe.unet.fuse_lora(lora_scale=scale)
+    pipe.unet.unload_lora()
+
+
+def add_adapter(unet: UNet2DConditionModel, uri: str, name: str) -> None:
+    """Add the diffusers-format LoRA in directory uri (local or s3://) to the UNet as the peft adapter `name`, unfused;
+    ValueError naming lora when it is missing or does not fit the UNet."""
     with tempfile.TemporaryDirectory() as tmp:
         state_dict, _, metadata = StableDiffusionPipeline.lora_state_dict(
             _local_lora_dir(uri, tmp), weight_name=LORA_FILE, local_files_only=True, return_lora_metadata=True)
-    _check_keys(pipe.unet, state_dict, uri)
+    _check_keys(unet, state_dict, uri)
     try:
-        pipe.unet.load_lora_adapter(state_dict, prefix="unet", metadata=metadata or None, adapter_name="loaded")
+        unet.load_lora_adapter(state_dict, prefix="unet", metadata=metadata or None, adapter_name=name)
     except (RuntimeError, ValueError) as err:  # e.g. shapes of another base model
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise ValueError(f"lora: {uri} does not fit this model's UNet: {' '.join(lines[:2])}") from None
-    pipe.unet.fuse_lora(lora_scale=scale)
-    pipe.unet.unload_lora()
+
+
+class LoraSet:
+    """The LoRAs named under one root (ROOT/NAME/pytorch_lora_weights.safetensors) as adapters of one pipeline's UNet:
+    loaded on first use, switched per pipeline call without fusing, the least recently used dropped beyond
+    `capacity`. Names only: a name is never a path."""
+
+    def __init__(self, pipe, root: str | None, capacity: int = 4) -> None:
+        if capacity < 1:
+            raise ValueError(f"max_loras: must be at least 1, got {capacity}")
+        self.pipe, self.root, self.capacity = pipe, root, capacity
+        self.loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
+
+    def names(self) -> list[str]:
+        """The LoRAs loaded now, least recently used first."""
+        return list(self.loaded)
+
+    def uri(self, name: str) -> str:
+        """Where the LoRA `name` lives; ValueError naming lora without a root or for a name that is a path."""
+        if self.root is None:
+            raise ValueError(f"lora: {name!r} asked for, but no LoRA root is set to find it in")
+        if not LORA_NAME.fullmatch(name):
+            raise ValueError(f"lora: {name!r} is not a LoRA name (letters, digits, '.', '-', '_'; no paths)")
+        return storage.join(self.root, name)
+
+    def load(self, name: str) -> None:
+        """Make the LoRA an adapter of the UNet (a no-op when it is), dropping the least recently used beyond
+        capacity."""
+        if name in self.loaded:
+            self.loaded.move_to_end(name)
+            return
+        add_adapter(self.pipe.unet, self.uri(name), _adapter(name))
+        self.loaded[name] = None
+        while len(self.loaded) > self.capacity:
+            self.drop(next(iter(self.loaded)))
+
+    def drop(self, name: str) -> None:
+        """Remove the LoRA's adapter from the UNet (a no-op when it is not loaded)."""
+        if self.loaded.pop(name, "absent") is None:
+            self.pipe.unet.delete_adapters([_adapter(name)])
+
+    def use(self, name: str | None) -> None:
+        """Run the next pipeline calls with this LoRA alone (loading it if needed), or with none."""
+        if name is not None:
+            self.load(name)
+            self.pipe.unet.enable_lora()
+            self.pipe.unet.set_adapters([_adapter(name)])
+        elif self.loaded:
+            self.pipe.unet.disable_lora()
+
+
+def _adapter(name: str) -> str:
+    """The peft adapter name of a LoRA (peft names may not hold dots)."""
+    return "lora_" + name.replace(".", "_dot_")
 
 
 def _local_lora_dir(uri: str, tmp: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,19 +15,24 @@ from diffpano.io.manifest import Tour, tour_ids
 from diffpano.pipelines.given import known_views, read_given
 from diffpano.specs import BulkSpec
 
+if TYPE_CHECKING:
+    from diffpano.models.lora import LoraSet
+
 
 def settings(spec: BulkSpec) -> tuple:
-    """What tours generated in one pipeline call must share: views, size, steps, guidance, scheduler, and which views
-    are given."""
+    """What tours generated in one pipeline call must share: views, size, steps, guidance, scheduler, which views
+    are given, and the LoRA."""
     steps = spec.num_inference_steps or DEFAULT_STEPS
     guidance = DEFAULT_GUIDANCE if spec.guidance_scale is None else spec.guidance_scale
-    return spec.view_count(), spec.height, spec.width, steps, guidance, spec.scheduler, tuple(sorted(spec.images or {}))
+    return (spec.view_count(), spec.height, spec.width, steps, guidance, spec.scheduler,
+            tuple(sorted(spec.images or {})), spec.lora)
 
 
-def make_tours(pipe, specs: Sequence[BulkSpec], **options) -> dict[str, Tour | Exception]:
+def make_tours(pipe, specs: Sequence[BulkSpec], loras: LoraSet | None = None, **options) -> dict[str, Tour | Exception]:
     """Each spec's tour by tour_id, one pipeline call per group of shared settings; a failed group's error per tour.
 
-    `options` go to every pipeline call (num_ref_views, num_samples, use_epipolar, ...).
+    Specs that name a LoRA take it from `loras` (the pipeline's LoraSet), the others run without any; `options` go
+    to every pipeline call (num_ref_views, num_samples, use_epipolar, ...).
     """
     groups: dict[tuple, list[BulkSpec]] = {}
     out: dict[str, Tour | Exception] = {}
@@ -40,6 +46,10 @@ def make_tours(pipe, specs: Sequence[BulkSpec], **options) -> dict[str, Tour | E
         groups.setdefault(settings(spec), []).append(spec)
     for key, members in groups.items():
         try:
+            if loras is not None:
+                loras.use(key[-1])
+            elif key[-1] is not None:
+                raise ValueError(f"lora: {key[-1]!r} asked for, but this generator serves no LoRAs")
             out.update((t.tour_id, t) for t in _generate(pipe, members, key, options, given))
         except Exception as err:  # noqa: BLE001 - the caller decides per tour (record it, answer 422 or 503)
             out.update((s.tour_id, err) for s in members)
@@ -48,7 +58,7 @@ def make_tours(pipe, specs: Sequence[BulkSpec], **options) -> dict[str, Tour | E
 
 def _generate(pipe, specs: list[BulkSpec], key: tuple, options: dict, given: dict[str, dict]) -> list[Tour]:
     """One pipeline call for specs that share `key` (see settings), with their given panoramas by tour id."""
-    views, height, width, steps, guidance, scheduler, given_views = key
+    views, height, width, steps, guidance, scheduler, given_views, lora = key
     seeds = [s.seed if s.seed is not None else random_seed() for s in specs]
     if given_views:
         size = pipe.check_size(height, width)
@@ -56,8 +66,9 @@ def _generate(pipe, specs: list[BulkSpec], key: tuple, options: dict, given: dic
     out = pipe([s.prompt_list() for s in specs], np.stack([s.pose_array() for s in specs]), height=height,
                width=width, num_inference_steps=steps, guidance_scale=guidance, seed=seeds, scheduler=scheduler,
                **options)
-    return [Tour(s.tour_id, out.images[i], list(out.prompts[i]), out.poses[i], out.seeds[i], pipe.model_name, steps,
-                 guidance, out.scheduler) for i, s in enumerate(specs)]
+    model = pipe.model_name if lora is None else f"{pipe.model_name}+lora:{lora}"
+    return [Tour(s.tour_id, out.images[i], list(out.prompts[i]), out.poses[i], out.seeds[i], model, steps, guidance,
+                 out.scheduler) for i, s in enumerate(specs)]
 
 
 def pending(out: str, specs: Sequence[BulkSpec]) -> list[BulkSpec]:
