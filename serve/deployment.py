@@ -21,6 +21,7 @@ from diffpano.pipelines.tours import make_tours
 from serve.schemas import GenerationJob, GenerationResult, Progress
 
 HEALTH_PROBE_AFTER_S = 300.0  # without a batch for this long, check_health runs a one-step probe
+STUCK_AFTER_S = 3600.0  # a pipeline call running longer than this fails the health check (the replica is replaced)
 PREVIEWS = 3  # previews a streamed tour sends, at a quarter, half and three quarters of its steps
 
 
@@ -78,6 +79,7 @@ class PanoGenerator:
         self.cancelled = 0
         self.last_batch = time.monotonic()
         self.lock = threading.Lock()  # one pipeline call at a time: its modules keep per-call state (EA context)
+        self.busy_since: float | None = None  # when the running pipeline call started
 
     def info(self) -> dict:
         """The model's name, default size and the multiple that heights and widths must be of."""
@@ -108,9 +110,12 @@ class PanoGenerator:
     def _tours(self, jobs: list[GenerationJob], **options) -> dict:
         """make_tours under the pipeline lock (called in a worker thread)."""
         with self.lock:
-            tours = make_tours(self.pipe, jobs, loras=self.loras, **options)
-            self.last_batch = time.monotonic()
-            return tours
+            self.busy_since = time.monotonic()
+            try:
+                return make_tours(self.pipe, jobs, loras=self.loras, **options)
+            finally:
+                self.busy_since = None
+                self.last_batch = time.monotonic()
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
         """One tour, batched with others arriving at the same time; a tour larger than a batch runs alone."""
@@ -146,6 +151,7 @@ class PanoGenerator:
         work = asyncio.ensure_future(asyncio.to_thread(
             self._tours, [job], callback_on_step_end=on_step,
             callback_on_step_end_tensor_inputs=["pred_original_sample"]))
+        getter = None
         try:
             while not (work.done() and events.empty()):
                 getter = asyncio.ensure_future(events.get())
@@ -160,6 +166,8 @@ class PanoGenerator:
             yield result
         finally:
             stop.set()  # a caller that went away: the worker thread raises Cancelled at its next step
+            if getter is not None:
+                getter.cancel()
 
     def _step_reporter(self, tour_id: str, stop: threading.Event, send: Callable[[Progress], object]) -> Callable:
         """The pipeline's step-end callback for a streamed tour: sends Progress (with a preview PNG at
@@ -193,6 +201,9 @@ class PanoGenerator:
     def check_health(self) -> None:
         """Raise unless the model answers: a pipeline call is running or finished recently, or a one-step probe
         runs."""
+        busy = self.busy_since
+        if busy is not None and time.monotonic() - busy > STUCK_AFTER_S:
+            raise RuntimeError(f"a pipeline call has run for {time.monotonic() - busy:.0f} s: the replica is stuck")
         if time.monotonic() - self.last_batch < HEALTH_PROBE_AFTER_S or not self.lock.acquire(blocking=False):
             return
         try:

@@ -7,6 +7,7 @@ the replica (`__serve_build_asgi_app__`), so nothing module-level is mutated at 
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import json
 import os
@@ -138,8 +139,12 @@ class ServerSettings(Strict):
                 if len(parts) > 2 or (len(parts) == 2 and not KEY_NAME.fullmatch(parts[0])):
                     raise ValueError(f"api_key_file: line {n}: expected KEY or NAME KEY, NAME of letters, digits, "
                                      "'-' and '_'")
+                name = parts[0] if len(parts) == 2 else "default"
+                if parts and name in keys:
+                    raise ValueError(f"api_key_file: line {n}: the name {name!r} is given twice (a line with a key "
+                                     "alone is named default)")
                 if parts:
-                    keys[parts[0] if len(parts) == 2 else "default"] = parts[-1]
+                    keys[name] = parts[-1]
             return keys
         key = os.environ.get(self.api_key_env)
         return {"default": key} if key else {}
@@ -178,12 +183,17 @@ def progress_data(p: Progress) -> dict:
     return data
 
 
+def value_error_field(err: ValueError) -> str:
+    """The request field a model replica's ValueError is about: the LoRA when it names it, else the size."""
+    return "lora" if str(err).startswith("lora:") else "height"
+
+
 def error_event(err: Exception) -> str:
     """The error event of a stream that failed after it started: the 4xx/5xx status and body it would have had."""
     if isinstance(err, HTTPException):
         return sse("error", {"status": err.status_code, "detail": err.detail})
     if isinstance(err, ValueError):
-        return sse("error", {"status": 422, "detail": error_detail("height", str(err))})
+        return sse("error", {"status": 422, "detail": error_detail(value_error_field(err), str(err))})
     return sse("error", {"status": 503, "detail": f"model replica unavailable ({type(err).__name__}); retry later"})
 
 
@@ -328,10 +338,15 @@ class DiffPanoAPI:
         )
 
     async def charge(self, request: Request, images: int) -> None:
-        """Reserve a request's images on its key's quota: 429 with Retry-After when the minute's quota is spent."""
+        """Reserve a request's images on its key's quota: 429 with Retry-After when the minute's quota is spent,
+        422 when the request alone is more than a minute's quota."""
         key_name = request.state.key_name
-        if self.quotas.limit(key_name) is None:
+        limit = self.quotas.limit(key_name)
+        if limit is None:
             return
+        if images > limit:
+            raise unprocessable("num_views", f"{images} images in one request exceed this key's quota of {limit} "
+                                             "a minute")
         with storage_errors():
             state = await asyncio.to_thread(self.quotas.take, key_name, images)
         request.state.quota = state
@@ -339,6 +354,28 @@ class DiffPanoAPI:
             raise HTTPException(429, headers=state.headers(), detail=(
                 f"quota: {images} images asked for, {state.remaining} of this key's {state.limit} a minute left; "
                 f"retry after {state.headers()['Retry-After']} s"))
+
+    async def refund(self, request: Request) -> None:
+        """Give the request's images back to its quota: it was charged, then refused (4xx or 503)."""
+        state = getattr(request.state, "quota", None)
+        if state is not None and state.reservation is not None:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self.quotas.refund, state)
+            request.state.quota = await asyncio.to_thread(self.quotas.peek, request.state.key_name)
+
+    async def answer(self, request: Request, req: PanoramaRequest | TourRequest, prompts: list[str],
+                     poses) -> GenerationResult | StreamingResponse:
+        """A generating request once validated: its job (sizes checked), its quota charged, then the tour, streamed
+        or whole; a request refused after its charge gets its images back."""
+        job = await self.request_job(req, prompts, poses)
+        await self.charge(request, len(prompts))
+        try:
+            if req.stream:
+                return await self.stream(job, prompts, poses)
+            return await self.generate(job)
+        except HTTPException:
+            await self.refund(request)
+            raise
 
     async def check_lora(self, name: str | None, field: str = "lora") -> None:
         """422 naming the field unless the server has a LoRA of this name (found ones are remembered)."""
@@ -362,15 +399,14 @@ class DiffPanoAPI:
         root = storage.absolute(self.settings.output_root) if req.output == "store" else None
         return await self.job(req, prompts, poses, f"tour-{uuid.uuid4().hex[:16]}", root)
 
-    async def stream(self, req: PanoramaRequest | TourRequest, prompts: list[str], poses) -> StreamingResponse:
+    async def stream(self, job: GenerationJob, prompts: list[str], poses) -> StreamingResponse:
         """A tour as server-sent events: progress at every step, then the tour (or an error). Overload is still a
         503 before the stream starts; a client that disconnects stops the tour at its next step."""
-        job = await self.request_job(req, prompts, poses)
         events = self.model_for(job).options(stream=True).generate_stream.remote(job)
         try:
             first = await self.ask(events.__anext__())
         except ValueError as err:
-            raise unprocessable("height", str(err)) from None
+            raise unprocessable(value_error_field(err), str(err)) from None
 
         async def body() -> AsyncIterator[str]:
             item = first
@@ -390,13 +426,12 @@ class DiffPanoAPI:
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def generate(self, req: PanoramaRequest | TourRequest, prompts: list[str], poses) -> GenerationResult:
+    async def generate(self, job: GenerationJob) -> GenerationResult:
         """One tour from the model deployment; overload answers 503 with Retry-After."""
-        job = await self.request_job(req, prompts, poses)
         try:
             return await self.ask(self.model_for(job).generate.remote(job))
         except ValueError as err:
-            raise unprocessable("lora" if str(err).startswith("lora:") else "height", str(err)) from None
+            raise unprocessable(value_error_field(err), str(err)) from None
 
 
 def service(request: Request) -> DiffPanoAPI:
@@ -418,10 +453,8 @@ async def tours(req: TourRequest, svc: Service, request: Request) -> TourRespons
     prompts, poses = req.prompt_list(), req.pose_array()
     await check_given(req.images)
     await svc.check_lora(req.lora)
-    await svc.charge(request, len(prompts))
-    if req.stream:
-        return await svc.stream(req, prompts, poses)
-    return tour_response(await svc.generate(req, prompts, poses), prompts, poses)
+    answer = await svc.answer(request, req, prompts, poses)
+    return answer if isinstance(answer, StreamingResponse) else tour_response(answer, prompts, poses)
 
 
 async def check_given(images: dict[int, str] | None) -> None:
@@ -443,10 +476,9 @@ async def panoramas(req: PanoramaRequest, svc: Service, request: Request) -> Res
     """Generate one panorama: image/png, or (output="store") the stored tour's JSON."""
     poses = np.eye(4)[None]
     await svc.check_lora(req.lora)
-    await svc.charge(request, 1)
-    if req.stream:
-        return await svc.stream(req, [req.prompt], poses)
-    result = await svc.generate(req, [req.prompt], poses)
+    result = await svc.answer(request, req, [req.prompt], poses)
+    if isinstance(result, StreamingResponse):
+        return result
     if req.output == "store":
         return JSONResponse(tour_response(result, [req.prompt], poses).model_dump())
     return Response(content=result.pngs[0], media_type="image/png")

@@ -1,6 +1,6 @@
 """Image quotas per API key (docs/http-api.md, Quotas): images per minute, counted across ingress replicas through the
-output root, as job records are. Each admitted request leaves a reservation file in its key's minute; a request is
-admitted when the images reserved before it in that minute, its own included, stay within the key's limit."""
+output root, as job records are. Each request leaves a reservation file in its key's minute; reading them in the
+order they were made, each is admitted when it still fits the key's limit, so refused ones count for nobody."""
 
 from __future__ import annotations
 
@@ -17,12 +17,13 @@ QUOTAS = "_quotas"
 
 @dataclass
 class QuotaState:
-    """A key's quota as the answer's headers report it."""
+    """A key's quota as the answer's headers report it, and the reservation an admitted request made."""
 
     limit: int
     remaining: int
     reset_s: float  # until the current minute ends
     allowed: bool = True
+    reservation: str | None = None
 
     def headers(self) -> dict[str, str]:
         """x-ratelimit-*-images headers (OpenAI's names), and Retry-After when refused."""
@@ -38,6 +39,17 @@ def _images(uri: str) -> int:
     return int(uri.rsplit("-", 1)[-1])
 
 
+def admitted(held: list[str], limit: int) -> tuple[set[str], int]:
+    """The reservations admitted, in the order they were made, each when it still fits: every replica reading the
+    same files reaches the same decisions, and a refused one counts for nobody. Also the images they hold."""
+    chosen, total = set(), 0
+    for uri in held:
+        if total + _images(uri) <= limit:
+            chosen.add(uri)
+            total += _images(uri)
+    return chosen, total
+
+
 class Quotas:
     """The limits (images per minute by key name, and a default) and the reservations under root/_quotas."""
 
@@ -49,9 +61,11 @@ class Quotas:
         return self.per_key.get(key_name, self.default)
 
     def _reservations(self, key_name: str, window: int) -> list[str]:
-        """The key's reservations in this window, in the order they were made; older windows are deleted."""
-        files = storage.list_files(storage.join(self.root, QUOTAS, key_name))
-        stale = [u for u in files if int(u.rsplit("/", 2)[-2]) < window]
+        """The key's reservations in this window, in the order they were made; windows before the previous one are
+        deleted (one minute of slack for replicas whose clocks disagree)."""
+        files = [u for u in storage.list_files(storage.join(self.root, QUOTAS, key_name))
+                 if not u.rsplit("/", 1)[-1].startswith(".")]  # a write still in its temporary file
+        stale = [u for u in files if int(u.rsplit("/", 2)[-2]) < window - 1]
         if stale:
             storage.delete_files(stale)
         return sorted((u for u in files if int(u.rsplit("/", 2)[-2]) == window), key=lambda u: u.rsplit("/", 1)[-1])
@@ -69,13 +83,17 @@ class Quotas:
         held = self._reservations(key_name, window)
         if mine not in held:  # a listing that lags the write still counts this request
             held = sorted([*held, mine], key=lambda u: u.rsplit("/", 1)[-1])
-        before = sum(_images(u) for u in held[: held.index(mine) + 1])
-        total = sum(_images(u) for u in held)
+        chosen, total = admitted(held, limit)
         reset = (window + 1) * WINDOW_S - now
-        if before > limit:
+        if mine not in chosen:
             storage.delete_files([mine])
-            return QuotaState(limit, max(0, limit - total + images), reset, allowed=False)
-        return QuotaState(limit, max(0, limit - total), reset)
+            return QuotaState(limit, max(0, limit - total), reset, allowed=False)
+        return QuotaState(limit, max(0, limit - total), reset, reservation=mine)
+
+    def refund(self, state: QuotaState | None) -> None:
+        """Give back an admitted request's images (it was refused after all: bad input found later, or overload)."""
+        if state is not None and state.reservation is not None:
+            storage.delete_files([state.reservation])
 
     def peek(self, key_name: str) -> QuotaState | None:
         """The key's quota now, reserving nothing; None: no quota."""
@@ -84,5 +102,5 @@ class Quotas:
             return None
         now = time.time()
         window = int(now // WINDOW_S)
-        used = sum(_images(u) for u in self._reservations(key_name, window))
-        return QuotaState(limit, max(0, limit - used), (window + 1) * WINDOW_S - now)
+        _, total = admitted(self._reservations(key_name, window), limit)
+        return QuotaState(limit, max(0, limit - total), (window + 1) * WINDOW_S - now)

@@ -747,6 +747,11 @@ def test_a_keys_quota_counts_images_across_ingress_replicas_and_answers_429_with
     assert r.status_code == 200, r.text
     assert (r.headers["x-ratelimit-limit-images"], r.headers["x-ratelimit-remaining-images"]) == ("6", "2")
     assert 0 < int(r.headers["x-ratelimit-reset-images"].removesuffix("s")) <= 60
+    for body, field in (({"num_views": 2, "height": 1024}, "height"), ({"num_views": 7}, "num_views")):
+        bad = requests.post(url + "/v1/tours", json={"prompt": "a", "num_inference_steps": 1, **body},
+                            headers=metered, timeout=60)  # refused: nothing counted (7 is more than the quota)
+        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == field, bad.text
+        assert bad.headers["x-ratelimit-remaining-images"] == "2"
     answers = [requests.post(url + "/v1/panoramas", json={"prompt": "a", "num_inference_steps": 1}, headers=metered,
                              timeout=60) for _ in range(12)]
     codes = [a.status_code for a in answers]
@@ -771,6 +776,9 @@ def test_key_files_and_quota_settings_are_checked_naming_the_setting(tmp_path):
     assert ServerSettings(api_key_file=str(keys)).api_keys() == {"default": "k-default", "team-a": "k-a"}
     keys.write_text("team a k-a\n")
     with pytest.raises(ValueError, match="api_key_file: line 1"):
+        ServerSettings(api_key_file=str(keys)).api_keys()
+    keys.write_text("k-one\nk-two\n")  # two keys alone would both be named default
+    with pytest.raises(ValueError, match="api_key_file: line 2: the name 'default' is given twice"):
         ServerSettings(api_key_file=str(keys)).api_keys()
     for bad in ({"quotas": {"team a": 5}}, {"quotas": {"team-a": 0}}, {"quota_images_per_minute": 0}):
         with pytest.raises(ValidationError, match="quota"):
@@ -832,3 +840,12 @@ def test_loras_and_compile_together_are_refused_naming_lora_root():
 
     with pytest.raises(ValueError, match="lora_root: LoRAs are served with compile: off"):
         ServerSettings(lora_root="/loras", compile="default")
+
+
+def test_quota_reservations_are_admitted_in_order_each_when_it_still_fits():
+    """What every replica computes from the same files: a refused reservation counts for nobody."""
+    from serve.quotas import admitted
+
+    held = [f"/q/k/1/{i:03d}-x-{n}" for i, n in enumerate((5, 8, 2, 3, 1))]
+    chosen, total = admitted(held, 10)
+    assert [int(u.rsplit("-", 1)[-1]) for u in held if u in chosen] == [5, 2, 3] and total == 10

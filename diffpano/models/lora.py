@@ -7,6 +7,7 @@ config as metadata): `StableDiffusionPipeline.from_pretrained(BASE).load_lora_we
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tempfile
 from collections import OrderedDict
@@ -138,8 +139,9 @@ class LoraSet:
 
 
 def _adapter(name: str) -> str:
-    """The peft adapter name of a LoRA (peft names may not hold dots)."""
-    return "lora_" + name.replace(".", "_dot_")
+    """The peft adapter name of a LoRA: a digest of its name (peft names may not hold dots; distinct names stay
+    distinct)."""
+    return "lora_" + hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
 def _local_lora_dir(uri: str, tmp: str) -> str:
