@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from mesh_rooms import write_glb  # noqa: E402
 
 from diffpano.data.captions import SceneGraphCaptioner, TemplateSummariser  # noqa: E402
-from diffpano.data.manifest import depth_png_bytes  # noqa: E402
 from diffpano.data.meshes.captions import caption_mesh_frame  # noqa: E402
 from diffpano.data.meshes.mesh import load_mesh  # noqa: E402
 from diffpano.data.meshes.raycast import MeshRenderer  # noqa: E402
@@ -33,6 +32,7 @@ from diffpano.data.procedural.render import SceneRenderer, erp_directions  # noq
 from diffpano.data.procedural.scene_mesh import SceneMeshRenderer  # noqa: E402
 from diffpano.data.procedural.scenes import generate_scene  # noqa: E402
 from diffpano.data.procedural.walks import clip_poses  # noqa: E402
+from diffpano.io.depth import depth_png_bytes  # noqa: E402
 from diffpano.io.manifest import png_bytes  # noqa: E402
 
 SIZES = ((256, 512), (512, 1024))

@@ -19,11 +19,11 @@ import numpy as np  # noqa: E402
 from common import format_table, goal_line, write_json  # noqa: E402
 
 from diffpano.data.captions import SceneGraphCaptioner, TemplateSummariser, caption_frame  # noqa: E402
-from diffpano.data.manifest import depth_png_bytes  # noqa: E402
 from diffpano.data.procedural.render import SceneRenderer  # noqa: E402
 from diffpano.data.procedural.scene_mesh import SceneMeshRenderer  # noqa: E402
 from diffpano.data.procedural.scenes import generate_scene  # noqa: E402
 from diffpano.data.procedural.walks import clip_poses  # noqa: E402
+from diffpano.io.depth import depth_png_bytes  # noqa: E402
 from diffpano.io.manifest import png_bytes  # noqa: E402
 
 GOAL_PER_S = 5.0

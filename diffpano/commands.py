@@ -13,6 +13,7 @@ from diffpano.cli import Commands, compile_option, finite, finite_in, parse_size
 from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_VIEWS, MAX_SEED, MAX_STEPS, MAX_VIEWS
 
 DEFAULT_OUT = "outputs/tours"
+MESH_STRENGTH = 0.6  # --strength's default with --mesh/--layout; not yet measured against others (guide/generate.md)
 
 
 def tour_poses(trajectory: str, views: int | None, spacing: float):
@@ -52,9 +53,23 @@ def generate(
     compile: str | None = compile_option(),
     image: list[str] | None = typer.Option(None, "--image", help="INDEX=PANORAMA: your own 2:1 panorama (PNG, "
                                            "JPEG; local or s3://) as view INDEX, kept exactly; repeatable."),
+    mesh: Path | None = typer.Option(None, "--mesh", help="A mesh file (GLB, glTF, OBJ, PLY) the tour is made on: "
+                                     "rendered at its poses (a walk over its floor unless --trajectory says "
+                                     "otherwise), each view generated from its render, its depth kept."),
+    layout: bool = typer.Option(False, "--layout", help="Make the tour on a procedural house laid out as the "
+                                "prompt says (room type, wall colour, floor; the rest drawn from --seed), as --mesh "
+                                "does on a mesh."),
+    strength: float | None = typer.Option(None, "--strength", callback=finite_in(0.0, 1.0),
+                                          help=f"With --mesh or --layout: how far each view departs from its render "
+                                          f"(1: pure "
+                                          f"generation on the mesh's poses, 0: the render itself; {MESH_STRENGTH})."),
+    up: str | None = typer.Option(None, "--up", help="With --mesh: its up axis (y: glTF, the default; z: "
+                                  "Matterport3D, ScanNet; -y)."),
+    unit_scale: float | None = typer.Option(None, "--unit-scale", callback=finite_in(1e-4, 1e4),
+                                            help="With --mesh: metres per mesh unit (1; 0.01 for centimetres)."),
 ) -> None:
     """Generate one multi-view tour and add it to the output (images + Parquet manifest); --image starts it from
-    your own panoramas."""
+    your own panoramas, --mesh makes it on a geometry you give."""
     from diffpano.io.manifest import Tour, commit_tours
     from diffpano.pipelines.compiling import compile_pipeline, is_compiled
     from diffpano.pipelines.given import known_views
@@ -70,6 +85,12 @@ def generate(
         poses, file_prompts = tour_poses(trajectory, views, spacing)
     except (ValueError, OSError) as err:
         raise typer.BadParameter(f"--trajectory {trajectory}: {err}") from None
+    if mesh is not None and layout:
+        raise typer.BadParameter("--layout: give --mesh or --layout, not both")
+    if (mesh is None and (up, unit_scale) != (None, None)) or (not (mesh or layout) and strength is not None):
+        raise typer.BadParameter("--strength/--up/--unit-scale: only with --mesh (--strength also with --layout)")
+    if layout and trajectory != "walk":
+        raise typer.BadParameter("--layout: the tour walks through the house it lays out; --trajectory needs --mesh")
     prompts = list(prompts_per_view or file_prompts or [prompt] * len(poses))
     if len(prompts) != len(poses):
         raise typer.BadParameter(f"--prompts-per-view: got {len(prompts)} prompts for {len(poses)} views")
@@ -91,18 +112,30 @@ def generate(
         raise typer.BadParameter(str(err)) from None
     for note in notes:
         typer.echo(f"note: {note}")
+    proxy = None
+    strength = MESH_STRENGTH if strength is None else strength
+    if mesh is not None:
+        proxy = mesh_views(mesh, pipe.check_size(height, width), len(poses), None if trajectory == "walk" else poses,
+                           spacing, seed, up or "y", unit_scale or 1.0)
+        typer.echo(f"mesh {mesh.name}: rendered at {len(proxy.poses)} poses; strength {strength}")
+    elif layout:
+        proxy, said = layout_views(prompt, pipe.check_size(height, width), len(poses), spacing, seed)
+        typer.echo(f"layout: a house of {said}; rendered at {len(proxy.poses)} poses; strength {strength}")
+    if proxy is not None:
+        poses = proxy.poses
     try:
         result = pipe(
             prompts, poses, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
             scheduler=scheduler, num_ref_views=num_ref_views, num_samples=num_samples, use_epipolar=not no_epipolar,
-            known_views=known or None,
+            known_views=known or None, image=None if proxy is None else proxy.rgb,
+            strength=1.0 if proxy is None else strength,
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     tour = Tour(
         tour_id=f"tour-{uuid.uuid4().hex[:12]}", images=result.images[0], prompts=result.prompts[0],
         poses=result.poses[0], seed=result.seeds[0], model=pipe.model_name, num_inference_steps=steps,
-        guidance_scale=guidance, scheduler=result.scheduler,
+        guidance_scale=guidance, scheduler=result.scheduler, depths=None if proxy is None else proxy.depth,
     )
     part = commit_tours(out, [tour])
     h, w = tour.images.shape[1:3]
@@ -111,6 +144,33 @@ def generate(
         f"tour {tour.tour_id}: {len(tour.images)} views {h}x{w}, seed {tour.seed}{compiled}, "
         f"{time.perf_counter() - started:.1f}s -> {out} (manifest part {Path(part).name})"
     )
+
+
+def layout_views(prompt: str, size: tuple[int, int], views: int, spacing: float, seed: int | None):
+    """A procedural house laid out as the prompt says, rendered along a walk (diffpano.data.proxy), and what of
+    the prompt it follows."""
+    from diffpano.data.procedural.materials import floor_named
+    from diffpano.data.proxy import layout_proxy
+    from diffpano.metrics.adherence import parse_prompt
+
+    kind, wall = parse_prompt(prompt)
+    floor = floor_named(prompt)
+    said = ", ".join(f"{name} {value}" for name, value in (("room", kind), ("walls", wall), ("floor", floor))
+                     if value) or "the seed's rooms (the prompt names no room type, wall colour or floor)"
+    return layout_proxy(seed or 0, *size, views, spacing, kind, wall, floor), said
+
+
+def mesh_views(mesh: Path, size: tuple[int, int], views: int, poses, spacing: float, seed: int | None, up: str,
+               unit_scale: float):
+    """The mesh rendered at the tour's poses (diffpano.data.meshes.proxy), or BadParameter naming --mesh."""
+    from diffpano.data.proxy import mesh_proxy
+
+    if not mesh.is_file():
+        raise typer.BadParameter(f"--mesh: there is no file {str(mesh)!r}")
+    try:
+        return mesh_proxy(str(mesh), *size, views, poses, spacing, seed or 0, up, unit_scale)
+    except ValueError as err:
+        raise typer.BadParameter(f"--mesh {mesh.name}: {err}") from None
 
 
 def image_options(values: list[str]) -> dict:

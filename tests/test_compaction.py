@@ -196,8 +196,8 @@ def test_a_batch_retried_after_its_part_was_compacted_adds_no_duplicate(tmp_path
 
 @pytest.mark.parametrize("into", [False, True])
 def test_parts_written_before_the_scheduler_column_still_read_and_compact_with_it(tmp_path, into):
-    """docs/tours.md: `scheduler` is null in older parts; reading and compacting keep the newer parts' values, whichever
-    part comes first."""
+    """docs/tours.md: `scheduler` (and `depth_uri`) are null in older parts; reading and compacting keep the newer
+    parts' values, whichever part comes first."""
     from diffpano.io.manifest import TOUR_SCHEMA, parquet_bytes, tour_table
 
     root = str(tmp_path / "out")
@@ -205,8 +205,8 @@ def test_parts_written_before_the_scheduler_column_still_read_and_compact_with_i
     new = tour("newer")
     new.scheduler = "pndm"
     commit_tours(root, [new])
-    old = tour_table([tour("aaa-old")]).drop_columns(["scheduler"])  # as written before the column existed
-    assert old.schema.names == TOUR_SCHEMA.names[:-1]
+    old = tour_table([tour("aaa-old")]).drop_columns(["scheduler", "depth_uri"])  # written before the columns
+    assert old.schema.names == TOUR_SCHEMA.names[:-2]
     storage.write_bytes(storage.join(root, "manifest", "part-0000-old.parquet"), parquet_bytes(old))
     expect = {"aaa-old": None, "new": None, "newer": "pndm"}
     table = read_manifest(root)
@@ -216,6 +216,7 @@ def test_parts_written_before_the_scheduler_column_still_read_and_compact_with_i
     table = read_manifest(target)
     assert len(storage.list_files(storage.join(target, "manifest"), ".parquet")) == 1
     assert dict(zip(table["tour_id"].to_pylist(), table["scheduler"].to_pylist(), strict=True)) == expect
+    assert table["depth_uri"].null_count == table.num_rows  # no tour here was made on a geometry
 
 
 def check_compacted_into_plays_back(root: str, into: str, tmp_path: Path) -> None:

@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 from batch.dataset import build_dataset
 from diffpano.cli import build_app
 from diffpano.data.loaders import ClipDataset
-from diffpano.data.manifest import DATASET_SCHEMA, decode_depth, read_dataset
+from diffpano.data.manifest import DATASET_SCHEMA, read_dataset
 from diffpano.data.procedural.build import ProceduralSpec, clip_id, render_clips
 from diffpano.geometry.spherical import validate_poses
 from diffpano.io import storage
+from diffpano.io.depth import decode_depth
 from diffpano.io.manifest import decode_rgb
 
 app = build_app()

@@ -17,9 +17,10 @@ from typer.testing import CliRunner
 
 from diffpano.cli import build_app
 from diffpano.data.importer import import_dataset
-from diffpano.data.manifest import DATASET_SCHEMA, decode_depth, read_dataset
+from diffpano.data.manifest import DATASET_SCHEMA, read_dataset
 from diffpano.geometry.spherical import make_pose, yaw_matrix
 from diffpano.io import storage
+from diffpano.io.depth import decode_depth
 from diffpano.io.manifest import decode_rgb
 
 app = build_app()

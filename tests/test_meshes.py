@@ -288,7 +288,7 @@ def test_hm3d_style_semantic_sidecars_label_the_textured_mesh(tmp_path):
 def test_dataset_render_to_s3_writes_once(ray_local, s3_endpoint, glb):
     """Output to s3:// (the local endpoint): keyframes, depth and manifest, and a re-run adds nothing."""
     from batch.dataset import build_dataset
-    from diffpano.data.manifest import decode_depth
+    from diffpano.io.depth import decode_depth
 
     spec = MeshSpec(clips_per_scene=1, frames=2, height=32, width=64, seed=2)
     out = "s3://diffpano-test/datasets/meshes"

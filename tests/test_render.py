@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from diffpano.data.loaders import flip_pose, yaw_roll_pose
-from diffpano.data.manifest import decode_depth, depth_png_bytes
 from diffpano.data.meshes.mesh import load_mesh
 from diffpano.data.meshes.raycast import MeshRenderer
 from diffpano.data.procedural.render import CEILING, FLOOR, WALL, SceneRenderer, camera_pose
@@ -17,6 +16,7 @@ from diffpano.data.procedural.scenes import generate_scene
 from diffpano.data.procedural.walks import clip_poses
 from diffpano.geometry.projection import cubemap_to_equirect
 from diffpano.geometry.reprojection import colour_agreement, warp
+from diffpano.io.depth import decode_depth, depth_png_bytes
 
 H, W = 128, 256
 

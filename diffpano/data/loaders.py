@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from diffpano.data.manifest import decode_depth, read_dataset
+from diffpano.data.manifest import read_dataset
 from diffpano.geometry.spherical import check_panorama_size, nearest_views, yaw_matrix
 from diffpano.io import storage
+from diffpano.io.depth import decode_depth
 from diffpano.io.manifest import decode_rgb, resolve_uri
 
 FLIP = np.diag([-1.0, 1.0, 1.0, 1.0])  # mirrors camera and world x (docs/geometry.md: u -> W-1-u maps theta to -theta)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
+from diffpano.io.depth import depth_png_bytes
 from diffpano.io.manifest import commit_part, png_bytes, read_parts
 
 DATASET_SCHEMA = pa.schema(
@@ -25,8 +24,6 @@ DATASET_SCHEMA = pa.schema(
         ("source_uri", pa.string()),  # optional: where the keyframe came from (a capture's file, video#t=seconds)
     ]
 )
-DEPTH_SCALE = 1000.0  # docs/geometry.md: depth PNGs hold millimetres
-MAX_DEPTH_M = 65.535
 
 
 @dataclass
@@ -50,22 +47,6 @@ def rgb_path(scene_id: str, clip_id: str, frame: int) -> str:
 def depth_path(scene_id: str, clip_id: str, frame: int) -> str:
     """Depth location relative to the dataset root."""
     return f"depth/{scene_id}/{clip_id}/{frame:04d}.png"
-
-
-def depth_png_bytes(depth: np.ndarray) -> bytes:
-    """16-bit PNG of a range map in metres, stored in millimetres; unknown, non-finite or out-of-range → 0."""
-    depth = np.asarray(depth, dtype=np.float64)
-    ok = np.isfinite(depth) & (depth > 0) & (depth <= MAX_DEPTH_M)
-    mm = np.where(ok, np.round(np.where(ok, depth, 0) * DEPTH_SCALE), 0).astype(np.uint16)
-    buf = io.BytesIO()
-    Image.fromarray(mm).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def decode_depth(data: bytes) -> np.ndarray:
-    """Range map in metres (float32, 0 = unknown) of a 16-bit millimetre PNG."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im, dtype=np.float32) / DEPTH_SCALE
 
 
 def clip_table(clips: list[Clip]) -> pa.Table:

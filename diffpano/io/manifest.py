@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from diffpano.io import storage
+from diffpano.io.depth import decode_depth, depth_png_bytes
 
 TOUR_SCHEMA = pa.schema(
     [
@@ -31,6 +32,7 @@ TOUR_SCHEMA = pa.schema(
         ("guidance_scale", pa.float32()),
         ("created_at", pa.timestamp("us", tz="UTC")),
         ("scheduler", pa.string()),  # null in parts written before the column
+        ("depth_uri", pa.string()),  # the view's depth (tours made on a geometry); null otherwise and in older parts
     ]
 )
 
@@ -51,11 +53,17 @@ class Tour:
     guidance_scale: float
     scheduler: str | None = None
     image_uris: list[str] | None = None
+    depths: np.ndarray | None = None  # (N, H, W) metres, 0 unknown: the geometry a tour was made on
 
 
 def image_path(tour_id: str, view_index: int) -> str:
     """Image location relative to the output root: deterministic, so a retried write replaces, never duplicates."""
     return f"images/{tour_id}/{view_index:03d}.png"
+
+
+def depth_path(tour_id: str, view_index: int) -> str:
+    """Depth location relative to the output root (beside the images, as deterministic)."""
+    return f"depth/{tour_id}/{view_index:03d}.png"
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -85,7 +93,7 @@ def tour_table(tours: list[Tour], created_at: datetime | None = None) -> pa.Tabl
             pose_c2w=np.asarray(t.poses[i], dtype=np.float32).reshape(16).tolist(),
             image_uri=image_path(t.tour_id, i), height=t.images.shape[1], width=t.images.shape[2], seed=t.seed,
             model=t.model, num_inference_steps=t.num_inference_steps, guidance_scale=t.guidance_scale, created_at=now,
-            scheduler=t.scheduler,
+            scheduler=t.scheduler, depth_uri=None if t.depths is None else depth_path(t.tour_id, i),
         )
         for t in tours
         for i in range(len(t.images))
@@ -149,6 +157,8 @@ def commit_tours(root: str, tours: list[Tour], pending: bool = False) -> str:
     """Write the tours' images, then one manifest part naming them (staged under _pending/ when pending); returns
     the part's URI."""
     files = {image_path(t.tour_id, i): png_bytes(image) for t in tours for i, image in enumerate(t.images)}
+    files |= {depth_path(t.tour_id, i): depth_png_bytes(d) for t in tours if t.depths is not None
+              for i, d in enumerate(t.depths)}
     return commit_part(root, files, tour_table(tours), [t.tour_id for t in tours], pending)
 
 
@@ -184,11 +194,14 @@ def read_tours(root: str, ids: Sequence[str] | None = None) -> list[Tour]:
             raise ValueError(f"tour_id: no tour {tid!r} in {root}")
         first = rows.iloc[0]
         uris = [resolve_uri(root, u) for u in rows.image_uri]
+        depths = None
+        if rows.depth_uri.notna().all():
+            depths = np.stack([decode_depth(storage.read_bytes(resolve_uri(root, u))) for u in rows.depth_uri])
         tours.append(Tour(
             tour_id=tid, images=np.stack([decode_rgb(storage.read_bytes(u)) for u in uris]),
             prompts=rows.prompt.tolist(), poses=pose_matrices(rows.pose_c2w),
             seed=int(first.seed), model=first.model, num_inference_steps=int(first.num_inference_steps),
             guidance_scale=float(first.guidance_scale),
-            scheduler=first.scheduler if isinstance(first.scheduler, str) else None, image_uris=uris,
+            scheduler=first.scheduler if isinstance(first.scheduler, str) else None, image_uris=uris, depths=depths,
         ))
     return tours

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffpano.data.manifest import decode_depth, read_dataset
+from diffpano.data.manifest import read_dataset
 from diffpano.io import storage
+from diffpano.io.depth import decode_depth
 from diffpano.io.manifest import Tour, decode_rgb, pose_matrices, resolve_uri
 from diffpano.metrics.images import channels_first as _nchw
 from diffpano.metrics.images import resize_uint8 as _resize_to

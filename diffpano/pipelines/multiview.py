@@ -11,6 +11,7 @@ from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, WINDOW_VIEWS
 from diffpano.geometry.spherical import validate_poses
 from diffpano.models.epipolar import EpipolarAdapter
 from diffpano.pipelines.pano import (
+    DECODE_CHUNK,
     Generators,
     PanoPipeline,
     Prompts,
@@ -59,6 +60,8 @@ class MultiViewPanoPipeline(PanoPipeline):
         latents: torch.Tensor | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        image: np.ndarray | None = None,
+        strength: float = 1.0,
     ) -> TourOutput | tuple:
         """Generate B tours of N views from poses (N, 4, 4) or (B, N, 4, 4) and prompts (one, per view, per tour).
 
@@ -76,11 +79,14 @@ class MultiViewPanoPipeline(PanoPipeline):
         stochastic sampler's noise still comes from the seeds). callback_on_step_end(pipe, step, timestep,
         {"latents": (B, V, c, h, w) of the window being denoised}) runs after every UNet call, step counting the
         calls of the whole tour, and may return replacement latents (diffusers' convention).
+        image (N, H, W, 3) or (B, N, H, W, 3) uint8 starts every view from an image (img2img, diffusers' convention):
+        each is noised to the step that strength names and denoised from there (1: pure generation, 0: the images
+        as they are), the views attending to each other as usual.
         """
         prompts, poses_t, height, width, window, context_n = self.check_inputs(
             prompt, poses, height, width, window_views, window_context, num_ref_views, num_samples)
         b, n = poses_t.shape[:2]
-        sampling = self._sampling(num_inference_steps, guidance_scale, eta, scheduler, output_type)
+        sampling = self._sampling(num_inference_steps, guidance_scale, eta, scheduler, output_type, strength)
         names = check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         generators, seeds = resolve_generators(generator, seed, b)
         x_t, step_seeds = self._initial_noise(generators, n, height, width)
@@ -88,6 +94,7 @@ class MultiViewPanoPipeline(PanoPipeline):
             x_t = self._given_latents(latents.unsqueeze(0) if torch.is_tensor(latents) and latents.ndim == 4
                                       else latents, x_t.shape)
         known, clean, given = self._known(known_views, b, n, height, width)
+        init = self._init_latents(image, b, n, height, width)
         cond = self._embed([p for tour in prompts for p in tour]).unflatten(0, (b, n))
         uncond = self._embed([""])
         result = clean if clean is not None else torch.zeros_like(x_t)
@@ -102,7 +109,7 @@ class MultiViewPanoPipeline(PanoPipeline):
                 x = self._denoise(
                     x_t[sel], cond[sel], uncond, sampling, ctx,
                     fixed.to(self.device).expand(b, -1) if fixed.any() else None, result[sel],
-                    view_generators(step_seeds, idx), step_end,
+                    view_generators(step_seeds, idx), step_end, None if init is None else init[sel],
                 )
                 result[sel] = x
                 done[idx[0]] = True
@@ -180,6 +187,19 @@ class MultiViewPanoPipeline(PanoPipeline):
         mask = torch.zeros(n, dtype=torch.bool)
         mask[keys] = True
         return mask, clean, (keys, torch.stack(images).unflatten(0, (b, len(keys))).numpy())
+
+    def _init_latents(self, image, b: int, n: int, height: int, width: int) -> torch.Tensor | None:
+        """Model-space tensors (B, N, c, h, w) of img2img's initial images (one tour's for all, or one per tour)."""
+        if image is None:
+            return None
+        x = np.asarray(image)
+        if x.ndim == 4:
+            x = np.broadcast_to(x, (b, *x.shape))
+        if x.shape != (b, n, height, width, 3) or x.dtype != np.uint8:
+            raise ValueError(f"image: expected uint8 images of shape {(n, height, width, 3)} or "
+                             f"{(b, n, height, width, 3)}, got {x.dtype} {x.shape}")
+        flat = torch.from_numpy(np.array(x.reshape(-1, height, width, 3)))  # a copy: x may be a broadcast view
+        return torch.cat([self._encode_images(chunk) for chunk in flat.split(DECODE_CHUNK)]).unflatten(0, (b, n))
 
     @staticmethod
     def _plan_windows(poses: torch.Tensor, done: torch.Tensor, window: int, context_n: int):

@@ -66,11 +66,17 @@ class Sampling:
     guidance: float
     scheduler: SchedulerMixin
     eta: float = 0.0
+    strength: float = 1.0  # img2img: how much of the noise schedule runs from the initial images (1: all of it)
+
+    @property
+    def first(self) -> int:
+        """Index of the first timestep run: with strength < 1 the noisiest ones are skipped (diffusers' img2img)."""
+        return (self.steps - min(int(self.steps * self.strength), self.steps)) * self.scheduler.order
 
     @property
     def unet_calls(self) -> int:
         """UNet calls (progress updates) of one denoising run."""
-        return unet_calls(self.scheduler, self.steps)
+        return max(0, unet_calls(self.scheduler, self.steps) - self.first)
 
 
 def to_pil(image: np.ndarray) -> Image.Image:
@@ -319,8 +325,10 @@ class PanoPipeline(DiffusionPipeline):
         clean: torch.Tensor | None = None,
         generators: list[torch.Generator] | None = None,
         step_end: StepEnd | None = None,
+        init: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Denoise x_T (B, V, c, h, w) jointly; views where `known` (B, V) is True follow `clean`, noised to each t.
+        """Denoise x_T (B, V, c, h, w) jointly; views where `known` (B, V) is True follow `clean`, noised to each t;
+        with `init` (B, V, c, h, w), the run starts from it noised to sampling's first timestep (img2img).
 
         `generators` (one per view, B*V) drive a stochastic scheduler's noise; the EA modules see ctx (None: off);
         step_end runs after every UNet call.
@@ -328,18 +336,26 @@ class PanoPipeline(DiffusionPipeline):
         b, v = x_t.shape[:2]
         sched = fresh_scheduler(sampling.scheduler)  # multistep and ancestral schedulers keep state while sampling
         sched.set_timesteps(sampling.steps, device=self.device)
+        timesteps = sched.timesteps[sampling.first:]
+        if init is not None and not len(timesteps):
+            return init  # strength 0: nothing to denoise
+        if sampling.first and hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(sampling.first)
         extra = step_kwargs(sched, generators, sampling.eta)
         guidance = sampling.guidance
         cfg = guidance > 1.0
         emb = cond.flatten(0, 1)
         if cfg:
             emb = torch.cat((uncond.expand(b * v, *uncond.shape[-2:]), emb))  # the EA modules see 2 copies of ctx
-        x = (x_t * sched.init_noise_sigma).flatten(0, 1)
+        if init is None:
+            x = (x_t * sched.init_noise_sigma).flatten(0, 1)
+        else:  # img2img: the initial images noised to the first timestep run, x_t being the noise
+            x = sched.add_noise(init.flatten(0, 1), x_t.flatten(0, 1), timesteps[:1].repeat(b * v)).to(x_t.dtype)
         keep = None if known is None else known.flatten().view(-1, 1, 1, 1)
         attention_kwargs = epipolar_kwargs(ctx)
         if ctx is not None:
             self.epipolar.prepare(ctx, self.unet, *x.shape[-2:], emb.dtype)
-        for t in sched.timesteps:
+        for t in timesteps:
             if keep is not None:
                 noised = sched.add_noise(clean.flatten(0, 1), x_t.flatten(0, 1), t.repeat(b * v))
                 x = torch.where(keep, noised.to(x.dtype), x)
@@ -377,10 +393,13 @@ class PanoPipeline(DiffusionPipeline):
             raise ValueError(f"output_type: expected one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
 
     def _sampling(
-        self, steps: int, guidance: float, eta: float, scheduler: str | None, output_type: str
+        self, steps: int, guidance: float, eta: float, scheduler: str | None, output_type: str, strength: float = 1.0
     ) -> Sampling:
         """Validated sampling settings; scheduler None is the pipeline's own, a name one of SCHEDULER_NAMES."""
         self.check_sampling(steps, guidance, eta)
+        if not isinstance(strength, int | float) or not math.isfinite(strength) or not 0 <= strength <= 1:
+            raise ValueError(f"strength: must be a number in [0, 1] (1: pure generation, 0: the images as they are), "
+                             f"got {strength!r}")
         self.check_output(output_type)
         if scheduler is not None and not isinstance(scheduler, str):
             raise ValueError(f"scheduler: expected a scheduler name, got {type(scheduler).__name__}")
@@ -388,7 +407,7 @@ class PanoPipeline(DiffusionPipeline):
         check_samplable(template)
         if eta and not takes_eta(template):
             raise ValueError(f"eta: {scheduler_label(template)} takes no eta (DDIM-style samplers do); leave it at 0")
-        return Sampling(steps, float(guidance), template, float(eta))
+        return Sampling(steps, float(guidance), template, float(eta), float(strength))
 
     @torch.no_grad()
     def __call__(

@@ -254,15 +254,21 @@ def _windows_and_door(rooms: list[Room], footprint: tuple, rng: np.random.Genera
     return out
 
 
-def generate_scene(seed: int) -> Scene:
-    """A furnished multi-room scene, the same for the same seed."""
+def generate_scene(seed: int, kind: str | None = None, wall: str | None = None, floor: str | None = None) -> Scene:
+    """A furnished multi-room scene, the same for the same seed (and the same overrides): `kind`, `wall` and `floor`
+    make every room that room type (furnished as one), wall colour and floor, the rest drawn from the seed."""
+    for value, allowed, name in ((kind, ROOM_TYPES, "kind"), (wall, WALL_COLOURS, "wall"), (floor, FLOORS, "floor")):
+        if value is not None and value not in allowed:
+            raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5CE7E]))
     rects, hall = floor_plan(rng)
     rooms = [Room(i, "room", *r) for i, r in enumerate(rects)]
     _assign_types(rooms, hall, rng)
     for room in rooms:
+        room.kind = kind or room.kind
         room.wall = str(rng.choice(list(WALL_COLOURS)))
         room.floor = str(rng.choice(FLOOR_CHOICES[room.kind]))
+        room.wall, room.floor = wall or room.wall, floor or room.floor
         assert room.floor in FLOORS
     footprint = (min(r.x0 for r in rooms), max(r.x1 for r in rooms), min(r.z0 for r in rooms), max(r.z1 for r in rooms))
     openings = _connect(rooms, rng) + _windows_and_door(rooms, footprint, rng)
