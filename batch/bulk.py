@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from diffpano.data.proxy import spec_proxy
 from diffpano.defaults import COMPACT_EVERY, MAX_LORAS, PUBLISH_S, REPLICAS, STALL_S, TOURS_PER_BATCH
 from diffpano.io import storage
 from diffpano.io.compaction import Publisher, compact_local, publish_pending
@@ -50,7 +51,8 @@ class TourWriter:
     def write(self, batch: list[str]) -> BatchResult:
         """Generate the batch's tours (JSON specs), commit the successful ones as one part (staged when pending)."""
         started = time.perf_counter()
-        results = make_tours(self.pipe, [BulkSpec.model_validate_json(s) for s in batch], self.loras, **self.options)
+        results = make_tours(self.pipe, [BulkSpec.model_validate_json(s) for s in batch], self.loras, spec_proxy,
+                             **self.options)
         tours = [t for t in results.values() if isinstance(t, Tour)]
         errors = {tid: error_text(e) for tid, e in results.items() if isinstance(e, Exception)}
         model_s = time.perf_counter() - started

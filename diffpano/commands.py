@@ -10,10 +10,17 @@ from pathlib import Path
 import typer
 
 from diffpano.cli import Commands, compile_option, finite, finite_in, parse_size, scheduler_option
-from diffpano.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_VIEWS, MAX_SEED, MAX_STEPS, MAX_VIEWS
+from diffpano.defaults import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    DEFAULT_VIEWS,
+    GEOMETRY_STRENGTH,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_VIEWS,
+)
 
 DEFAULT_OUT = "outputs/tours"
-MESH_STRENGTH = 0.6  # --strength's default with --mesh/--layout; not yet measured against others (guide/generate.md)
 
 
 def tour_poses(trajectory: str, views: int | None, spacing: float):
@@ -60,9 +67,8 @@ def generate(
                                 "prompt says (room type, wall colour, floor; the rest drawn from --seed), as --mesh "
                                 "does on a mesh."),
     strength: float | None = typer.Option(None, "--strength", callback=finite_in(0.0, 1.0),
-                                          help=f"With --mesh or --layout: how far each view departs from its render "
-                                          f"(1: pure "
-                                          f"generation on the mesh's poses, 0: the render itself; {MESH_STRENGTH})."),
+                                          help="With --mesh or --layout: how far each view departs from its render "
+                                          f"(1: pure generation on its poses, 0: the render; {GEOMETRY_STRENGTH})."),
     up: str | None = typer.Option(None, "--up", help="With --mesh: its up axis (y: glTF, the default; z: "
                                   "Matterport3D, ScanNet; -y)."),
     unit_scale: float | None = typer.Option(None, "--unit-scale", callback=finite_in(1e-4, 1e4),
@@ -113,7 +119,7 @@ def generate(
     for note in notes:
         typer.echo(f"note: {note}")
     proxy = None
-    strength = MESH_STRENGTH if strength is None else strength
+    strength = GEOMETRY_STRENGTH if strength is None else strength
     if mesh is not None:
         proxy = mesh_views(mesh, pipe.check_size(height, width), len(poses), None if trajectory == "walk" else poses,
                            spacing, seed, up or "y", unit_scale or 1.0)
@@ -149,12 +155,9 @@ def generate(
 def layout_views(prompt: str, size: tuple[int, int], views: int, spacing: float, seed: int | None):
     """A procedural house laid out as the prompt says, rendered along a walk (diffpano.data.proxy), and what of
     the prompt it follows."""
-    from diffpano.data.procedural.materials import floor_named
-    from diffpano.data.proxy import layout_proxy
-    from diffpano.metrics.adherence import parse_prompt
+    from diffpano.data.proxy import layout_of, layout_proxy
 
-    kind, wall = parse_prompt(prompt)
-    floor = floor_named(prompt)
+    kind, wall, floor = layout_of(prompt)
     said = ", ".join(f"{name} {value}" for name, value in (("room", kind), ("walls", wall), ("floor", floor))
                      if value) or "the seed's rooms (the prompt names no room type, wall colour or floor)"
     return layout_proxy(seed or 0, *size, views, spacing, kind, wall, floor), said

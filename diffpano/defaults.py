@@ -8,6 +8,7 @@ DEFAULT_VIEWS = 4  # views of a tour when a request names none
 MAX_SEED = 2**63 - 1  # seeds are integers in [0, MAX_SEED]
 MAX_PROMPT_CHARS = 1000  # a prompt or a caption
 MAX_BATCH_VIEWS = 8  # views of several tours one serve call batches together
+GEOMETRY_STRENGTH = 0.6  # img2img strength of tours made on a geometry (--mesh, --layout); not yet measured
 MAX_LORAS = 4  # LoRAs a model replica (or bulk actor) keeps loaded, the least recently used dropped beyond
 BATCH_WAIT_S = 0.1  # how long a serve replica waits to fill a batch
 STALL_S = 600.0  # seconds with no replica answering, work left, before an offline job stops (resumable)

@@ -76,6 +76,11 @@ class TourSpec(Sampling):
     # view index -> your own panorama for that view (image-to-tour): a data:image/png|jpeg;base64 URI, or (bulk
     # specs) an s3:// URI or an absolute path
     images: dict[int, str] | None = Field(None, min_length=1, max_length=MAX_SPEC_VIEWS)
+    # a geometry the tour is made on (docs/guide/generate.md): a mesh (y up, metres: glTF's convention) by an s3://
+    # URI or an absolute path, or a procedural house laid out as the prompt says; strength as `generate --strength`
+    mesh_uri: str | None = Field(None, min_length=2, max_length=1024, pattern=r"^(s3://|/)")
+    layout: bool = False
+    strength: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
 
     @field_validator("images")
     @classmethod
@@ -110,7 +115,17 @@ class TourSpec(Sampling):
             raise ValueError(f"num_views/prompts/poses: view counts disagree: {counts}")
         check_views(self.images or {}, self.view_count(), "images")
         self.pose_array()  # trajectory parameters are checked here
+        if self.mesh_uri is not None and self.layout:
+            raise ValueError("mesh_uri/layout: give at most one of them")
+        if self.strength is not None and not self.has_geometry():
+            raise ValueError("strength: only with mesh_uri or layout")
+        if self.layout and (self.poses is not None or self.trajectory is not None):
+            raise ValueError("layout: the tour walks through the house it lays out; poses/trajectory need mesh_uri")
         return self
+
+    def has_geometry(self) -> bool:
+        """Whether the tour is made on a geometry (a mesh or a laid-out house)."""
+        return self.mesh_uri is not None or self.layout
 
     def view_count(self) -> int:
         """Number of views of the tour."""

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 import numpy as np
 from ray import serve
 
+from diffpano.data.proxy import spec_proxy
 from diffpano.defaults import BATCH_WAIT_S, MAX_BATCH_VIEWS, MAX_LORAS, STORAGE_WAIT_S
 from diffpano.io import storage
 from diffpano.io.manifest import Tour, commit_tours, image_path, png_bytes
@@ -112,7 +113,7 @@ class PanoGenerator:
         with self.lock:
             self.busy_since = time.monotonic()
             try:
-                return make_tours(self.pipe, jobs, loras=self.loras, **options)
+                return make_tours(self.pipe, jobs, loras=self.loras, geometry=spec_proxy, **options)
             finally:
                 self.busy_since = None
                 self.last_batch = time.monotonic()
@@ -122,7 +123,10 @@ class PanoGenerator:
         await self._lora_of_request()
         if job.view_count() > self.max_batch_views:  # @serve.batch refuses an item larger than the batch
             return await self._run_alone(job)
-        return await self.generate_batch(job)
+        result = await self.generate_batch(job)
+        if isinstance(result, Exception):  # @serve.batch hands a tour's error back as its result: raise it here
+            raise result
+        return result
 
     async def _run_alone(self, job: GenerationJob) -> GenerationResult:
         """One tour outside the batcher (the pipeline denoises it in windows of views)."""
@@ -192,7 +196,8 @@ class PanoGenerator:
             return tour
         h, w = tour.images.shape[1:3]
         result = GenerationResult(tour_id=job.tour_id, model=tour.model, seed=tour.seed, scheduler=tour.scheduler,
-                                  height=h, width=w, pngs=[png_bytes(im) for im in tour.images])
+                                  height=h, width=w, pngs=[png_bytes(im) for im in tour.images],
+                                  poses=[[float(x) for x in p.reshape(16)] for p in tour.poses])
         if job.store_root:
             result.manifest_uri = commit_tours(job.store_root, [tour])
             result.image_uris = [f"{job.store_root}/{image_path(job.tour_id, i)}" for i in range(len(tour.images))]

@@ -91,6 +91,7 @@ class ServerSettings(Strict):
     max_batch_views: int = Field(MAX_BATCH_VIEWS, ge=1)
     batch_wait_timeout_s: float = Field(BATCH_WAIT_S, ge=0.0)
     compile: CompileMode = "off"  # torch.compile of the replicas' UNet (diffpano.pipelines.compiling)
+    mesh_roots: list[str] = []  # folders or s3:// prefixes whose meshes requests may name (mesh_uri); none by default
     lora_root: str | None = None  # LoRAs a request may name: LORA_ROOT/NAME/pytorch_lora_weights.safetensors
     max_loras_per_replica: int = Field(MAX_LORAS, ge=1)  # LoRAs a model replica keeps loaded (LRU)
     webhook_secret: str | None = None  # signs job webhooks (whsec_ + base64); else DIFFPANO_WEBHOOK_SECRET
@@ -183,9 +184,12 @@ def progress_data(p: Progress) -> dict:
     return data
 
 
-def value_error_field(err: ValueError) -> str:
-    """The request field a model replica's ValueError is about: the LoRA when it names it, else the size."""
-    return "lora" if str(err).startswith("lora:") else "height"
+def replica_error(err: ValueError) -> HTTPException:
+    """422 for a model replica's ValueError: its own message (not Ray's traceback around it), naming the field it
+    names first (a LoRA, a mesh, a given panorama), else the size."""
+    message = str(getattr(err, "cause", None) or err)
+    named = message.split(":", 1)[0]
+    return unprocessable(named if named in ("lora", "mesh_uri") or named.startswith("images.") else "height", message)
 
 
 def error_event(err: Exception) -> str:
@@ -193,7 +197,7 @@ def error_event(err: Exception) -> str:
     if isinstance(err, HTTPException):
         return sse("error", {"status": err.status_code, "detail": err.detail})
     if isinstance(err, ValueError):
-        return sse("error", {"status": 422, "detail": error_detail(value_error_field(err), str(err))})
+        return sse("error", {"status": 422, "detail": replica_error(err).detail})
     return sse("error", {"status": 503, "detail": f"model replica unavailable ({type(err).__name__}); retry later"})
 
 
@@ -235,6 +239,7 @@ def find_stored_tour(root: str, jobs: JobStore, tour_id: str) -> TourResponse:
 def tour_response(result: GenerationResult, prompts: list[str], poses: np.ndarray) -> TourResponse:
     """docs/http-api.md tour body: inline PNGs, or stored URIs."""
     stored = result.image_uris is not None
+    poses = np.asarray(result.poses) if result.poses is not None else poses  # a geometry's walk: the replica's
     views = [View(view_index=i, prompt=prompts[i], pose_c2w=[float(x) for x in poses[i].reshape(16)],
                   height=result.height, width=result.width,
                   image_png_base64=None if stored else base64.b64encode(png).decode(),
@@ -328,13 +333,15 @@ class DiffPanoAPI:
         """The model's job for a validated request: seed and size resolved, the server's defaults applied."""
         h, w = await self.size(req.height, req.width)
         s = self.settings
-        return GenerationJob(
-            tour_id=tour_id, prompts=prompts, poses=[p.reshape(16).tolist() for p in poses],
+        walked = getattr(req, "has_geometry", lambda: False)() and req.poses is None and req.trajectory is None
+        return GenerationJob(  # a tour on a geometry with no poses walks over its floor: the replica draws the walk
+            tour_id=tour_id, prompts=prompts, poses=None if walked else [p.reshape(16).tolist() for p in poses],
             seed=req.seed if req.seed is not None else random_seed(), height=h, width=w,
             num_inference_steps=req.num_inference_steps or s.default_steps,
             guidance_scale=s.default_guidance if req.guidance_scale is None else req.guidance_scale,
             scheduler=req.scheduler or s.default_scheduler, store_root=store_root, images=getattr(req, "images", None),
-            lora=req.lora,
+            lora=req.lora, mesh_uri=getattr(req, "mesh_uri", None), layout=getattr(req, "layout", False),
+            strength=getattr(req, "strength", None),
         )
 
     async def charge(self, request: Request, images: int) -> None:
@@ -406,7 +413,7 @@ class DiffPanoAPI:
         try:
             first = await self.ask(events.__anext__())
         except ValueError as err:
-            raise unprocessable(value_error_field(err), str(err)) from None
+            raise replica_error(err) from None
 
         async def body() -> AsyncIterator[str]:
             item = first
@@ -431,7 +438,7 @@ class DiffPanoAPI:
         try:
             return await self.ask(self.model_for(job).generate.remote(job))
         except ValueError as err:
-            raise unprocessable(value_error_field(err), str(err)) from None
+            raise replica_error(err) from None
 
 
 def service(request: Request) -> DiffPanoAPI:
@@ -453,8 +460,20 @@ async def tours(req: TourRequest, svc: Service, request: Request) -> TourRespons
     prompts, poses = req.prompt_list(), req.pose_array()
     await check_given(req.images)
     await svc.check_lora(req.lora)
+    check_mesh(req.mesh_uri, svc.settings.mesh_roots)
     answer = await svc.answer(request, req, prompts, poses)
     return answer if isinstance(answer, StreamingResponse) else tour_response(answer, prompts, poses)
+
+
+def check_mesh(uri: str | None, roots: list[str], field: str = "mesh_uri") -> None:
+    """422 naming the field unless the mesh lies under one of the roots the server allows (mesh_roots)."""
+    if uri is None:
+        return
+    if not roots:
+        raise unprocessable(field, "this server allows no meshes: set mesh_roots")
+    path = uri if storage.is_remote(uri) else os.path.normpath(uri)
+    if ".." in uri.split("/") or not any(path.startswith(root.rstrip("/") + "/") for root in roots):
+        raise unprocessable(field, "not under one of the server's mesh_roots")
 
 
 async def check_given(images: dict[int, str] | None) -> None:
@@ -501,6 +520,7 @@ async def submit_job(req: JobRequest, svc: Service) -> JobStatus:
         raise unprocessable("specs", str(err)) from None
     for n, spec in enumerate(specs, 1):
         await svc.check_lora(spec.lora, f"specs line {n}: lora")
+        check_mesh(spec.mesh_uri, svc.settings.mesh_roots, f"specs line {n}: mesh_uri")
     with storage_errors():
         return await svc.jobs.start_job(specs, req.output, webhook)
 

@@ -111,6 +111,7 @@ class GenerationResult(BaseModel):
     height: int
     width: int
     pngs: list[bytes]
+    poses: list[list[float]] | None = None  # camera-to-world (16 numbers) of each view, as generated
     image_uris: list[str] | None = None
     manifest_uri: str | None = None
 

@@ -176,13 +176,18 @@ def server(ray_local, tiny_model_dir, lora_root, tmp_path_factory):
     """The HTTP app on Serve (127.0.0.1) with the tiny model, an API key, two ingress replicas (as serve/config.yaml)
     and one model replica queueing at most 4; jobs beat every 0.2 s and are taken over after 2 s of silence; job
     webhooks may call 127.0.0.1, signed with WEBHOOK_SECRET; METERED_KEY may generate METERED_QUOTA images a
-    minute; requests may name the LoRAs of lora_root, one held by the model replica at a time."""
+    minute; requests may name the LoRAs of lora_root, one held by the model replica at a time, and the meshes under
+    ROOT/meshes (rooms.glb)."""
     from helpers import KEY, METERED_KEY, METERED_QUOTA, WEBHOOK_SECRET, free_port
+    from mesh_rooms import write_glb
     from ray import serve
 
     from serve.app import build_app
 
     root = tmp_path_factory.mktemp("served")
+    meshes = root / "meshes"
+    meshes.mkdir()
+    write_glb(meshes / "rooms.glb")
     key_file = root / "key"
     key_file.write_text(f"{KEY}\nmetered {METERED_KEY}\n")  # the default key, and one with a quota
     port = free_port()
@@ -191,7 +196,7 @@ def server(ray_local, tiny_model_dir, lora_root, tmp_path_factory):
             "max_body_bytes": 8192, "max_height": 64, "max_batch_views": 8, "batch_wait_timeout_s": 0.3,
             "job_concurrency": 2, "job_heartbeat_s": 0.2, "job_lease_s": 2.0, "webhook_secret": WEBHOOK_SECRET,
             "webhook_allow": ["127.0.0.1"], "quotas": {"metered": METERED_QUOTA}, "lora_root": str(lora_root),
-            "max_loras_per_replica": 1}
+            "max_loras_per_replica": 1, "mesh_roots": [str(meshes)]}
     deployments = [
         {"name": "DiffPanoAPI", "num_replicas": 2, "ray_actor_options": {"num_cpus": 0}},
         {"name": "PanoGenerator", "ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 8,

@@ -93,6 +93,8 @@ def cheap(body):
             body[key] = body[key][:2]
     body.pop("images", None)  # given panoramas: valid only as 2:1 images inline
     body.pop("lora", None)  # LoRAs: valid only by the names the server has
+    for key in ("mesh_uri", "layout", "strength"):  # geometry: meshes under the server's roots, strength with one
+        body.pop(key, None)
     body.pop("height", None)
     body.pop("width", None)
     if isinstance(body.get("specs"), list):

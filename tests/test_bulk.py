@@ -157,6 +157,31 @@ def test_bulk_specs_name_loras_under_a_root_and_lora_sets_the_rest(ray_local, ti
     assert "gone" in failures and "no pytorch_lora_weights.safetensors" in failures
 
 
+def test_bulk_specs_make_tours_on_a_layout_or_a_mesh_with_their_depth(ray_local, tiny_model_dir, tmp_path):
+    """layout and mesh_uri at strength 0 give the proxy's renders (the geometry is what was asked for), with depth
+    files in the manifest; a missing mesh fails its tour alone, naming mesh_uri."""
+    from mesh_rooms import write_glb
+
+    from diffpano.data.proxy import layout_proxy, mesh_proxy
+
+    glb = write_glb(tmp_path / "rooms.glb")
+    base = {"num_views": 2, "num_inference_steps": 2, "seed": 3, "height": 16, "strength": 0.0}
+    rows = [base | {"tour_id": "laid", "prompt": "a kitchen with green walls", "layout": True},
+            base | {"tour_id": "scan", "prompt": "a loft", "mesh_uri": str(glb)},
+            base | {"tour_id": "gone", "prompt": "a loft", "mesh_uri": str(tmp_path / "gone.glb")}]
+    (tmp_path / "specs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "out"
+    code, text = bulk("--specs", str(tmp_path / "specs.jsonl"), "--out", str(out), "--model", str(tiny_model_dir))
+    assert code == 0 and "2 tours / 4 views written" in text and "1 failed" in text, text
+    tours = {t.tour_id: t for t in read_tours(str(out))}
+    for tid, proxy in (("laid", layout_proxy(3, 16, 32, 2, 1.0, "kitchen", "green")),
+                       ("scan", mesh_proxy(str(glb), 16, 32, 2, None, 1.0, 3))):
+        assert np.array_equal(tours[tid].images, proxy.rgb) and np.allclose(tours[tid].poses, proxy.poses), tid
+        assert np.abs(tours[tid].depths - proxy.depth).max() <= 0.0006, tid
+    failures = "".join(p.read_text() for p in (out / "failures").glob("*.jsonl"))
+    assert "gone" in failures and "mesh_uri: there is no file" in failures
+
+
 def test_a_model_naming_a_scheduler_diffusers_lacks_is_refused_and_runs_with_scheduler(ray_local, tiny_model_dir,
                                                                                         tmp_path):
     model = with_scheduler_class(tiny_model_dir, tmp_path / "renamed", "PLMSv9Scheduler")

@@ -849,3 +849,40 @@ def test_quota_reservations_are_admitted_in_order_each_when_it_still_fits():
     held = [f"/q/k/1/{i:03d}-x-{n}" for i, n in enumerate((5, 8, 2, 3, 1))]
     chosen, total = admitted(held, 10)
     assert [int(u.rsplit("-", 1)[-1]) for u in held if u in chosen] == [5, 2, 3] and total == 10
+
+
+def test_tours_on_a_mesh_under_the_servers_roots_or_a_layout_start_from_their_renders(server):
+    from diffpano.data.proxy import layout_proxy, mesh_proxy
+
+    url, out = server
+    glb = out.parent / "meshes" / "rooms.glb"
+    base = {"prompt": "a kitchen with green walls", "num_views": 2, "num_inference_steps": 2, "seed": 5,
+            "height": 16, "strength": 0.0}
+    for body, proxy in ((base | {"mesh_uri": str(glb)}, mesh_proxy(str(glb), 16, 32, 2, None, 1.0, 5)),
+                        (base | {"layout": True}, layout_proxy(5, 16, 32, 2, 1.0, "kitchen", "green"))):
+        r = post(url, "/v1/tours", body)
+        assert r.status_code == 200, r.text
+        views = r.json()["views"]
+        assert np.array_equal(np.stack([png(base64.b64decode(v["image_png_base64"])) for v in views]), proxy.rgb)
+        assert np.allclose([v["pose_c2w"] for v in views], proxy.poses.reshape(2, 16), atol=1e-5)
+
+
+@pytest.mark.parametrize(("body", "field", "message"), [
+    ({"mesh_uri": "/etc/rooms.glb"}, "mesh_uri", "mesh_roots"),
+    ({"mesh_uri": "s3://elsewhere/rooms.glb"}, "mesh_uri", "mesh_roots"),
+    ({"mesh_uri": "rooms.glb"}, "mesh_uri", "pattern"),
+    ({"layout": True, "strength": 1.5}, "strength", "less than or equal to 1"),
+    ({"strength": 0.5}, "body", "strength: only with mesh_uri or layout"),
+    ({"layout": True, "mesh_uri": "/x/rooms.glb"}, "body", "give at most one of them"),
+])
+def test_geometry_the_server_will_not_use_gets_422_naming_the_field(server, body, field, message):
+    r = post(server[0], "/v1/tours", {"prompt": "a", "num_views": 2, **body})
+    assert r.status_code == 422 and field in json.dumps(r.json()["detail"]) and message in r.text, r.text
+
+
+def test_a_mesh_that_cannot_be_read_gets_422_naming_mesh_uri(server):
+    url, out = server
+    broken = out.parent / "meshes" / "broken.glb"
+    broken.write_bytes(b"glTF, not really")
+    r = post(url, "/v1/tours", {"prompt": "a", "num_views": 2, "num_inference_steps": 1, "mesh_uri": str(broken)})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "mesh_uri" and "unreadable" in r.text, r.text

@@ -4,16 +4,21 @@ which the pipeline starts its views from (img2img) and the tour keeps as its dep
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from diffpano.data.meshes.mesh import load_mesh
 from diffpano.data.meshes.raycast import MeshRenderer
 from diffpano.data.meshes.walkable import floor_map, walk_poses
+from diffpano.data.procedural.prompts import floor_named, parse_prompt
 from diffpano.data.procedural.scene_mesh import SceneMeshRenderer
 from diffpano.data.procedural.scenes import generate_scene
 from diffpano.data.procedural.walks import clip_poses
+from diffpano.io import storage
+from diffpano.specs import TourSpec
 
 CAMERA_HEIGHT, CLEARANCE = 1.5, 0.3  # as `dataset render` walks (MeshSpec's defaults)
 
@@ -52,3 +57,31 @@ def rendered(renderer, poses: np.ndarray, height: int, width: int) -> Proxy:
     views = [renderer.render(np.asarray(p, np.float64), height, width) for p in poses]
     return Proxy(np.asarray(poses, np.float64), np.stack([v.rgb for v in views]),
                  np.stack([v.depth for v in views]).astype(np.float32))
+
+
+def layout_of(prompt: str) -> tuple[str | None, str | None, str | None]:
+    """The room type, wall colour and floor a prompt names (None where it names none)."""
+    kind, wall = parse_prompt(prompt)
+    return kind, wall, floor_named(prompt)
+
+
+def spec_proxy(spec: TourSpec, seed: int, height: int, width: int) -> Proxy:
+    """The geometry a tour spec names: its laid-out house (from its first prompt), or its mesh (an s3:// one is
+    copied to a temporary file: single-file formats such as GLB and PLY), walked by the seed unless the spec gives
+    poses or a trajectory; ValueError naming mesh_uri when the mesh cannot be used."""
+    if spec.layout:
+        return layout_proxy(seed, height, width, spec.view_count(), 1.0, *layout_of(spec.prompt_list()[0]))
+    poses = spec.pose_array() if spec.poses is not None or spec.trajectory is not None else None
+    if not storage.is_remote(spec.mesh_uri) and not Path(spec.mesh_uri).is_file():
+        raise ValueError(f"mesh_uri: there is no file {spec.mesh_uri!r}")
+    with tempfile.NamedTemporaryFile(suffix=Path(spec.mesh_uri).suffix) as tmp:
+        path = spec.mesh_uri
+        try:
+            if storage.is_remote(path):
+                Path(tmp.name).write_bytes(storage.read_bytes(path))
+                path = tmp.name
+            return mesh_proxy(path, height, width, spec.view_count(), poses, 1.0, seed)
+        except FileNotFoundError:
+            raise ValueError(f"mesh_uri: there is no file {spec.mesh_uri!r}") from None
+        except ValueError as err:
+            raise ValueError(f"mesh_uri: {err}") from None

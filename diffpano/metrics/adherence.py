@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffpano.data.procedural.materials import WALL_COLOURS
+from diffpano.data.procedural.prompts import COLOURS, parse_prompt
 from diffpano.data.procedural.render import camera_pose
 from diffpano.data.procedural.scene_mesh import SceneMeshRenderer
 from diffpano.data.procedural.scenes import ROOM_TYPES, Room, Scene, generate_scene
@@ -30,67 +29,11 @@ from diffpano.models.seamless import make_seamless
 from diffpano.pipelines.loading import pick_device
 
 INPUT_SIZE = (64, 128)
-COLOURS = tuple(WALL_COLOURS)
 BUNDLED = Path(__file__).resolve().parent.parent / "assets" / "metrics" / "adherence"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 CAMERA_CLEARANCE = 0.35  # metres from walls and furniture footprints
 HELD_OUT_SEED_OFFSET = 1_000_003  # the classifier's held-out scenes: seed + this, so they are not training scenes
 FLOORS = ("a wooden floor", "a carpet", "a tiled floor", "a stone floor")
-
-_SPELLINGS = {"grey": "gray", "livingroom": "living room"}
-_ROOM_WORDS = {**{t: t for t in ROOM_TYPES}, "corridor": "hallway", "lounge": "living room"}
-_ROOM_RE = r"(?:" + "|".join(sorted((w.replace(" ", r"[\s-]+") for w in _ROOM_WORDS), key=len, reverse=True)) + r")"
-_COLOUR_RE = r"(?P<c>" + "|".join([*COLOURS, "grey"]) + r")"
-_ADJ_RE = (r"(?:(?:cozy|cosy|bright|quiet|modern|small|large|big|little|spacious|empty|tidy|simple|sunny|dark|light)"
-           r"\s+)?")
-# Wall-colour phrasings, strongest first: a colour bound to the word wall(s), then "painted <colour>".
-_TONE_RE = r"(?:(?:a|an)\s+)?(?:(?:light|dark|pale|deep|bright|soft|warm)\s+)?"
-_WALL_PATTERNS = [
-    re.compile(rf"\b{_COLOUR_RE}(?:[\s-]+(?:painted|coloured|colored|tinted))?[\s-]+wall(?:s|ed)?\b"),
-    re.compile(rf"\bwalls?\s+(?:of\s+(?:the|this|that|a|an)\s+(?:\w+\s+)?{_ROOM_RE}\s+)?(?:are\s+|is\s+)?(?:all\s+)?"
-               rf"(?:painted\s+)?(?:in\s+)?{_TONE_RE}{_COLOUR_RE}\b"),
-    # "painted <colour>" only of the room or its walls: "a bed painted white" says nothing about the walls.
-    re.compile(rf"(?:^|\b(?:{_ROOM_RE}|room|walls?|it|which|that)\s*,?\s+(?:(?:is|are|was|were|has been|have been)\s+)?"
-               rf"(?:all\s+|fully\s+|freshly\s+)?)painted\s+(?:in\s+)?{_TONE_RE}{_COLOUR_RE}\b"),
-]
-# A room type named as somewhere else ("a doorway leads to the kitchen") is not the room shown.
-_ELSEWHERE = re.compile(r"\b(?:to|into|onto|towards?|from|beside|near)\s+(?:(?:the|a|an)\s+)?(?:\w+\s+)?$")
-
-
-def _normalise(text: str) -> str:
-    """Lower case, one space between words, other spellings mapped to the dataset's words."""
-    text = re.sub(r"\s+", " ", text.lower())
-    return re.sub(r"\b(grey|livingroom)\b", lambda m: _SPELLINGS[m.group(1)], text)
-
-
-def _room_mentions(text: str) -> list[tuple[int, int, str]]:
-    """(start, end, room type) of each room-type word in the prompt that names the room shown."""
-    out = []
-    for m in re.finditer(rf"\b(?P<r>{_ROOM_RE})s?\b", text):
-        if not _ELSEWHERE.search(text[: m.start()]):
-            out.append((m.start(), m.end(), _ROOM_WORDS[re.sub(r"[\s-]+", " ", m.group("r"))]))
-    return out
-
-
-def parse_prompt(text: str) -> tuple[str | None, str | None]:
-    """(room type, wall colour) a prompt asks for; None for what it does not state."""
-    if not isinstance(text, str):
-        raise ValueError(f"text: expected a prompt string, got {type(text).__name__}")
-    text = _normalise(text)
-    mentions = _room_mentions(text)
-    room = mentions[0][2] if mentions else None
-    for pattern in _WALL_PATTERNS:
-        m = pattern.search(text)
-        if m:
-            return room, m.group("c")
-    # "a blue bedroom": a colour right before the room shown (an adjective may sit between).
-    for start, _, kind in mentions:
-        m = re.search(rf"\b{_COLOUR_RE}\s+{_ADJ_RE}$", text[:start])
-        if m and kind == room:
-            return room, m.group("c")
-    return room, None
-
-
 
 def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
     """3x3 conv, batch norm, ReLU."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,14 +146,3 @@ def pattern_factor(code: int, p: np.ndarray, normal_axis: np.ndarray) -> np.ndar
         return np.where(bar, 0.35, 1.0 - 0.15 * (b + 2.1))
     return np.ones(len(p), dtype=np.float32)
 
-
-# How prompts name the floors (the longest names first: "dark wood" before "wood").
-FLOOR_WORDS = {"dark wood": r"dark wood(en)?", "beige carpet": r"beige carpet", "gray tile": r"gr[ae]y til(e|ed)",
-               "wood": r"wood(en)? floor|parquet|floorboards", "carpet": r"carpet", "tile": r"til(e|ed)",
-               "stone": r"stone floor|marble"}
-
-
-def floor_named(text: str) -> str | None:
-    """The floor (a key of FLOORS) a text names, or None."""
-    lowered = text.lower()
-    return next((floor for floor, words in FLOOR_WORDS.items() if re.search(rf"\b(?:{words})\b", lowered)), None)
