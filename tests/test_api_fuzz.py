@@ -73,32 +73,28 @@ def operations(url: str) -> list:
     return [result.ok() for result in schema.get_all_operations()]
 
 
-def cheap(body):
+def cheap(body, path: str):
     """A positive request kept cheap to generate (at most 2 views and 2 steps, the model's default size) and valid
-    across fields, which the schema cannot say: one of prompt/prompts, no random poses (never rotations)."""
+    across fields, which the schema cannot say: one of prompt/prompts, no random poses (never rotations), no
+    geometry, LoRA or given panoramas (valid only with what the server holds)."""
     if not isinstance(body, dict):
         return body
-    if "prompts" in body or "prompt" in body or "poses" in body or "num_views" in body:
-        body.pop("poses", None)
-        if body.get("prompt") is not None or not body.get("prompts"):
-            body["prompt"] = body.get("prompt") or "a room"
-            body.pop("prompts", None)
-        else:
-            body.pop("num_views", None)  # the prompts say how many views
+    if path == "/v1/jobs":
+        if isinstance(body.get("specs"), list):
+            body["specs"] = [cheap(s, "/v1/tours") for s in body["specs"][:2]]
+        return body
+    body.pop("poses", None)
+    if body.get("prompt") is not None or not body.get("prompts"):
+        body["prompt"] = body.get("prompt") or "a room"
+        body.pop("prompts", None)
+    else:
+        body.pop("num_views", None)  # the prompts say how many views
+        body["prompts"] = body["prompts"][:2]
     body["num_inference_steps"] = min(body.get("num_inference_steps") or 2, 2)
     if isinstance(body.get("num_views"), int):
         body["num_views"] = min(body["num_views"], 2)
-    for key in ("prompts", "poses"):
-        if isinstance(body.get(key), list):
-            body[key] = body[key][:2]
-    body.pop("images", None)  # given panoramas: valid only as 2:1 images inline
-    body.pop("lora", None)  # LoRAs: valid only by the names the server has
-    for key in ("mesh_uri", "layout", "strength"):  # geometry: meshes under the server's roots, strength with one
+    for key in ("images", "lora", "mesh_uri", "layout", "strength", "height", "width"):
         body.pop(key, None)
-    body.pop("height", None)
-    body.pop("width", None)
-    if isinstance(body.get("specs"), list):
-        body["specs"] = [cheap(s) for s in body["specs"][:2]]
     return body
 
 
@@ -117,7 +113,7 @@ def fuzz_operation(op, url: str, mode: GenerationMode, examples: int) -> list[in
     @given(case=op.as_strategy(generation_mode=mode))
     def run(case) -> None:
         if mode == GenerationMode.POSITIVE and isinstance(case.body, dict):
-            case.body = cheap(case.body)
+            case.body = cheap(case.body, op.path)
         r = case.call(base_url=url, headers={"X-API-Key": KEY}, timeout=120)
         assert r.status_code < 500, f"{label}: {r.status_code} {r.text[:300]}\n{case.as_curl_command()}"
         seen.append(r.status_code)
@@ -154,7 +150,7 @@ def test_fuzzed_valid_requests_never_get_a_5xx_and_tours_are_2_to_1_pngs(server)
     seen = fuzz(server[0], GenerationMode.POSITIVE, examples=30)
     declared = requests.get(f"{server[0]}/openapi.json", timeout=30).json()["paths"]
     assert set(seen) == {f"{m.upper()} {p}" for p, ops in declared.items() for m in ops}, sorted(seen)  # all ran
-    for op in ("POST /v1/tours", "POST /v1/panoramas"):  # valid requests mostly succeed (measured: 18 and 29 of 30)
+    for op in ("POST /v1/tours", "POST /v1/panoramas"):  # valid requests mostly succeed (measured: 28 and 30 of 30)
         assert seen[op].count(200) >= len(seen[op]) / 2, (op, seen[op])
 
 
