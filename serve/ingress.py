@@ -366,9 +366,9 @@ class DiffPanoAPI:
         """Give the request's images back to its quota: it was charged, then refused (4xx or 503)."""
         state = getattr(request.state, "quota", None)
         if state is not None and state.reservation is not None:
-            with contextlib.suppress(OSError):
+            with storage.wait_at_most(0.0), contextlib.suppress(OSError):  # the refusal stands whatever storage does
                 await asyncio.to_thread(self.quotas.refund, state)
-            request.state.quota = await asyncio.to_thread(self.quotas.peek, request.state.key_name)
+                request.state.quota = await asyncio.to_thread(self.quotas.peek, request.state.key_name)
 
     async def answer(self, request: Request, req: PanoramaRequest | TourRequest, prompts: list[str],
                      poses) -> GenerationResult | StreamingResponse:

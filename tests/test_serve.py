@@ -747,7 +747,10 @@ def test_a_keys_quota_counts_images_across_ingress_replicas_and_answers_429_with
     assert r.status_code == 200, r.text
     assert (r.headers["x-ratelimit-limit-images"], r.headers["x-ratelimit-remaining-images"]) == ("6", "2")
     assert 0 < int(r.headers["x-ratelimit-reset-images"].removesuffix("s")) <= 60
-    for body, field in (({"num_views": 2, "height": 1024}, "height"), ({"num_views": 7}, "num_views")):
+    broken = server[1].parent / "meshes" / "unreadable.glb"
+    broken.write_bytes(b"glTF, not really")  # refused by the model replica, after the quota counted it: given back
+    for body, field in (({"num_views": 2, "height": 1024}, "height"), ({"num_views": 7}, "num_views"),
+                        ({"num_views": 2, "mesh_uri": str(broken)}, "mesh_uri")):
         bad = requests.post(url + "/v1/tours", json={"prompt": "a", "num_inference_steps": 1, **body},
                             headers=metered, timeout=60)  # refused: nothing counted (7 is more than the quota)
         assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == field, bad.text
