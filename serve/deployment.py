@@ -43,6 +43,14 @@ class Cancelled(Exception):
     """The client of a streamed tour went away: its remaining steps are not run."""
 
 
+def outcome(result: GenerationResult | Exception) -> GenerationResult:
+    """A tour's result, or its error raised for its request (make_tours and @serve.batch hand errors back as
+    values)."""
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
 def preview_steps(total: int) -> set[int]:
     """The steps (1-based) after which a streamed tour sends a preview: evenly spaced, at most PREVIEWS."""
     return {round(total * k / (PREVIEWS + 1)) for k in range(1, PREVIEWS + 1)} - {0, total}
@@ -122,19 +130,13 @@ class PanoGenerator:
         """One tour, batched with others arriving at the same time; a tour larger than a batch runs alone."""
         await self._lora_of_request()
         if job.view_count() > self.max_batch_views:  # @serve.batch refuses an item larger than the batch
-            return await self._run_alone(job)
-        result = await self.generate_batch(job)
-        if isinstance(result, Exception):  # @serve.batch hands a tour's error back as its result: raise it here
-            raise result
-        return result
+            return outcome(await self._run_alone(job))
+        return outcome(await self.generate_batch(job))
 
-    async def _run_alone(self, job: GenerationJob) -> GenerationResult:
-        """One tour outside the batcher (the pipeline denoises it in windows of views)."""
+    async def _run_alone(self, job: GenerationJob) -> GenerationResult | Exception:
+        """One tour outside the batcher (the pipeline denoises it in windows of views); its error as a value."""
         tour = (await asyncio.to_thread(self._tours, [job]))[job.tour_id]
-        result = await asyncio.to_thread(self._result, job, tour)
-        if isinstance(result, Exception):
-            raise result
-        return result
+        return await asyncio.to_thread(self._result, job, tour)
 
     @serve.batch(max_batch_size=MAX_BATCH_VIEWS, batch_wait_timeout_s=BATCH_WAIT_S, batch_size_fn=_views)
     async def generate_batch(self, jobs: list[GenerationJob]) -> list[GenerationResult | Exception]:
@@ -164,10 +166,7 @@ class PanoGenerator:
                     yield getter.result()
                 else:
                     getter.cancel()
-            result = await asyncio.to_thread(self._result, job, work.result()[job.tour_id])
-            if isinstance(result, Exception):
-                raise result
-            yield result
+            yield outcome(await asyncio.to_thread(self._result, job, work.result()[job.tour_id]))
         finally:
             stop.set()  # a caller that went away: the worker thread raises Cancelled at its next step
             if getter is not None:

@@ -39,6 +39,13 @@ def _images(uri: str) -> int:
     return int(uri.rsplit("-", 1)[-1])
 
 
+def current_window() -> tuple[int, float]:
+    """The minute now (its index since the epoch) and the seconds until it ends."""
+    now = time.time()
+    window = int(now // WINDOW_S)
+    return window, (window + 1) * WINDOW_S - now
+
+
 def admitted(held: list[str], limit: int) -> tuple[set[str], int]:
     """The reservations admitted, in the order they were made, each when it still fits: every replica reading the
     same files reaches the same decisions, and a refused one counts for nobody. Also the images they hold."""
@@ -75,8 +82,7 @@ class Quotas:
         limit = self.limit(key_name)
         if limit is None:
             return None
-        now = time.time()
-        window = int(now // WINDOW_S)
+        window, reset = current_window()
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}-{images}"
         mine = storage.join(self.root, QUOTAS, key_name, str(window), name)
         storage.write_bytes(mine, b"")
@@ -84,7 +90,6 @@ class Quotas:
         if mine not in held:  # a listing that lags the write still counts this request
             held = sorted([*held, mine], key=lambda u: u.rsplit("/", 1)[-1])
         chosen, total = admitted(held, limit)
-        reset = (window + 1) * WINDOW_S - now
         if mine not in chosen:
             storage.delete_files([mine])
             return QuotaState(limit, max(0, limit - total), reset, allowed=False)
@@ -100,7 +105,6 @@ class Quotas:
         limit = self.limit(key_name)
         if limit is None:
             return None
-        now = time.time()
-        window = int(now // WINDOW_S)
+        window, reset = current_window()
         _, total = admitted(self._reservations(key_name, window), limit)
-        return QuotaState(limit, max(0, limit - total), (window + 1) * WINDOW_S - now)
+        return QuotaState(limit, max(0, limit - total), reset)
