@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install run test test-unit test-slow test-cuda gpu-suite gpu-suite-dry bench model model-gpu image cluster-config lint clean
+.PHONY: install run test test-unit test-slow test-cuda gpu-suite gpu-suite-dry bench model model-gpu geometry-eval image cluster-config lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo "make install: creating $(VENV) and installing torch (CPU build), then the project (about 2.5 minutes, once)"
@@ -81,6 +81,11 @@ model-gpu: $(STAMP) outputs/dataset-heldout
 outputs/dataset-heldout: $(STAMP)
 	$(VENV)/bin/diffpano dataset build --scenes 16 --clips-per-scene 1 --frames 4 --size 128x256 --seed 1 \
 		--out outputs/dataset-heldout
+
+# Tours on a geometry at each img2img strength against no proxy (MODEL.md "On a geometry"; about 50 minutes on 2 CPU
+# cores): outputs/geometry-eval/table.md, figures.json and geometry_grid.png.
+geometry-eval: $(STAMP) outputs/dataset-heldout
+	$(PY) scripts/measure_geometry.py --heldout outputs/dataset-heldout --out outputs/geometry-eval
 
 # The cluster image (cluster/docker/Dockerfile); needs Docker. Push it where your cluster pulls from.
 IMAGE ?= diffpano:0.1.0-ray2.60.0

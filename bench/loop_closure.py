@@ -13,38 +13,17 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 from common import format_table, goal_line, write_json
 
 from diffpano.defaults import WINDOW_VIEWS
 from diffpano.geometry.trajectories import orbit
-from diffpano.metrics.consistency import epipolar_error
-from diffpano.metrics.images import float_images
+from diffpano.metrics.consistency import loop_closure
 from diffpano.pipelines.loading import load_model
 
 GOAL = 1.15
 PROMPTS = ["a cozy living room with a grey sofa and a wooden floor", "a bright kitchen with white cabinets",
            "a bedroom with blue walls and a large bed", "an office with a desk and bookshelves",
            "a bathroom with green tiles", "a dining room with a long table"]
-
-
-def pair_error(images: torch.Tensor, poses: torch.Tensor, i: int, j: int) -> float:
-    """Epipolar error between views i and j (each the other's reference)."""
-    return epipolar_error(images[[i, j]], images[[i, j]], poses[[i, j]])
-
-
-def closure(images, poses: torch.Tensor) -> dict:
-    """Closing-pair error, mean neighbouring-pair error, their ratio, and the same ratio averaged over every pair.
-
-    The last is a control: a pair that is no different from its neighbours scores about 1 (a little above, since one
-    pair varies more than a mean of many), so a closing ratio is read against it.
-    """
-    x = float_images(images)
-    n = x.shape[0]
-    errors = [pair_error(x, poses, i, (i + 1) % n) for i in range(n)]  # the last pair closes the loop
-    ratio = lambda i: errors[i] / statistics.mean(errors[:i] + errors[i + 1 :])  # noqa: E731
-    return {"closing": errors[-1], "neighbours": statistics.mean(errors[:-1]), "ratio": ratio(n - 1),
-            "control": statistics.mean(ratio(i) for i in range(n))}
 
 
 def main() -> None:
@@ -72,7 +51,7 @@ def main() -> None:
         for name, options in windows.items():
             t0 = time.perf_counter()
             images = pipe(prompt, poses, seed=i + 100 * seed, **options, **steps).images[0]
-            rec = closure(images, poses.float()) | {"seconds": time.perf_counter() - t0}
+            rec = loop_closure(images, poses) | {"seconds": time.perf_counter() - t0}
             results[name].append(rec)
             print(f"prompt {i} seed {seed} window {name}: ratio {rec['ratio']:.3f}, control {rec['control']:.3f} "
                   f"({rec['seconds']:.0f} s)", flush=True)

@@ -27,7 +27,7 @@ from diffpano.data.procedural.materials import WALL_COLOURS
 from diffpano.defaults import DEFAULT_GUIDANCE
 from diffpano.geometry.trajectories import walk
 from diffpano.metrics.adherence import adherence, load_classifier, predict, prompt_panoramas, prompts_grid
-from diffpano.metrics.consistency import epipolar_error
+from diffpano.metrics.consistency import neighbours_and_unrelated
 from diffpano.metrics.evaluation import select_eval_tours
 from diffpano.metrics.images import float_images
 from diffpano.metrics.report import tour_grid
@@ -43,17 +43,6 @@ def seam_ratios(images: np.ndarray) -> np.ndarray:
     """Per view: seam colour jump / mean interior column jump."""
     colour, _ = column_jumps(float_images(images))
     return (colour[:, -1] / (colour[:, :-1].mean(-1) + 1e-8)).numpy()
-
-
-def tour_errors(tours: list[np.ndarray], poses: list[np.ndarray]) -> tuple[float, float]:
-    """Mean epipolar error of the tours' neighbouring views, and against the next tour's views (unrelated)."""
-    own, unrelated = [], []
-    for i, (images, p) in enumerate(zip(tours, poses, strict=True)):
-        x = float_images(images)
-        other = float_images(tours[(i + 1) % len(tours)])
-        own.append(epipolar_error(x, x, p))
-        unrelated.append(epipolar_error(x, other, p))
-    return float(np.mean(own)), float(np.mean(unrelated))
 
 
 def write_pictures(out: Path, images: np.ndarray, prompts: list[str], tours: list[np.ndarray], held: list) -> None:
@@ -119,8 +108,8 @@ def main() -> None:
         with_ea.append(pipe(t.prompts, t.poses, seed=t.seed, **gen).images[0])
         without_ea.append(pipe(t.prompts, t.poses, seed=t.seed, use_epipolar=False, **gen).images[0])
     poses = [t.poses for t in held]
-    err, err_unrelated = tour_errors(with_ea, poses)
-    err_no_ea, _ = tour_errors(without_ea, poses)
+    err, err_unrelated = neighbours_and_unrelated(with_ea, poses)
+    err_no_ea, _ = neighbours_and_unrelated(without_ea, poses)
     seams = seam_ratios(np.concatenate([images, *with_ea]))
     results |= {"epipolar_error": err, "epipolar_error_unrelated": err_unrelated, "epipolar_error_no_ea": err_no_ea,
                 "epipolar_vs_unrelated": err / err_unrelated, "epipolar_vs_no_ea": err / err_no_ea,
@@ -131,7 +120,7 @@ def main() -> None:
         for k, s in itertools.product((1, 2), (4, 8)):
             tours = [pipe(t.prompts, t.poses, seed=t.seed, num_ref_views=k, num_samples=s, **gen).images[0]
                      for t in held[:4]]
-            e, _ = tour_errors(tours, poses[:4])
+            e, _ = neighbours_and_unrelated(tours, poses[:4])
             grid.append({"K": k, "S": s, "epipolar_error": e})
         results["sk_grid"] = grid
 

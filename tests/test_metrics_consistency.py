@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 
 from diffpano.data.procedural.build import ProceduralSpec, render_clips
-from diffpano.metrics.consistency import epipolar_consistency, normalised_reprojection, reprojection_scores
+from diffpano.data.procedural.scene_mesh import SceneMeshRenderer
+from diffpano.data.procedural.scenes import generate_scene
+from diffpano.data.procedural.walks import room_orbit
+from diffpano.data.proxy import rendered
+from diffpano.metrics.consistency import (
+    epipolar_consistency,
+    loop_closure,
+    normalised_reprojection,
+    reprojection_scores,
+)
 from diffpano.metrics.seam import seam_scores
 
 
@@ -26,6 +35,16 @@ def test_epipolar_consistency_separates_true_tours_from_shuffled_and_unrelated(c
     assert true["epipolar_error"] < 0.6 * true["epipolar_error_unrelated"]
     assert true["epipolar_score"] > 0.4
     assert true["epipolar_score"] > shuffled["epipolar_score"] + 0.2
+
+
+def test_loop_closure_of_a_rendered_orbit_is_near_one_and_rises_when_its_last_view_shows_another_scene():
+    orbits = [rendered(SceneMeshRenderer(scene), room_orbit(scene, 8), 64, 128)
+              for scene in (generate_scene(5), generate_scene(6))]
+    closed = loop_closure(orbits[0].rgb, orbits[0].poses)
+    broken = loop_closure(np.concatenate([orbits[0].rgb[:7], orbits[1].rgb[7:]]), orbits[0].poses)
+    assert 0.8 < closed["ratio"] < 1.25 and 0.9 < closed["control"] < 1.2
+    assert broken["closing"] > 1.5 * closed["closing"]
+    assert broken["ratio"] > closed["ratio"] + 0.3
 
 
 def test_blank_or_constant_views_are_not_perfectly_consistent(clips):

@@ -58,6 +58,17 @@ def test_vae_decoder_is_seamless():
     assert (a - b).abs().max() < 1e-4
 
 
+def test_vae_encoder_is_seamless():
+    """The encoder's downsamplers pad right and bottom themselves (diffusers' Downsample2D, padding 0): right wraps."""
+    torch.manual_seed(0)
+    vae = make_seamless(AutoencoderKL(**tiny_vae_config()).eval())
+    x = torch.rand(1, 3, 16, 32) * 2 - 1
+    with torch.no_grad():
+        a = vae.encode(torch.roll(x, 6, dims=-1)).latent_dist.mean
+        b = torch.roll(vae.encode(x).latent_dist.mean, 3, dims=-1)  # the encoder downsamples by 2
+    assert (a - b).abs().max() < 1e-4
+
+
 def multiview_unet(n: int = 4, seed: int = 0):
     unet = make_seamless(tiny_unet(seed))
     adapter = EpipolarAdapter.for_unet(unet, num_ref_views=2, num_samples=4)

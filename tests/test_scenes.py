@@ -9,7 +9,7 @@ import pytest
 
 from diffpano.data.procedural.materials import WALL_COLOURS
 from diffpano.data.procedural.scenes import ROOM_TYPES, WALL_THICKNESS, generate_scene
-from diffpano.data.procedural.walks import clip_poses, room_route
+from diffpano.data.procedural.walks import clip_poses, room_orbit, room_route
 
 SEEDS = range(60)
 
@@ -128,6 +128,33 @@ def test_walks_stay_at_eye_height_inside_rooms_and_pass_from_room_to_room(scenes
                 gap = np.hypot(max(lo[0] - x, 0, x - hi[0]), max(lo[2] - z, 0, z - hi[2]))
                 assert item.mounted or gap > 0.3
     assert np.mean(np.array(rooms_visited) >= 2) >= 0.7
+
+
+def test_room_orbits_close_at_eye_height_clear_of_furniture_facing_along_the_circle(scenes):
+    for scene in scenes[:20]:
+        poses = room_orbit(scene, 16)
+        centres = poses[:, :3, 3][:, [0, 2]]
+        middle = centres.mean(0)
+        radius = np.linalg.norm(centres - middle, axis=1)
+        assert np.allclose(radius, radius[0]) and 0.25 - 1e-9 <= radius[0] <= 1.0 + 1e-9
+        assert np.allclose(poses[:, 1, 3], -scene.eye_height)
+        assert len({scene.locate(x, z)[0] for x, z in centres}) == 1
+        # The forward axis (+z of the camera) is the circle's tangent, the same way round at every camera.
+        forward = poses[:, :3, 2][:, [0, 2]]
+        tangent = np.roll(centres, -1, axis=0) - np.roll(centres, 1, axis=0)
+        tangent /= np.linalg.norm(tangent, axis=1, keepdims=True)
+        assert np.allclose(forward, tangent, atol=1e-6)
+        for x, z in centres:
+            for item in scene.rooms[scene.locate(x, z)[0]].items:
+                lo, hi = item.bounds
+                assert item.mounted or not (lo[0] - 0.3 < x < hi[0] + 0.3 and lo[2] - 0.3 < z < hi[2] + 0.3)
+
+
+def test_room_orbit_refuses_too_few_views_and_a_clearance_no_room_has():
+    with pytest.raises(ValueError, match="frames"):
+        room_orbit(generate_scene(0), 1)
+    with pytest.raises(ValueError, match="no room has space"):
+        room_orbit(generate_scene(0), 8, clearance=10.0)
 
 
 def test_walk_rejects_bad_settings():

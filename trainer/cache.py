@@ -30,7 +30,8 @@ from diffpano.models.text import encode_prompts
 from diffpano.pipelines.loading import load_model
 from fanout.actors import map_on_actors, start_actors
 
-CACHE_VERSION = 1  # bump when what a cache holds changes for the same encoder files (preprocessing, layout)
+CACHE_VERSION = 2  # bump when what a cache holds changes for the same encoder files (preprocessing, layout,
+#                   the VAE encoder wrapping in longitude since 2)
 MARKER = "_COMPLETE.json"
 TEXT_ROWS_PER_FILE = 256
 LATENT_ROWS_PER_FILE = 512

@@ -22,6 +22,7 @@ from diffpano.data.procedural.prompts import COLOURS, parse_prompt
 from diffpano.data.procedural.render import camera_pose
 from diffpano.data.procedural.scene_mesh import SceneMeshRenderer
 from diffpano.data.procedural.scenes import ROOM_TYPES, Room, Scene, generate_scene
+from diffpano.data.procedural.walks import free_spot
 from diffpano.geometry.spherical import check_panorama_size
 from diffpano.geometry.trajectories import walk
 from diffpano.metrics.images import channels_first, float_images
@@ -124,20 +125,6 @@ def load_classifier(directory: str | Path = BUNDLED, device: str | torch.device 
     return model.to(pick_device(device)).eval()
 
 
-
-def _free(scene: Scene, room: Room, x: float, z: float) -> bool:
-    """True when a camera at (x, z) stands in the room, clear of its walls and furniture footprints."""
-    if not room.contains(x, z, CAMERA_CLEARANCE) or scene.locate(x, z)[0] != room.index:
-        return False
-    for item in room.items:
-        if item.mounted:
-            continue
-        lo, hi = item.bounds[0] - CAMERA_CLEARANCE, item.bounds[1] + CAMERA_CLEARANCE
-        if lo[0] < x < hi[0] and lo[2] < z < hi[2]:
-            return False
-    return True
-
-
 def _camera_spot(scene: Scene, room: Room, rng: np.random.Generator) -> tuple[float, float]:
     """A floor point in the room: near its hub half the time, anywhere free otherwise (the hub when nothing fits)."""
     hub = np.asarray(room.hub if room.hub is not None else room.centre, dtype=np.float64)
@@ -147,7 +134,7 @@ def _camera_spot(scene: Scene, room: Room, rng: np.random.Generator) -> tuple[fl
             x, z = hub + rng.normal(0, 0.5, 2)
         else:
             x, z = rng.uniform(room.x0, room.x1), rng.uniform(room.z0, room.z1)
-        if _free(scene, room, float(x), float(z)):
+        if free_spot(scene, room, float(x), float(z), CAMERA_CLEARANCE):
             return float(x), float(z)
     return float(hub[0]), float(hub[1])
 

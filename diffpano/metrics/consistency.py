@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -41,6 +43,33 @@ def epipolar_error(
     diff = torch.where(samples.mask[:, 0], diff, torch.full_like(diff, math.inf))
     best = diff.min(-1).values
     return float(best[torch.isfinite(best)].mean())
+
+
+def neighbours_and_unrelated(tours: Sequence, poses: Sequence) -> tuple[float, float]:
+    """Mean epipolar error of each tour's neighbouring views, and the same with the next tour's views read as if they
+    stood at this tour's poses (unrelated: another scene); tours (N, H, W, 3) or (N, 3, H, W), poses (N, 4, 4) each."""
+    own, unrelated = [], []
+    for i, (images, p) in enumerate(zip(tours, poses, strict=True)):
+        x = float_images(images)
+        own.append(epipolar_error(x, x, p))
+        unrelated.append(epipolar_error(x, float_images(tours[(i + 1) % len(tours)]), p))
+    return float(np.mean(own)), float(np.mean(unrelated))
+
+
+def loop_closure(images: np.ndarray | torch.Tensor, poses: np.ndarray | torch.Tensor) -> dict:
+    """A closed loop's closing-pair epipolar error (last -> first view), the mean of its neighbouring pairs', their
+    ratio, and the same ratio averaged over every pair (`control`).
+
+    The control reads the ratio: a pair no different from its neighbours scores about 1 (a little above, since one
+    pair varies more than a mean of many).
+    """
+    x = float_images(images)
+    poses = torch.as_tensor(np.asarray(poses), dtype=torch.float32)
+    n = x.shape[0]
+    errors = [epipolar_error(x[[i, (i + 1) % n]], x[[i, (i + 1) % n]], poses[[i, (i + 1) % n]]) for i in range(n)]
+    ratio = lambda i: errors[i] / statistics.mean(errors[:i] + errors[i + 1 :])  # noqa: E731
+    return {"closing": errors[-1], "neighbours": statistics.mean(errors[:-1]), "ratio": ratio(n - 1),
+            "control": statistics.mean(ratio(i) for i in range(n))}
 
 
 def epipolar_consistency(images, poses, num_samples: int = 64, size: tuple[int, int] = EVAL_SIZE,

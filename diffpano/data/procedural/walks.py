@@ -1,4 +1,5 @@
-"""Camera trajectories through procedural scenes: eye-height walks from room to room through doorways."""
+"""Camera trajectories through procedural scenes: eye-height walks from room to room through doorways, and orbits
+in a room."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from diffpano.data.procedural.render import camera_pose
 from diffpano.data.procedural.scenes import Opening, Room, Scene
 
 APPROACH = 0.5  # metres from a doorway where the walk lines up to pass through it
+ORBIT_RADII = (1.0, 0.8, 0.6, 0.4, 0.25)  # metres, tried largest first
 
 
 def _door_points(door: Opening, room: Room) -> tuple[np.ndarray, np.ndarray]:
@@ -81,3 +83,35 @@ def clip_poses(scene: Scene, frames: int, spacing: float, rng: np.random.Generat
     eye = scene.eye_height + float(rng.uniform(-0.05, 0.05))
     yaws = np.remainder(yaws + math.pi, 2 * math.pi) - math.pi
     return np.stack([camera_pose(x, z, float(y), eye) for (x, z), y in zip(xz, yaws, strict=True)])
+
+
+def free_spot(scene: Scene, room: Room, x: float, z: float, clearance: float) -> bool:
+    """True when a camera at (x, z) stands in the room, `clearance` metres clear of its walls and furniture."""
+    if not room.contains(x, z, clearance) or scene.locate(x, z)[0] != room.index:
+        return False
+    for item in room.items:
+        if item.mounted:
+            continue
+        lo, hi = item.bounds[0] - clearance, item.bounds[1] + clearance
+        if lo[0] < x < hi[0] and lo[2] < z < hi[2]:
+            return False
+    return True
+
+
+def room_orbit(scene: Scene, frames: int, clearance: float = 0.3) -> np.ndarray:
+    """Poses (F, 4, 4) of a closed orbit at eye height in a room, each camera facing along the circle: the largest
+    radius in ORBIT_RADII at which every camera stands `clearance` metres clear, around the hub or the centre of the
+    largest room with space for it; ValueError if no room has."""
+    if frames < 2:
+        raise ValueError(f"frames: an orbit needs at least 2 keyframes, got {frames}")
+    angles = np.arange(frames) * (2 * math.pi / frames)
+    rooms = sorted(scene.rooms, key=lambda r: -float(np.prod(r.size)))
+    for radius in ORBIT_RADII:
+        for room in rooms:
+            for cx, cz in dict.fromkeys([tuple(_hub(room)), tuple(room.centre)]):
+                xs, zs = cx + radius * np.sin(angles), cz - radius * np.cos(angles)
+                if all(free_spot(scene, room, float(x), float(z), clearance) for x, z in zip(xs, zs, strict=True)):
+                    return np.stack([camera_pose(float(x), float(z), float(math.pi / 2 - a), scene.eye_height)
+                                     for x, z, a in zip(xs, zs, angles, strict=True)])
+    raise ValueError(f"scene {scene.seed}: no room has space for an orbit of radius {ORBIT_RADII[-1]} m "
+                     f"{clearance} m clear of walls and furniture")
