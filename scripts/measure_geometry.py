@@ -71,14 +71,24 @@ def to_render(images: np.ndarray, renders: np.ndarray) -> dict:
     return {"psnr_to_render": m["psnr_capped"], "ssim_to_render": m["ssim"]}
 
 
+def run_conditions(pipe, conditions: dict, prompts: list, poses: np.ndarray, seeds: list[int], renders: np.ndarray,
+                   gen: dict, per: str) -> tuple[dict, dict]:
+    """Every condition's tours from the same prompts, poses and seeds, with seconds per `per` (a tour of the batch)
+    and closeness to the render; the images by condition, the renders among them as the control."""
+    images, results = {RENDERS: renders}, {}
+    for name, strength in conditions.items():
+        images[name], seconds = generate(pipe, prompts, poses, seeds, renders, strength, gen)
+        results[name] = {f"seconds_per_{per}": seconds / len(prompts)} | to_render(images[name], renders)
+    return results, images
+
+
 def adherence_part(pipe, conditions: dict, prompts: list[str], size: tuple[int, int], gen: dict) -> tuple[dict, dict]:
     """Adherence and closeness to the render of one panorama per prompt, on a house laid out as it says."""
     proxies = [layout_proxy(i, *size, 1, 1.0, *layout_of(p)) for i, p in enumerate(prompts)]
     renders, poses = np.stack([p.rgb for p in proxies]), np.stack([p.poses for p in proxies])
-    classifier, seeds, results, images = load_classifier(), list(range(len(prompts))), {}, {RENDERS: renders}
-    for name, strength in conditions.items():
-        images[name], seconds = generate(pipe, [[p] for p in prompts], poses, seeds, renders, strength, gen)
-        results[name] = {"seconds_per_panorama": seconds / len(prompts)} | to_render(images[name], renders)
+    results, images = run_conditions(pipe, conditions, [[p] for p in prompts], poses, list(range(len(prompts))),
+                                     renders, gen, "panorama")
+    classifier = load_classifier()
     for name, x in images.items():
         results.setdefault(name, {}).update(adherence(classifier, x[:, 0], prompts))
     return results, images
@@ -93,12 +103,12 @@ def restyle_part(pipe, conditions: dict, prompts: list[str], size: tuple[int, in
                in enumerate(layouts)]
     renders, poses = np.stack([p.rgb for p in proxies]), np.stack([p.poses for p in proxies])
     classifier, results = load_classifier(), {}
+    wanted = np.array([wall for _, wall, _ in layouts])
+    rendered_walls = np.array([other[w] for w in wanted])
     for name, strength in [(RENDERS, None), *((n, s) for n, s in conditions.items() if s is not None)]:
         x = renders if name == RENDERS else generate(pipe, [[p] for p in prompts], poses, list(range(len(prompts))),
                                                      renders, strength, gen)[0]
         walls = np.array(predict(classifier, x[:, 0])[1])
-        wanted = np.array([wall for _, wall, _ in layouts])
-        rendered_walls = np.array([other[w] for w in wanted])
         results[name] = {"restyle_prompt_wall": float(np.mean(walls == wanted)),
                          "restyle_render_wall": float(np.mean(walls == rendered_walls))}
     return results
@@ -109,17 +119,14 @@ def heldout_part(pipe, conditions: dict, heldout: str, tours: int, views: int, g
     held = select_eval_tours(heldout, tours, views, seed=0, load=True)
     renders, depths = np.stack([t.rgb for t in held]), np.stack([t.depth for t in held])
     poses = np.stack([t.poses for t in held])
-    images, results = {RENDERS: renders}, {}
-    for name, strength in conditions.items():
-        images[name], seconds = generate(pipe, [t.prompts for t in held], poses, [t.seed for t in held], renders,
-                                         strength, gen)
-        results[name] = {"seconds_per_tour": seconds / len(held)} | to_render(images[name], renders)
+    results, images = run_conditions(pipe, conditions, [t.prompts for t in held], poses, [t.seed for t in held],
+                                     renders, gen, "tour")
     for name, x in images.items():
         own, unrelated = neighbours_and_unrelated(list(x), list(poses))
         reproj = [reprojection_scores(t, d, p)["reprojection_psnr"] for t, d, p in zip(x, depths, poses, strict=True)]
-        results.setdefault(name, {}).update({"epipolar_error": own, "epipolar_error_unrelated": unrelated,
-                                         "epipolar_vs_unrelated": own / unrelated,
-                                         "reprojection_psnr": float(np.mean([r for r in reproj if r is not None]))})
+        results.setdefault(name, {}).update({
+            "epipolar_error": own, "epipolar_error_unrelated": unrelated, "epipolar_vs_unrelated": own / unrelated,
+            "reprojection_psnr": float(np.mean([r for r in reproj if r is not None]))})
     return results, images
 
 
@@ -129,15 +136,12 @@ def orbit_part(pipe, conditions: dict, prompts: list[str], views: int, size: tup
     proxies = [rendered(SceneMeshRenderer(scene), room_orbit(scene, views), *size)
                for scene in (generate_scene(100 + i, *layout_of(p)) for i, p in enumerate(prompts))]
     renders, poses = np.stack([p.rgb for p in proxies]), np.stack([p.poses for p in proxies])
-    images, results = {RENDERS: renders}, {}
-    for name, strength in conditions.items():
-        images[name], seconds = generate(pipe, [[p] * views for p in prompts], poses, list(range(len(prompts))),
-                                         renders, strength, gen)
-        results[name] = {"seconds_per_orbit": seconds / len(prompts)} | to_render(images[name], renders)
+    results, images = run_conditions(pipe, conditions, [[p] * views for p in prompts], poses,
+                                     list(range(len(prompts))), renders, gen, "orbit")
     for name, x in images.items():
         closures = [loop_closure(t, p) for t, p in zip(x, poses, strict=True)]
         results.setdefault(name, {}).update({key: float(np.mean([c[key] for c in closures]))
-                                         for key in ("ratio", "control", "closing", "neighbours")})
+                                             for key in ("ratio", "control", "closing", "neighbours")})
     return results, images
 
 
