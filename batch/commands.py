@@ -221,7 +221,7 @@ EVAL_WEIGHTS = dict(
     clip=typer.Option(None, "--clip", help="Local CLIP directory for CLIP score."),
     faed=typer.Option(None, "--faed", help="Panorama autoencoder directory for FAED (default: the bundled one)."),
     adherence=typer.Option(None, "--adherence", help="Adherence classifier directory (default: the bundled one)."),
-    lpips_weights=typer.Option(None, "--lpips-weights", help="torchvision backbone weights for LPIPS."),
+    lpips_weights=typer.Option(None, "--lpips-weights", help="LPIPS backbone weights (alexnet-owt-7be5be79.pth)."),
     poses=typer.Option(True, "--pose-recovery/--no-pose-recovery",
                        help="Recover each tour's camera poses by rig SfM and score them (seconds per tour)."),
 )

@@ -13,7 +13,7 @@ renders themselves are scored as the control.
 - loop closure: 16-view orbits in laid-out houses (one prompt per room type); the closing pair's epipolar error
   over the neighbouring pairs' (diffpano.metrics.consistency.loop_closure) and its any-pair control;
 - seam: DS at the seam over DS inside (all generated views);
-- how close each view stays to its render: PSNR and SSIM (LPIPS needs torchvision, not installed here).
+- how close each view stays to its render: PSNR and SSIM (LPIPS needs AlexNet weights, not on this machine).
 Run: python scripts/measure_geometry.py --heldout outputs/dataset-heldout [--out outputs/geometry-eval]
      [--parts adherence restyle heldout orbits] [--prompts 72] [--tours 8] [--orbits 6] [--strengths 0 0.4 0.6 0.8 1.0]
      (a run of some parts replaces those parts in OUT/figures.json and keeps the others)

@@ -6,7 +6,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from helpers import plain
+from lpips_reference import write_seeded_backbone
 from typer.testing import CliRunner
 
 from diffpano.cli import build_app
@@ -14,6 +16,7 @@ from diffpano.data.manifest import commit_clips
 from diffpano.data.procedural.build import ProceduralSpec, render_clips
 from diffpano.io.manifest import read_manifest, read_tours
 from diffpano.metrics.evaluation import select_eval_tours
+from diffpano.metrics.lpips import lpips
 from diffpano.metrics.seam import discontinuity_scores
 
 app = build_app()
@@ -39,8 +42,10 @@ def run(*args) -> tuple[int, str]:
 
 def test_eval_writes_metrics_report_and_pictures(ray_local, dataset, tiny_model_dir, tmp_path):
     out = tmp_path / "eval"
+    alexnet = write_seeded_backbone("alex", tmp_path / "alexnet.pth")
     code, text = run("eval", "--model", str(tiny_model_dir), "--dataset", dataset, "--out", str(out),
-                     "--num-tours", "2", "--views", "3", "--steps", "2", "--replicas", "2")
+                     "--num-tours", "2", "--views", "3", "--steps", "2", "--replicas", "2", "--size", "32x64",
+                     "--lpips-weights", alexnet)  # 32 rows: AlexNet's least side for LPIPS is 31
     assert code == 0, text
     for name in ("metrics.json", "report.md", "samples.png"):
         assert (out / name).stat().st_size > 0
@@ -59,6 +64,10 @@ def test_eval_writes_metrics_report_and_pictures(ray_local, dataset, tiny_model_
     real = real.reshape(n, h, f, w, f, 3).mean(axis=(2, 4)).round() / 255
     psnr = 10 * np.log10(1 / ((fake - real) ** 2).mean(axis=(1, 2, 3)))
     assert metrics["paired_psnr_capped"] == pytest.approx(float(np.minimum(psnr, 100).mean()), rel=1e-6)
+    nchw = [torch.from_numpy(x).permute(0, 3, 1, 2) for x in (fake, real)]
+    expected_lpips = lpips(*nchw, alexnet)
+    assert metrics["paired_lpips"] == pytest.approx(float(expected_lpips.mean()), rel=1e-4)
+    assert not any("LPIPS" in m for m in metrics["missing"])
     assert 0 < metrics["paired_psnr_capped"] < 30  # an untrained model is far from the renders
     jumps = np.abs(np.roll(fake, -1, axis=2) - fake).mean(axis=(1, 3))  # (views, W): column k to k + 1, wrapping
     seam = jumps[:, -1] / (jumps[:, :-1].mean(axis=1) + 1e-6)
@@ -83,6 +92,12 @@ def test_eval_writes_metrics_report_and_pictures(ray_local, dataset, tiny_model_
     rescored = json.loads((again / "metrics.json").read_text())
     assert "pose_registered" not in rescored and any("--no-pose-recovery" in m for m in rescored["missing"])
     assert rescored["seam_colour_ratio"] == pytest.approx(metrics["seam_colour_ratio"])
+    # LPIPS weights that are not a backbone are refused before anything is scored.
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a state_dict")
+    code, text = run("eval", "--tours", str(out / "tours"), "--out", str(tmp_path / "bad"),
+                     "--lpips-weights", str(junk))
+    assert code == 2 and "junk.pth is not a torch state_dict file" in text and not (tmp_path / "bad").exists()
 
 
 def test_ablation_of_the_ea_modules_writes_a_table_and_a_plot(ray_local, dataset, tiny_model_dir, tmp_path):

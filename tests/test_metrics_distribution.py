@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
+import lpips_reference
 import numpy as np
 import pytest
 import torch
@@ -14,6 +14,7 @@ from torch import nn
 from diffpano.data.procedural.build import ProceduralSpec, render_clips
 from diffpano.geometry.projection import equirect_to_perspective
 from diffpano.metrics import distribution, faed, features, paired, seam, views
+from diffpano.metrics import lpips as lpips_metric
 from diffpano.metrics.features import MissingWeights, SmallFeatureNet, SmallTextImageScorer
 
 
@@ -310,13 +311,55 @@ def test_ssim_wraps_around_in_longitude(scenes):
     torch.testing.assert_close(rolled, reference)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed")
-def test_lpips_without_torchvision_names_what_is_missing(scenes, tmp_path):
-    weights = tmp_path / "alexnet.pth"
-    weights.write_bytes(b"not used")
-    for path in (None, weights):
-        with pytest.raises(MissingWeights, match="torchvision"):
-            paired.lpips(scenes["a"][:1], scenes["a"][:1], weights=path)
+@pytest.mark.parametrize("net", sorted(lpips_metric.BACKBONES))
+def test_lpips_equals_torchmetrics_and_the_original_package(net, tmp_path):
+    """Same backbone weights and images as tests/lpips_reference.py gave both references (with torchvision)."""
+    weights = lpips_reference.write_seeded_backbone(net, tmp_path / f"{net}.pth")
+    got = lpips_metric.lpips(*lpips_reference.image_pairs(), weights=weights, net=net)
+    for reference in ("torchmetrics", "lpips"):
+        expected = torch.tensor(lpips_reference.REFERENCE[net][reference], dtype=torch.float64)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_lpips_is_zero_on_equal_images_symmetric_and_grows_with_noise(scenes, tmp_path):
+    weights = lpips_reference.write_seeded_backbone("alex", tmp_path / "alex.pth")
+    target = scenes["a"][:3]
+    assert lpips_metric.lpips(target, target.clone(), weights).abs().max() < 1e-6
+    noisy = _noisy(target, 16.0)
+    torch.testing.assert_close(lpips_metric.lpips(noisy, target, weights), lpips_metric.lpips(target, noisy, weights))
+    means = [float(lpips_metric.lpips(_noisy(target, std), target, weights).mean()) for std in (4.0, 16.0, 64.0)]
+    assert means[0] < means[1] < means[2]
+
+
+def test_lpips_errors_name_the_weights_and_the_rule(scenes, tmp_path):
+    image = scenes["a"][:1]
+    with pytest.raises(MissingWeights, match="--lpips-weights"):
+        lpips_metric.lpips(image, image)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a state_dict")
+    with pytest.raises(ValueError, match="junk.pth is not a torch state_dict file"):
+        lpips_metric.lpips(image, image, junk)
+    vgg = lpips_reference.write_seeded_backbone("vgg", tmp_path / "vgg.pth")
+    with pytest.raises(ValueError, match=r"not a torchvision alexnet state_dict \(0.weight has shape \(64, 3, 3, 3\)"):
+        lpips_metric.lpips(image, image, vgg, net="alex")
+    with pytest.raises(ValueError, match="net: expected one of alex, vgg, squeeze, got 'resnet'"):
+        lpips_metric.lpips(image, image, vgg, net="resnet")
+    with pytest.raises(ValueError, match="LPIPS needs RGB images"):
+        lpips_metric.lpips(image[:, :1], image[:, :1], vgg, net="vgg")
+
+
+@pytest.mark.parametrize("net", sorted(lpips_metric.BACKBONES))
+def test_lpips_names_the_least_image_side_of_its_backbone(net, tmp_path):
+    weights = lpips_reference.write_seeded_backbone(net, tmp_path / f"{net}.pth")
+    side = lpips_metric.BACKBONES[net].min_size
+    square = torch.rand(1, 3, side, side)
+    assert lpips_metric.lpips(square, square.flip(-1), weights, net=net)[0] > 0
+    for shape in ((side - 1, 2 * side), (2 * side, side - 1)):
+        small = torch.rand(1, 3, *shape)
+        with pytest.raises(lpips_metric.ImagesTooSmall, match=f"at least {side}x{side} pixels, got {shape[0]}x"):
+            lpips_metric.lpips(small, small, weights, net=net)
+        with pytest.raises(RuntimeError):  # the backbone itself cannot run there, so the bound is the least one
+            lpips_metric.load_lpips(weights, net)(small, small)
 
 
 # --- FAED --------------------------------------------------------------------------------------------------------

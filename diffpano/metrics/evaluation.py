@@ -67,7 +67,7 @@ class EvalTools:
     clip: object | None = None  # metrics.features.TextImageScorer (CLIP score)
     faed: object | None = None  # metrics.faed.PanoAutoencoder
     adherence: object | None = None  # metrics.adherence.AdherenceClassifier
-    lpips_weights: str | None = None
+    lpips: object | None = None  # metrics.lpips.Lpips
     crops: int = 20
     horizontal: int = 8
     poses: bool = True  # pose recovery by rig SfM (metrics.poses): seconds per tour
@@ -83,6 +83,7 @@ def load_tools(inception: str | None = None, clip: str | None = None, faed: str 
     from diffpano.metrics import adherence as adh
     from diffpano.metrics.faed import load_autoencoder
     from diffpano.metrics.features import ClipScorer, TorchScriptInception
+    from diffpano.metrics.lpips import load_lpips
 
     return EvalTools(
         extractor=TorchScriptInception(inception, device) if inception else None,
@@ -90,7 +91,7 @@ def load_tools(inception: str | None = None, clip: str | None = None, faed: str 
         faed=load_autoencoder(str(BUNDLED_FAED) if faed == "bundled" else faed) if faed else None,
         adherence=(adh.load_classifier(device=device) if adherence == "bundled" else adh.load_classifier(adherence))
         if adherence else None,
-        lpips_weights=lpips_weights,
+        lpips=load_lpips(lpips_weights) if lpips_weights else None,
         poses=poses,
     )
 
@@ -117,7 +118,8 @@ def score_tours(generated: list[Tour], truth: list[EvalTour] | None, tools: Eval
     from diffpano.metrics.distribution import distribution_metrics, omnifid
     from diffpano.metrics.faed import faed
     from diffpano.metrics.features import MissingWeights
-    from diffpano.metrics.paired import lpips, paired_metrics
+    from diffpano.metrics.lpips import ImagesTooSmall, lpips
+    from diffpano.metrics.paired import paired_metrics
     from diffpano.metrics.poses import pose_recovery
     from diffpano.metrics.seam import discontinuity_scores, seam_scores
 
@@ -138,8 +140,8 @@ def score_tours(generated: list[Tour], truth: list[EvalTour] | None, tools: Eval
     if truth is not None:
         metrics.update({f"paired_{k}": v for k, v in paired_metrics(fake, real_t).items()})
         try:
-            metrics["paired_lpips"] = float(lpips(fake, real_t, tools.lpips_weights).mean())
-        except MissingWeights as err:
+            metrics["paired_lpips"] = float(lpips(fake, real_t, tools.lpips).mean())
+        except (MissingWeights, ImagesTooSmall) as err:
             missing.append(str(err))
     per_tour = []
     for i, t in enumerate(generated):

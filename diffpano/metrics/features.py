@@ -22,8 +22,6 @@ MISSING: dict[str, str] = {
     "(inception-2015-12-05.pt from clean-fid/StyleGAN3)",
     "clip": "CLIP score needs a local CLIP directory: pass --clip DIR "
     "(e.g. openai/clip-vit-base-patch16 saved with save_pretrained)",
-    "lpips_torchvision": "LPIPS needs torchvision, which is not installed (there is no CPU build for this torch): "
-    "install the torchvision matching torch to compute it",
     "lpips_weights": "LPIPS needs local backbone weights: pass --lpips-weights PATH (a torchvision state_dict such as "
     "alexnet-owt-7be5be79.pth for net 'alex'); nothing is downloaded",
 }
