@@ -127,7 +127,7 @@ def load_classifier(directory: str | Path = BUNDLED, device: str | torch.device 
 
 def _camera_spot(scene: Scene, room: Room, rng: np.random.Generator) -> tuple[float, float]:
     """A floor point in the room: near its hub half the time, anywhere free otherwise (the hub when nothing fits)."""
-    hub = np.asarray(room.hub if room.hub is not None else room.centre, dtype=np.float64)
+    hub = room.meeting_point
     near_hub = rng.random() < 0.5
     for _ in range(30):
         if near_hub:

@@ -65,6 +65,11 @@ class Room:
         return np.array([(self.x0 + self.x1) / 2, (self.z0 + self.z1) / 2])
 
     @property
+    def meeting_point(self) -> np.ndarray:
+        """Where walking paths meet as (x, z): the hub, or the centre of a room without one."""
+        return np.asarray(self.hub if self.hub is not None else self.centre, dtype=np.float64)
+
+    @property
     def size(self) -> tuple[float, float]:
         """(width along x, depth along z)."""
         return self.x1 - self.x0, self.z1 - self.z0

@@ -22,16 +22,11 @@ def _door_points(door: Opening, room: Room) -> tuple[np.ndarray, np.ndarray]:
     return np.array([mid, door.coord + inward * APPROACH]), np.array([mid, door.coord])
 
 
-def _hub(room: Room) -> np.ndarray:
-    """Where the room's walking paths meet."""
-    return np.asarray(room.hub if room.hub is not None else room.centre, dtype=np.float64)
-
-
 def room_route(scene: Scene, length: float, rng: np.random.Generator) -> np.ndarray:
     """Waypoints (M, 2) of a random walk at least `length` metres long, passing through doorways."""
     doors = scene.doorways()
     room = scene.rooms[int(rng.integers(len(scene.rooms)))]
-    points = [_hub(room)]
+    points = [room.meeting_point]
     travelled, previous = 0.0, None
     for _ in range(200):
         if travelled >= length:
@@ -46,7 +41,7 @@ def room_route(scene: Scene, length: float, rng: np.random.Generator) -> np.ndar
             other = scene.rooms[door.rooms[1] if door.rooms[0] == room.index else door.rooms[0]]
             a_in, centre = _door_points(door, room)
             a_out, _ = _door_points(door, other)
-            nxt = [a_in, centre, a_out, _hub(other)]
+            nxt = [a_in, centre, a_out, other.meeting_point]
             room, previous = other, door
         for p in nxt:
             travelled += float(np.linalg.norm(p - points[-1]))
@@ -108,7 +103,7 @@ def room_orbit(scene: Scene, frames: int, clearance: float = 0.3) -> np.ndarray:
     rooms = sorted(scene.rooms, key=lambda r: -float(np.prod(r.size)))
     for radius in ORBIT_RADII:
         for room in rooms:
-            for cx, cz in dict.fromkeys([tuple(_hub(room)), tuple(room.centre)]):
+            for cx, cz in dict.fromkeys([tuple(room.meeting_point), tuple(room.centre)]):
                 xs, zs = cx + radius * np.sin(angles), cz - radius * np.cos(angles)
                 if all(free_spot(scene, room, float(x), float(z), clearance) for x, z in zip(xs, zs, strict=True)):
                     return np.stack([camera_pose(float(x), float(z), float(math.pi / 2 - a), scene.eye_height)
