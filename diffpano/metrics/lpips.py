@@ -44,11 +44,11 @@ class Fire(nn.Module):
 def _alexnet() -> list[nn.Module]:
     """torchvision's alexnet().features up to its last ReLU."""
     return [
-        nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-        nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-        nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+        nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+        nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True),
     ]
 
 
@@ -60,7 +60,7 @@ def _vgg16() -> list[nn.Module]:
         if width == "M":
             layers.append(nn.MaxPool2d(2, 2))
             continue
-        layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
+        layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(inplace=True)]
         channels = width
     return layers
 
@@ -68,7 +68,7 @@ def _vgg16() -> list[nn.Module]:
 def _squeezenet1_1() -> list[nn.Module]:
     """torchvision's squeezenet1_1().features."""
     return [
-        nn.Conv2d(3, 64, 3, stride=2), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True),
+        nn.Conv2d(3, 64, 3, stride=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, ceil_mode=True),
         Fire(64, 16, 64), Fire(128, 16, 64), nn.MaxPool2d(3, 2, ceil_mode=True),
         Fire(128, 32, 128), Fire(256, 32, 128), nn.MaxPool2d(3, 2, ceil_mode=True),
         Fire(256, 48, 192), Fire(384, 48, 192), Fire(384, 64, 256), Fire(512, 64, 256),
@@ -129,11 +129,10 @@ class Lpips(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """LPIPS per pair, (N,), of images (N, 3, H, W) in [0, 1]."""
-        x = (torch.cat((a, b)) * 2 - 1 - self.shift) / self.scale
-        total = torch.zeros(a.shape[0], dtype=x.dtype, device=x.device)
-        for feats, lin in zip(self.tapped(x), self.lins, strict=True):
-            fa, fb = _unit_channels(feats).chunk(2)
-            total = total + lin((fa - fb).pow(2)).mean(dim=(1, 2, 3))
+        fa, fb = (self.tapped((x * 2 - 1 - self.shift) / self.scale) for x in (a, b))
+        total = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)
+        for feat_a, feat_b, lin in zip(fa, fb, self.lins, strict=True):
+            total = total + lin((_unit_channels(feat_a) - _unit_channels(feat_b)).pow(2)).mean(dim=(1, 2, 3))
         return total
 
 
