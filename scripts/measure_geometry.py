@@ -47,6 +47,7 @@ RENDERS, NO_PROXY = "renders (control)", "no proxy"
 BATCH = 12  # one-view tours per pipeline call
 PARTS = ("adherence", "restyle", "heldout", "orbits")
 GRID_ROWS = 6  # prompts the picture shows, one per room type
+ROOM_TYPE_PROMPTS = [13 * i for i in range(GRID_ROWS)]  # prompts_grid()[13 i]: colour 2 i, room type i
 
 
 def nchw(images: np.ndarray) -> torch.Tensor:
@@ -185,7 +186,7 @@ def table(results: dict, names: list[str]) -> str:
 
 def picture(path: Path, prompts: list[str], images: dict, names: list[str]) -> None:
     """One row per room type: the render, then the panorama of each condition."""
-    rows = [i * 13 for i in range(GRID_ROWS) if i * 13 < len(prompts)]  # prompt 13 i: colour 2 i, room type i
+    rows = [i for i in ROOM_TYPE_PROMPTS if i < len(prompts)]
     tour_grid([(np.stack([images[n][i, 0] for n in names]),
                 [f"{prompts[i]}  ({' | '.join(names)})"]) for i in rows], str(path), max_tours=GRID_ROWS,
               max_views=len(names))
@@ -241,7 +242,7 @@ def main() -> None:
         figures.write_text(json.dumps(results, indent=2))
         print(f"held-out walks done ({time.perf_counter() - started:.0f} s)", flush=True)
     if "orbits" in args.parts:
-        orbit_prompts = [prompts_grid()[13 * i] for i in range(min(args.orbits, GRID_ROWS))]
+        orbit_prompts = [prompts_grid()[i] for i in ROOM_TYPE_PROMPTS[: args.orbits]]
         results["orbits"], images["orbits"] = orbit_part(pipe, conditions, orbit_prompts, args.orbit_views, size,
                                                          gen)
         figures.write_text(json.dumps(results, indent=2))

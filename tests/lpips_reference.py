@@ -78,6 +78,7 @@ def main() -> None:
     import torchvision
     from torchmetrics.functional.image.lpips import _NoTrainLpips
 
+    # diffpano.metrics.lpips.BACKBONES' torchvision names, restated: importing diffpano needs diffusers, absent here
     names = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}
     a, b = image_pairs()
     out: dict[str, dict[str, list[float]]] = {}
